@@ -1,0 +1,44 @@
+# Everything runs inside a project-local virtual environment (.venv) that these targets create.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test lint bench data clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned exactly: this CPU wheel is on disk; a range would pull a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+data:
+	@if [ -n "$$NNCOMPRESS_DATA" ] || [ -f $(FMNIST) ]; then \
+	  echo "Fashion-MNIST: found"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "Fashion-MNIST missing: installing Debian's dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing. Install it with 'sudo apt-get install dataset-fashion-mnist'"; \
+	  echo "or point NNCOMPRESS_DATA at a folder holding the four Fashion-MNIST IDX files."; \
+	  exit 1; \
+	fi
+
+demo: $(STAMP) data
+	$(PY) -m nncompress.cli demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP) data
+	$(PY) benchmarks/baselines.py
+
+clean:
+	rm -rf $(VENV) runs out

@@ -1,0 +1,44 @@
+"""nncompress: compress trained PyTorch networks for constrained devices.
+
+Importing the package runs nothing; subpackages are imported on first use of their names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it (resolved lazily, PEP 562)
+_EXPORTS: dict[str, str] = {
+    "DataSplits": "nncompress.data",
+    "load_dataset": "nncompress.data",
+    "fashion_mnist": "nncompress.data",
+    "mnist": "nncompress.data",
+    "digits": "nncompress.data",
+    "synthetic": "nncompress.data",
+    "create_model": "nncompress.models",
+    "TrainConfig": "nncompress.engine",
+    "fit": "nncompress.engine",
+    "evaluate": "nncompress.engine",
+    "finetune": "nncompress.engine",
+    "save_checkpoint": "nncompress.engine",
+    "load_checkpoint": "nncompress.engine",
+    "model_stats": "nncompress.stats",
+    "measure_latency": "nncompress.stats",
+}
+_ALIASES = {"create_model": "create"}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name])
+        return getattr(module, _ALIASES.get(name, name))
+    raise AttributeError(f"module 'nncompress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,300 @@
+"""Foundation commands: models, train, eval, stats, demo."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (
+    RichProgress,
+    add_data_args,
+    add_json_arg,
+    add_quiet_arg,
+    dataset_for,
+    existing_file,
+    out,
+    print_json,
+    print_table,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the reference models",
+        description="List the reference models of the registry.",
+    )
+    add_json_arg(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "train",
+        help="train a reference model and save a checkpoint",
+        description="Train a registry model on a dataset; writes OUT (.safetensors) "
+        "and its JSON sidecar.",
+    )
+    p.add_argument("--model", required=True, help="registry name (see 'nncompress models')")
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist | mnist | digits | synthetic (default: fashion-mnist)",
+    )
+    add_data_args(p)
+    p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: 0.05)")
+    p.add_argument("--optimizer", default="sgd", help="sgd | adam | adamw (default: sgd)")
+    p.add_argument(
+        "--schedule", default="cosine", help="constant | cosine | step | onecycle (default: cosine)"
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default: 128)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty (default: 5e-4)")
+    p.add_argument("--l1", type=float, default=0.0, help="L1 penalty on weights (default: 0)")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="random 2-pixel shifts and horizontal flips of training images",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy and loss of a checkpoint on the test split",
+        description="Evaluate a checkpoint on the test split of the dataset "
+        "recorded in its sidecar.",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_data_args(p)
+    p.add_argument("--split", default="test", help="test | val (default: test)")
+    add_json_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "stats",
+        help="params, nonzeros, MACs, bytes and latency per layer",
+        description="Per-layer and total parameters, nonzeros, sparsity, dense fp32 "
+        "bytes, MACs (dense and nonzero-only) and measured latency "
+        "(median, warm-up excluded).",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument(
+        "--batches",
+        default="1,64",
+        help="comma-separated batch sizes for latency (default: 1,64; '' to skip)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=50, help="timed runs per batch size (default: 50)"
+    )
+    add_json_arg(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: run the flagship example end to end",
+        description="Train LeNet-300-100 on Fashion-MNIST and print its statistics.",
+    )
+    add_data_args(p)
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import create, list_models
+
+    rows = []
+    for info in list_models():
+        n = sum(p.numel() for p in create(info.name).parameters())
+        rows.append({"name": info.name, "params": n, "description": info.description})
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            "models",
+            ["name", "params", "description"],
+            [[r["name"], r["params"], r["description"]] for r in rows],
+        )
+    return 0
+
+
+def _model_kwargs(name: str, splits) -> dict:
+    shape = splits.input_shape
+    kwargs: dict = {"num_classes": splits.num_classes}
+    if name == "lenet-300-100":
+        kwargs["in_features"] = int(__import__("math").prod(shape))
+    elif name in ("lenet-5", "vgg-small"):
+        kwargs.update(in_channels=shape[0], image_size=shape[-1])
+    else:
+        kwargs["in_channels"] = shape[0]
+    return kwargs
+
+
+def train_model(name: str, splits, cfg, out_path: Path, progress=None):
+    """Train a registry model and save it; returns ``(model, metrics)``."""
+    from ..engine import evaluate, fit, save_checkpoint, seed_everything
+    from ..models import create
+
+    kwargs = _model_kwargs(name, splits)
+    seed_everything(cfg.seed)
+    model = create(name, **kwargs)
+    history = fit(
+        model,
+        splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
+        cfg,
+        val_loader=splits.loader("val", 512),
+        progress=progress,
+    )
+    test = evaluate(model, splits.loader("test", 512))
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": history.last.get("val_accuracy"),
+        "train_wall_time_s": history.wall_time_s,
+    }
+    from ..engine import config_to_dict
+
+    save_checkpoint(
+        model,
+        out_path,
+        model_name=name,
+        model_kwargs=kwargs,
+        dataset=splits.describe(),
+        metrics=metrics,
+        history=history.epochs,
+        extra={"train_config": config_to_dict(cfg)},
+    )
+    return model, metrics
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..engine import TrainConfig
+    from ..models import MODELS
+
+    if args.model not in MODELS:
+        raise ValueError(f"--model={args.model!r}: must be one of {sorted(MODELS)}")
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        l1=args.l1,
+        augment=args.augment,
+        seed=args.seed,
+    )
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
+    splits = load_dataset(args.dataset, args.data_dir)
+    _, metrics = train_model(args.model, splits, cfg, args.out, RichProgress(not args.quiet))
+    out.print(
+        f"test accuracy {metrics['test_accuracy']:.2f}%  ({metrics['train_wall_time_s']:.1f} s)"
+        f"  -> {args.out}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..engine import evaluate, load_checkpoint
+
+    if args.split not in ("test", "val"):
+        raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
+    model, sidecar = load_checkpoint(args.checkpoint)
+    splits = dataset_for(sidecar, args.data_dir)
+    res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
+    res["split"] = args.split
+    if args.json:
+        print_json(res)
+    else:
+        out.print(
+            f"{args.split} accuracy {res['accuracy']:.2f}%  loss {res['loss']:.4f}  "
+            f"({res['samples']} samples)"
+        )
+    return 0
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError as exc:
+        raise ValueError(f"--batches={text!r}: must be comma-separated positive integers") from exc
+    if any(b < 1 for b in batches):
+        raise ValueError(f"--batches={text!r}: batch sizes must be >= 1")
+    return batches
+
+
+def show_stats(stats, as_json: bool, title: str) -> None:
+    d = stats.to_dict()
+    if as_json:
+        print_json(d)
+        return
+    rows = [
+        [
+            x["name"],
+            x["type"],
+            "x".join(map(str, x["shape"])),
+            x["params"],
+            x["nonzeros"],
+            f"{100 * x['sparsity']:.1f}%",
+            x["macs"],
+            x["macs_nonzero"],
+        ]
+        for x in d["layers"]
+    ]
+    rows.append(
+        [
+            "total",
+            "",
+            "",
+            d["params"],
+            d["nonzeros"],
+            f"{100 * d['sparsity']:.1f}%",
+            d["macs"],
+            d["macs_nonzero"],
+        ]
+    )
+    print_table(
+        title,
+        ["layer", "type", "shape", "params", "nonzeros", "sparsity", "MACs", "MACs (nonzero)"],
+        rows,
+    )
+    out.print(f"dense fp32 bytes: {d['bytes_fp32']:,}")
+    for k, v in d["latency_ms"].items():
+        out.print(f"latency {k.replace('_', ' ')}: {v:.3f} ms (median)")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ..engine import load_checkpoint
+    from ..stats import model_stats
+
+    batches = _parse_batches(args.batches)
+    model, sidecar = load_checkpoint(args.checkpoint)
+    shape = tuple((sidecar.get("dataset") or {}).get("input_shape") or ())
+    stats = model_stats(
+        model, shape or None, latency_batches=batches if shape else (), repeats=args.repeats
+    )
+    show_stats(stats, args.json, str(args.checkpoint))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..data import fashion_mnist
+    from ..engine import TrainConfig
+    from ..stats import model_stats
+
+    splits = fashion_mnist(args.data_dir)
+    cfg = TrainConfig(epochs=10, lr=0.05)
+    ckpt = args.out / "lenet-300-100.safetensors"
+    model, metrics = train_model("lenet-300-100", splits, cfg, ckpt, RichProgress())
+    out.print(
+        f"LeNet-300-100 on Fashion-MNIST: test accuracy {metrics['test_accuracy']:.2f}% -> {ckpt}"
+    )
+    show_stats(
+        model_stats(model, splits.input_shape, latency_batches=(1, 64)), False, "LeNet-300-100"
+    )
+    return 0

@@ -1,0 +1,121 @@
+"""Shared CLI helpers: progress bars, data loading from a checkpoint's sidecar, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..engine.train import ProgressEvent
+
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress:
+    """Turns :class:`ProgressEvent` callbacks into rich progress bars (one per running task)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if not self.enabled:
+            return
+        if ev.kind == "start":
+            if self._bar is None:
+                self._bar = Progress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    console=console,
+                    transient=True,
+                )
+                self._bar.start()
+            self._tasks[ev.task] = self._bar.add_task(ev.task, total=ev.total, info="")
+        elif ev.kind == "advance" and self._bar is not None and ev.task in self._tasks:
+            info = "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.info.items()
+            )
+            self._bar.update(
+                self._tasks[ev.task], completed=ev.completed, total=ev.total, info=info
+            )
+        elif ev.kind == "end" and self._bar is not None and ev.task in self._tasks:
+            self._bar.remove_task(self._tasks.pop(ev.task))
+            if not self._tasks:
+                self._bar.stop()
+                self._bar = None
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the dataset's IDX files (default: $NNCOMPRESS_DATA, then "
+        "Debian's /usr/share/datasets/fashion-mnist)",
+    )
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON instead of a table"
+    )
+
+
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="hide progress bars")
+
+
+def dataset_for(sidecar: dict, data_dir: str | None):
+    """Load the dataset a checkpoint was trained on (named in its sidecar)."""
+    from ..data import load_dataset
+
+    ds = sidecar.get("dataset") or {}
+    name = ds.get("name")
+    if not name:
+        raise SystemExit(
+            "error: the checkpoint does not record its dataset; it cannot be evaluated"
+        )
+    return load_dataset(name, data_dir)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="right" if h not in ("layer", "type", "name") else "left")
+    for r in rows:
+        table.add_row(
+            *[
+                f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v)
+                for v in r
+            ]
+        )
+    out.print(table)
+
+
+def existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file '{value}' does not exist")
+    return path

@@ -1,0 +1,29 @@
+"""Datasets: IDX reader, Fashion-MNIST, MNIST (user folder), digits, synthetic."""
+
+from .datasets import (
+    DATASETS,
+    BatchLoader,
+    DataSplits,
+    digits,
+    fashion_mnist,
+    find_fashion_mnist,
+    load_dataset,
+    mnist,
+    synthetic,
+)
+from .idx import DataError, read_idx, write_idx
+
+__all__ = [
+    "DATASETS",
+    "BatchLoader",
+    "DataError",
+    "DataSplits",
+    "digits",
+    "fashion_mnist",
+    "find_fashion_mnist",
+    "load_dataset",
+    "mnist",
+    "read_idx",
+    "synthetic",
+    "write_idx",
+]

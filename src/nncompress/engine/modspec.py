@@ -1,0 +1,215 @@
+"""Describe modules as JSON so changed architectures reload without pickle or user code.
+
+A checkpoint records its model as a registry name plus constructor arguments, and a list of
+*replacements*: submodules whose type or shape differ from a freshly built model (thinned
+convolutions, low-rank factors, added exit heads, removed neurons). Each replacement is a spec
+``{"type": "Conv2d", "kwargs": {...}, "children": {...}}`` over a closed set of module types, so
+loading never imports arbitrary names. nncompress's own module classes are listed by dotted path
+in :data:`EXTRA_TYPES` and must provide ``spec_kwargs()``; their children are rebuilt from specs
+and assigned after construction.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["SpecError", "apply_replacements", "diff_modules", "module_from_spec", "module_to_spec"]
+
+
+class SpecError(ValueError):
+    """A module cannot be described as a spec, or a spec is invalid."""
+
+
+def _conv_kwargs(m: nn.Module) -> dict[str, Any]:
+    return {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": list(m.padding) if not isinstance(m.padding, str) else m.padding,
+        "dilation": list(m.dilation),
+        "groups": m.groups,
+        "bias": m.bias is not None,
+        "padding_mode": m.padding_mode,
+    }
+
+
+def _bn_kwargs(m: nn.Module) -> dict[str, Any]:
+    return {
+        "num_features": m.num_features,
+        "eps": m.eps,
+        "momentum": m.momentum,
+        "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+    }
+
+
+def _pool_kwargs(m: nn.Module) -> dict[str, Any]:
+    return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding}
+
+
+_LEAVES: dict[str, tuple[type[nn.Module], Any]] = {
+    "Linear": (
+        nn.Linear,
+        lambda m: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        },
+    ),
+    "Conv1d": (nn.Conv1d, _conv_kwargs),
+    "Conv2d": (nn.Conv2d, _conv_kwargs),
+    "BatchNorm1d": (nn.BatchNorm1d, _bn_kwargs),
+    "BatchNorm2d": (nn.BatchNorm2d, _bn_kwargs),
+    "LayerNorm": (
+        nn.LayerNorm,
+        lambda m: {
+            "normalized_shape": list(m.normalized_shape),
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+        },
+    ),
+    "ReLU": (nn.ReLU, lambda m: {}),
+    "ReLU6": (nn.ReLU6, lambda m: {}),
+    "GELU": (nn.GELU, lambda m: {"approximate": m.approximate}),
+    "Sigmoid": (nn.Sigmoid, lambda m: {}),
+    "Tanh": (nn.Tanh, lambda m: {}),
+    "Identity": (nn.Identity, lambda m: {}),
+    "Flatten": (nn.Flatten, lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim}),
+    "Dropout": (nn.Dropout, lambda m: {"p": m.p}),
+    "MaxPool2d": (nn.MaxPool2d, _pool_kwargs),
+    "AvgPool2d": (nn.AvgPool2d, _pool_kwargs),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, lambda m: {"output_size": m.output_size}),
+}
+_CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
+
+# nncompress's own module types, by dotted path (imported only when a spec names them).
+EXTRA_TYPES: dict[str, str] = {
+    "TTLinear": "nncompress.lowrank.tt.TTLinear",
+    "ExitHead": "nncompress.distill.early_exit.ExitHead",
+}
+
+
+def _extra_class(name: str) -> type[nn.Module]:
+    module, _, cls = EXTRA_TYPES[name].rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _type_name(m: nn.Module) -> str:
+    return (
+        parametrize.type_before_parametrizations(m).__name__
+        if parametrize.is_parametrized(m)
+        else type(m).__name__
+    )
+
+
+def module_to_spec(m: nn.Module, where: str = "") -> dict[str, Any]:
+    """JSON-able spec of ``m`` (raises :class:`SpecError` naming the module if impossible)."""
+    name = _type_name(m)
+    if name in _LEAVES and type(m).__mro__[0].__name__ in (name, f"Parametrized{name}"):
+        return {"type": name, "kwargs": _LEAVES[name][1](m)}
+    if name in _CONTAINERS:
+        return {
+            "type": name,
+            "children": {k: module_to_spec(c, f"{where}.{k}") for k, c in m.named_children()},
+        }
+    if name in EXTRA_TYPES and isinstance(m, _extra_class(name)):
+        return {
+            "type": name,
+            "kwargs": m.spec_kwargs(),
+            "children": {k: module_to_spec(c, f"{where}.{k}") for k, c in m.named_children()},
+        }
+    allowed = sorted([*_LEAVES, *_CONTAINERS, *EXTRA_TYPES])
+    raise SpecError(
+        f"module '{where or '<root>'}' of type {name} cannot be saved as a structure "
+        f"spec; supported types: {allowed}"
+    )
+
+
+def module_from_spec(spec: dict[str, Any], where: str = "") -> nn.Module:
+    """Build a module from :func:`module_to_spec` output (only the closed set of types)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise SpecError(f"spec for '{where}' must be a mapping with a 'type' string")
+    kind, kwargs = spec["type"], spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"spec for '{where}': 'kwargs' must be a mapping")
+    children = spec.get("children", {})
+    try:
+        if kind in _LEAVES:
+            kw = {
+                k: tuple(v) if isinstance(v, list) and k != "normalized_shape" else v
+                for k, v in kwargs.items()
+            }
+            return _LEAVES[kind][0](**kw)
+        if kind in _CONTAINERS:
+            built = [module_from_spec(c, f"{where}.{k}") for k, c in children.items()]
+            container = _CONTAINERS[kind]()
+            for k, child in zip(children, built, strict=True):
+                container.add_module(k, child)
+            return container
+        if kind in EXTRA_TYPES:
+            m = _extra_class(kind)(**kwargs)
+            for k, c in children.items():
+                setattr(m, k, module_from_spec(c, f"{where}.{k}"))
+            return m
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"spec for '{where}' ({kind}): bad arguments {kwargs}: {exc}") from exc
+    raise SpecError(f"spec for '{where}': unknown module type {kind!r}")
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    if _type_name(a) != _type_name(b):
+        return False
+    name = _type_name(a)
+    if name in _LEAVES:
+        return _LEAVES[name][1](a) == _LEAVES[name][1](b)
+    return True
+
+
+def diff_modules(model: nn.Module, reference: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """Replacements turning ``reference`` into ``model``: ``{qualified_name: spec or None}``.
+
+    ``None`` means the submodule was deleted.
+    """
+    out: dict[str, Any] = {}
+    ref_children = dict(reference.named_children())
+    for name, child in model.named_children():
+        qual = f"{prefix}{name}"
+        ref = ref_children.pop(name, None)
+        if ref is None or not _same(child, ref):
+            out[qual] = module_to_spec(child, qual)
+        elif _type_name(child) not in _LEAVES:
+            out.update(diff_modules(child, ref, qual + "."))
+    for name in ref_children:
+        out[f"{prefix}{name}"] = None
+    return out
+
+
+def apply_replacements(model: nn.Module, replacements: dict[str, Any]) -> nn.Module:
+    """Apply :func:`diff_modules` output to a freshly built model, in place."""
+    for qual, spec in replacements.items():
+        parent_name, _, attr = qual.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError as exc:
+            raise SpecError(f"replacement '{qual}': parent module not found") from exc
+        if spec is None:
+            delattr(parent, attr)
+        else:
+            setattr(parent, attr, module_from_spec(spec, qual))
+    return model
+
+
+def strip_parametrizations(model: nn.Module) -> nn.Module:
+    """Remove every parametrization in place, keeping the parametrized (effective) values."""
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for pname in list(m.parametrizations.keys()):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+    return model
