@@ -27,6 +27,7 @@ from .modspec import (
     SpecError,
     apply_replacements,
     diff_modules,
+    module_from_spec,
     module_to_spec,
     strip_parametrizations,
 )
@@ -97,12 +98,16 @@ def save_checkpoint(
     metrics: dict | None = None,
     history: list | None = None,
     extra: dict | None = None,
+    reference: nn.Module | None = None,
 ) -> Path:
     """Save ``model`` as ``path`` (.safetensors) plus its JSON sidecar.
 
     With ``model_name`` (a :mod:`nncompress.models` registry name) the sidecar records only the
-    submodules that differ from a fresh model built with ``model_kwargs``. Without it, the whole
-    model must be describable as a spec (e.g. an ``nn.Sequential`` of standard layers).
+    submodules that differ from a fresh model built with ``model_kwargs``. For a custom model,
+    pass ``reference`` (a freshly built instance of the original architecture): only the
+    differences are recorded and :func:`load_checkpoint` replays them onto a fresh instance the
+    caller passes. Without either, the whole model must be describable as a spec (e.g. an
+    ``nn.Sequential`` of standard layers).
     """
     from ..models import create
 
@@ -118,6 +123,8 @@ def save_checkpoint(
                 "kwargs": model_kwargs,
                 "replacements": diff_modules(plain, create(model_name, **model_kwargs)),
             }
+        elif reference is not None:
+            architecture = {"model": None, "replacements": diff_modules(plain, reference)}
         else:
             architecture = {"model": None, "spec": module_to_spec(plain)}
     except SpecError as exc:
@@ -193,12 +200,15 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[n
         if model is None:
             if arch.get("model") is not None:
                 model = create(arch["model"], **arch.get("kwargs", {}))
-            else:
-                from .modspec import module_from_spec
-
+            elif "spec" in arch:
                 model = module_from_spec(arch["spec"])
-        if arch.get("model") is not None:
-            apply_replacements(model, arch.get("replacements", {}))
+            else:
+                raise CheckpointError(
+                    f"checkpoint '{path}' records changes to a custom model: pass a freshly built "
+                    "instance of the original architecture as model="
+                )
+        if "replacements" in arch:
+            apply_replacements(model, arch["replacements"])
     except (SpecError, ValueError) as exc:
         raise CheckpointError(f"checkpoint '{path}': cannot rebuild the model: {exc}") from exc
     try:
