@@ -7,6 +7,7 @@ then one big-endian uint32 per dimension, then the data in C order. Files may be
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < header_len:
         raise DataError(f"IDX file '{path}' is truncated inside its header")
     dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    count = int(np.prod(dims, dtype=np.int64))
+    # exact Python integers: np.prod in int64 wraps round for absurd headers (2^64 -> 0)
+    count = math.prod(dims)
     if count > _MAX_ELEMENTS:
         raise DataError(f"IDX file '{path}' claims {count} elements: more than {_MAX_ELEMENTS}")
     dtype = _DTYPES[code]

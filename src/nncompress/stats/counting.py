@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..engine.train import model_device
 
@@ -159,7 +160,9 @@ def model_stats(
     layers = []
     for name, m in model.named_modules():
         own = list(m.named_parameters(recurse=False))
-        if not own:
+        # a parametrized bias-free conv owns no parameter directly (its weight lives under
+        # m.parametrizations.weight.original) but is still a layer
+        if not own and not parametrize.is_parametrized(m):
             continue
         # Parametrized weights (masks, shared weights) are counted as their effective tensor.
         tensors = {}
