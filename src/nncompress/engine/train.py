@@ -189,6 +189,11 @@ def fit(
     params : parameters to optimise (default: all trainable parameters of ``model``).
     """
     cfg = config or TrainConfig()
+    if cfg.early_stopping and val_loader is None:
+        raise ValueError(
+            f"early_stopping={cfg.early_stopping}: needs val_loader= (the held-out split); "
+            "pass one or set early_stopping=0"
+        )
     seed_everything(cfg.seed)
     device = model_device(model)
     loss_fn = loss_fn or _default_loss(cfg)
