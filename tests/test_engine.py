@@ -95,8 +95,12 @@ def test_l1_penalty_is_exact_subgradient_step():
 def test_l2_weight_decay_skips_biases():
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fit(model, _one_batch(), TrainConfig(epochs=1, lr=0.1, **{**PLAIN, "weight_decay": 0.5}),
-        loss_fn=_zero_loss)
+    fit(
+        model,
+        _one_batch(),
+        TrainConfig(epochs=1, lr=0.1, **{**PLAIN, "weight_decay": 0.5}),
+        loss_fn=_zero_loss,
+    )
     for k, w in before.items():
         expect = w * (1 - 0.1 * 0.5) if w.dim() > 1 else w
         torch.testing.assert_close(model.state_dict()[k], expect)
@@ -144,7 +148,10 @@ def test_grad_clip_bounds_the_update_norm():
     fit(model, _one_batch(), cfg, loss_fn=big_loss, callbacks=[Spy()])
     assert grads[0] > clip  # the raw gradient really was larger
     delta = math.sqrt(
-        sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before))
+        sum(
+            float((p.detach() - b).pow(2).sum())
+            for p, b in zip(model.parameters(), before, strict=True)
+        )
     )
     assert delta == pytest.approx(lr * clip, rel=1e-4)
 
