@@ -1,0 +1,55 @@
+"""Pruning: connection (unstructured) magnitude pruning after Han et al. 2015 with one-shot,
+iterative and AGP schedules, sensitivity analysis and dead-neuron removal; filter pruning
+(Li et al. 2017) with a dependency graph and physical thinning."""
+
+from .magnitude import (
+    LayerPruning,
+    MagnitudeConfig,
+    PruningMask,
+    apply_mask_,
+    folded_copy,
+    global_masks,
+    magnitude_mask,
+    magnitude_threshold,
+    masks_from_zeros_,
+    prunable_layers,
+    prune_,
+    pruning_masks,
+    remove_pruning_,
+    threshold_mask,
+)
+from .schedule import (
+    AGPCallback,
+    AGPConfig,
+    DropoutAdjuster,
+    adjusted_dropout,
+    agp_prune,
+    agp_sparsity,
+    iteration_config,
+    iterative_prune,
+)
+
+__all__ = [
+    "AGPCallback",
+    "AGPConfig",
+    "DropoutAdjuster",
+    "LayerPruning",
+    "MagnitudeConfig",
+    "PruningMask",
+    "adjusted_dropout",
+    "agp_prune",
+    "agp_sparsity",
+    "apply_mask_",
+    "folded_copy",
+    "global_masks",
+    "iteration_config",
+    "iterative_prune",
+    "magnitude_mask",
+    "magnitude_threshold",
+    "masks_from_zeros_",
+    "prunable_layers",
+    "prune_",
+    "pruning_masks",
+    "remove_pruning_",
+    "threshold_mask",
+]
