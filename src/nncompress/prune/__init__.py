@@ -2,6 +2,7 @@
 iterative and AGP schedules, sensitivity analysis and dead-neuron removal; filter pruning
 (Li et al. 2017) with a dependency graph and physical thinning."""
 
+from .dead import find_dead_neurons, neuron_edges, remove_dead_neurons_
 from .magnitude import (
     LayerPruning,
     MagnitudeConfig,
@@ -28,6 +29,14 @@ from .schedule import (
     iteration_config,
     iterative_prune,
 )
+from .sensitivity import (
+    SensitivityResult,
+    plot_sensitivity,
+    sensitivity_analysis,
+    sparsities_for_budget,
+    thresholds_from_sensitivity,
+    write_sensitivity,
+)
 
 __all__ = [
     "AGPCallback",
@@ -51,5 +60,14 @@ __all__ = [
     "prune_",
     "pruning_masks",
     "remove_pruning_",
+    "SensitivityResult",
+    "plot_sensitivity",
+    "sensitivity_analysis",
+    "sparsities_for_budget",
+    "thresholds_from_sensitivity",
+    "write_sensitivity",
+    "find_dead_neurons",
+    "neuron_edges",
+    "remove_dead_neurons_",
     "threshold_mask",
 ]

@@ -1,0 +1,255 @@
+"""Layer-wise pruning sensitivity analysis (Han et al. 2015, Figure 5).
+
+Each prunable layer is pruned alone, by magnitude, to each sparsity of a grid (no retraining),
+and the model is evaluated on the held-out split. The curves show which layers tolerate
+pruning (Han: the first conv layer is the most sensitive, FC layers the least) and set
+per-layer sparsities: :func:`thresholds_from_sensitivity` picks, per layer, the largest
+sparsity whose accuracy drop stays within a tolerance; :func:`sparsities_for_budget` searches
+the tolerance that reaches an overall sparsity target.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.checkpoint import atomic_write
+from ..engine.config import ConfigError
+from ..engine.train import ProgressEvent, evaluate
+from .magnitude import (
+    DEFAULT_INCLUDE,
+    Filter,
+    _check_sparsity,
+    folded_copy,
+    magnitude_mask,
+    prunable_layers,
+)
+
+__all__ = [
+    "DEFAULT_SPARSITIES",
+    "SensitivityResult",
+    "plot_sensitivity",
+    "sensitivity_analysis",
+    "sparsities_for_budget",
+    "thresholds_from_sensitivity",
+    "write_sensitivity",
+]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[ProgressEvent], None]
+
+#: default grid 0.1, 0.2, ..., 0.9, 0.95
+DEFAULT_SPARSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass
+class SensitivityResult:
+    """Accuracy (%) on the held-out split with one layer pruned at a time.
+
+    ``curves[layer]`` lists the accuracies at ``sparsities`` (same order); ``baseline`` is the
+    accuracy of the unpruned model; ``params[layer]`` the layer's weight count.
+    """
+
+    sparsities: list[float]
+    curves: dict[str, list[float]]
+    baseline: float
+    params: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sparsities": self.sparsities,
+            "curves": self.curves,
+            "baseline": self.baseline,
+            "params": self.params,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SensitivityResult:
+        return cls(
+            sparsities=[float(s) for s in d["sparsities"]],
+            curves={k: [float(a) for a in v] for k, v in d["curves"].items()},
+            baseline=float(d["baseline"]),
+            params={k: int(v) for k, v in d.get("params", {}).items()},
+            samples=int(d.get("samples", 0)),
+        )
+
+
+def _check_grid(sparsities: Sequence[float]) -> list[float]:
+    grid = [float(s) for s in sparsities]
+    if not grid:
+        raise ConfigError("sparsities=[]: give at least one sparsity")
+    for s in grid:
+        _check_sparsity(s)
+    if grid != sorted(grid):
+        raise ConfigError(f"sparsities={grid}: must be increasing")
+    return grid
+
+
+@torch.no_grad()
+def sensitivity_analysis(
+    model: nn.Module,
+    val_loader: Iterable,
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    *,
+    include: Sequence[str] = DEFAULT_INCLUDE,
+    exclude: Sequence[str] = (),
+    filter: Filter | None = None,  # noqa: A002
+    max_batches: int | None = None,
+    progress: Progress | None = None,
+) -> SensitivityResult:
+    """Prune each layer alone to each sparsity of ``sparsities`` and evaluate on ``val_loader``.
+
+    ``model`` is not modified (a copy with parametrizations folded is used). Pruning here is
+    :func:`magnitude_mask` on the layer's current weights (existing zeros are pruned first).
+    ``max_batches`` evaluates on a prefix of the loader for speed.
+    """
+    grid = _check_grid(sparsities)
+    work = folded_copy(model)
+    layers = prunable_layers(work, include, exclude, filter)
+    if not layers:
+        raise ConfigError(
+            f"no prunable layer matched include={list(include)} exclude={list(exclude)}"
+        )
+    total = len(layers) * len(grid) + 1
+    if progress:
+        progress(ProgressEvent("start", "sensitivity", total=total))
+    try:
+        base = evaluate(work, val_loader, max_batches=max_batches)
+        done = 1
+        curves: dict[str, list[float]] = {}
+        for name, m in layers.items():
+            original = m.weight.detach().clone()  # (layer weight shape)
+            nonzero = original != 0
+            accs = []
+            for s in grid:
+                mask = magnitude_mask(original, s, nonzero)
+                m.weight.copy_(original * mask)
+                accs.append(evaluate(work, val_loader, max_batches=max_batches)["accuracy"])
+                done += 1
+                if progress:
+                    progress(
+                        ProgressEvent(
+                            "advance",
+                            "sensitivity",
+                            total=total,
+                            completed=done,
+                            info={"layer": name, "sparsity": s},
+                        )
+                    )
+            m.weight.copy_(original)
+            curves[name] = accs
+            log.info("sensitivity %s: %s", name, dict(zip(grid, accs, strict=True)))
+    finally:
+        if progress:
+            progress(ProgressEvent("end", "sensitivity"))
+    return SensitivityResult(
+        sparsities=grid,
+        curves=curves,
+        baseline=base["accuracy"],
+        params={n: m.weight.numel() for n, m in layers.items()},
+        samples=int(base["samples"]),
+    )
+
+
+def thresholds_from_sensitivity(
+    result: SensitivityResult | Mapping[str, Any],
+    max_drop: float,
+) -> dict[str, float]:
+    """Per-layer sparsity: the largest grid sparsity ``s`` such that the accuracy at ``s`` and
+    at every smaller grid sparsity is at least ``baseline - max_drop`` (points). Layers that
+    fail already at the first grid point get 0. Usable as ``MagnitudeConfig.per_layer``."""
+    if not isinstance(result, SensitivityResult):
+        result = SensitivityResult.from_dict(result)
+    if max_drop < 0 or not math.isfinite(max_drop):
+        raise ConfigError(f"max_drop={max_drop!r}: must be a finite number >= 0")
+    floor = result.baseline - max_drop
+    out = {}
+    for name, accs in result.curves.items():
+        best = 0.0
+        for s, a in zip(result.sparsities, accs, strict=True):
+            if a < floor:
+                break
+            best = s
+        out[name] = best
+    return out
+
+
+def sparsities_for_budget(
+    result: SensitivityResult,
+    target_sparsity: float,
+    *,
+    max_drop_grid: Sequence[float] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """Smallest tolerated drop (from ``max_drop_grid``, default 0.05..50 points) whose
+    :func:`thresholds_from_sensitivity` reaches ``target_sparsity`` over all analysed weights.
+
+    Returns ``(max_drop, per_layer_sparsity)``; raises if even the largest drop cannot reach the
+    target (extend the sparsity grid of the analysis).
+    """
+    _check_sparsity(target_sparsity)
+    grid = (
+        list(max_drop_grid)
+        if max_drop_grid is not None
+        else [round(0.05 * 1.2**k, 4) for k in range(0, 40)]
+    )
+    total = sum(result.params.values())
+    if not total:
+        raise ConfigError("the sensitivity result has no parameter counts")
+    best: dict[str, float] = {}
+    for d in grid:
+        per = thresholds_from_sensitivity(result, d)
+        pruned = sum(per[n] * result.params[n] for n in per)
+        best = per
+        if pruned / total >= target_sparsity - 1e-12:
+            return d, per
+    reached = sum(best[n] * result.params[n] for n in best) / total
+    raise ConfigError(
+        f"target_sparsity={target_sparsity}: the sensitivity grid up to "
+        f"{max(result.sparsities)} reaches at most {reached:.4f}; add larger sparsities"
+    )
+
+
+def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:
+    """PNG plot, one accuracy-vs-sparsity curve per layer (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [100 * s for s in result.sparsities]
+    for name, accs in result.curves.items():
+        ax.plot(xs, accs, marker="o", markersize=3, label=name)
+    ax.axhline(result.baseline, color="gray", linestyle="--", linewidth=1, label="unpruned")
+    ax.set_xlabel("parameters pruned away (%)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title or "pruning sensitivity (one layer at a time, no retraining)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def write_sensitivity(
+    result: SensitivityResult, out_dir: str | Path, title: str = ""
+) -> dict[str, Path]:
+    """Write ``sensitivity.json`` and ``sensitivity.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    js = out_dir / "sensitivity.json"
+    blob = json.dumps(result.to_dict(), indent=2, sort_keys=True)
+    atomic_write(js, lambda tmp: tmp.write_text(blob))
+    png = plot_sensitivity(result, out_dir / "sensitivity.png", title)
+    return {"json": js, "png": png}
