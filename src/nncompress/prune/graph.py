@@ -826,12 +826,18 @@ class DependencyGraph:
     # ---- results ----------------------------------------------------------------------------
 
     def _make_groups(self) -> list[ChannelGroup]:
+        # the union-find is final now: cache every slot's roots
+        self._roots_of = {
+            (name, role): self._roots(atoms)
+            for role, table in (("out", self._out), ("in", self._in), ("follow", self._follow))
+            for name, atoms in table.items()
+        }
         # channel (root) -> {(module, role): positions}
         where: dict[int, dict[tuple[str, str], list[int]]] = {}
         order: list[int] = []
         for role, table in (("out", self._out), ("in", self._in), ("follow", self._follow)):
-            for name, atoms in table.items():
-                for pos, root in enumerate(self._roots(atoms).tolist()):
+            for name in table:
+                for pos, root in enumerate(self._roots_of[name, role].tolist()):
                     if root not in where:
                         where[root] = {}
                         order.append(root)
@@ -932,7 +938,7 @@ class DependencyGraph:
                 removed.add(root)
         for name, idx in requested.items():
             implied = {
-                i for i, r in enumerate(self._roots(self._out[name]).tolist()) if r in removed
+                i for i, r in enumerate(self._roots_of[name, "out"].tolist()) if r in removed
             }
             if implied != idx:
                 extra = sorted(implied - idx)[:8]
@@ -943,9 +949,11 @@ class DependencyGraph:
                 )
         cuts: dict[str, LayerCut] = {}
 
-        def keep(name: str, atoms: np.ndarray, what: str) -> list[int] | None:
-            roots = self._roots(atoms)
-            mask = ~np.isin(roots, np.fromiter(removed, np.int64, len(removed)))
+        gone = np.fromiter(removed, np.int64, len(removed))
+
+        def keep(name: str, role: str, what: str) -> list[int] | None:
+            atoms = self._roots_of[name, role]
+            mask = ~np.isin(atoms, gone)
             if mask.all():
                 return None
             if not mask.any():
@@ -954,16 +962,16 @@ class DependencyGraph:
                 )
             return np.flatnonzero(mask).tolist()
 
-        for name, atoms in self._out.items():
-            k = keep(name, atoms, "output channels")
+        for name in self._out:
+            k = keep(name, "out", "output channels")
             if k is not None:
                 cuts.setdefault(name, LayerCut(name, self.layers[name].kind)).keep_out = k
-        for name, atoms in self._in.items():
-            k = keep(name, atoms, "input channels")
+        for name in self._in:
+            k = keep(name, "in", "input channels")
             if k is not None:
                 cuts.setdefault(name, LayerCut(name, self.layers[name].kind)).keep_in = k
-        for name, atoms in self._follow.items():
-            k = keep(name, atoms, "channels")
+        for name in self._follow:
+            k = keep(name, "follow", "channels")
             if k is not None:
                 cuts.setdefault(name, LayerCut(name, self.layers[name].kind)).keep_out = k
         return cuts
