@@ -3,6 +3,7 @@ iterative and AGP schedules, sensitivity analysis and dead-neuron removal; filte
 (Li et al. 2017) with a dependency graph and physical thinning."""
 
 from .dead import find_dead_neurons, neuron_edges, remove_dead_neurons_
+from .graph import ChannelGroup, DependencyGraph, GraphError, LayerCut, build_dependency_graph
 from .magnitude import (
     LayerPruning,
     MagnitudeConfig,
@@ -37,8 +38,33 @@ from .sensitivity import (
     thresholds_from_sensitivity,
     write_sensitivity,
 )
+from .structured import (
+    FilterPlan,
+    FilterPruneConfig,
+    FilterPruneReport,
+    filter_norms,
+    group_scores,
+    plan_filters,
+    prune_filters_,
+)
+from .thin import ThinReport, remove_channels_, thin_module
 
 __all__ = [
+    "ChannelGroup",
+    "DependencyGraph",
+    "GraphError",
+    "LayerCut",
+    "build_dependency_graph",
+    "FilterPlan",
+    "FilterPruneConfig",
+    "FilterPruneReport",
+    "filter_norms",
+    "group_scores",
+    "plan_filters",
+    "prune_filters_",
+    "ThinReport",
+    "remove_channels_",
+    "thin_module",
     "AGPCallback",
     "AGPConfig",
     "DropoutAdjuster",
