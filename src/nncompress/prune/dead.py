@@ -18,10 +18,10 @@ single Linear/Conv layer C (the *consumer*) through a chain of channel-wise oper
 
 Which layer feeds which is read from a ``torch.fx`` trace of the model; a producer whose output
 is used by more than one operation (residual additions, concatenations) is not touched here —
-filter pruning's dependency graph handles those. The removal itself is a plain slice of the
-weight rows/columns of the two layers (and the BatchNorm between), done here for these simple
-producer -> consumer chains; the result is checked against the original model on an example
-input before it is accepted.
+filter pruning's dependency graph handles those. The removal itself is done by
+:func:`nncompress.prune.thin.remove_channels_` (filter pruning's physical thinning, which also
+slices the BatchNorm between and the consumer's inputs); the result is checked against the
+original model on an example input before it is accepted.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from .magnitude import folded_copy, masks_from_zeros_, pruning_masks, remove_pruning_
+from .thin import remove_channels_
 
 __all__ = ["DeadNeuronError", "Edge", "find_dead_neurons", "neuron_edges", "remove_dead_neurons_"]
 
@@ -226,83 +227,6 @@ def _constants(prod: nn.Module, edge: Edge, mods: dict[str, nn.Module]) -> torch
     return b  # (C,)
 
 
-def _slice_layer_out(m: nn.Module, keep: torch.Tensor) -> nn.Module:
-    w = m.weight.detach()[keep]  # (C_kept, ...)
-    if isinstance(m, nn.Linear):
-        new = nn.Linear(m.in_features, len(keep), bias=m.bias is not None)
-    else:
-        new = type(m)(
-            m.in_channels,
-            len(keep),
-            m.kernel_size,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-            bias=m.bias is not None,
-            padding_mode=m.padding_mode,
-        )
-    new = new.to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            new.bias.copy_(m.bias.detach()[keep])
-    new.train(m.training)
-    return new
-
-
-def _slice_layer_in(m: nn.Module, keep: torch.Tensor, prod_channels: int) -> nn.Module:
-    cols = _columns(m, prod_channels)[:, keep]  # (out, C_kept, k)
-    if isinstance(m, nn.Linear):
-        w = cols.reshape(m.out_features, -1)  # (out, C_kept*k)
-        new = nn.Linear(w.shape[1], m.out_features, bias=m.bias is not None)
-    else:
-        w = cols.reshape(m.out_channels, len(keep), *m.kernel_size)  # (out, C_kept, kh, kw)
-        new = type(m)(
-            len(keep),
-            m.out_channels,
-            m.kernel_size,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-            bias=m.bias is not None,
-            padding_mode=m.padding_mode,
-        )
-    new = new.to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if m.bias is not None:
-            new.bias.copy_(m.bias.detach())
-    new.train(m.training)
-    return new
-
-
-def _slice_bn(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
-    new = type(bn)(
-        len(keep),
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-    )
-    with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight.detach()[keep])
-            new.bias.copy_(bn.bias.detach()[keep])
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean[keep])
-            new.running_var.copy_(bn.running_var[keep])
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    new.train(bn.training)
-    return new
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
 @torch.no_grad()
 def remove_dead_neurons_(
     model: nn.Module,
@@ -371,15 +295,13 @@ def remove_dead_neurons_(
                 if cons.bias is not None:
                     # fold the constant outputs c_j into the consumer's bias
                     cons.bias += (cols[:, idx].sum(dim=2) * consts[idx]).sum(dim=1)  # (out,)
-            keep = torch.tensor([j for j in range(c) if j not in drop], dtype=torch.long)
-            if len(keep) == 0:
+            if len(drop) == c:
                 # keep one channel so that shapes stay valid; it no longer reaches the consumer
-                keep = torch.tensor([0])
+                drop.discard(0)
                 _columns(cons, c)[:, 0] = 0  # view of cons.weight
-            _set(model, pname, _slice_layer_out(prod, keep))
-            if edge.batchnorm is not None:
-                _set(model, edge.batchnorm, _slice_bn(mods[edge.batchnorm], keep))
-            _set(model, edge.consumer, _slice_layer_in(cons, keep, c))
+            # the filter-pruning dependency graph removes the channel from the producer, the
+            # BatchNorm after it and the consumer's inputs (H*W features after a flatten)
+            remove_channels_(model, {pname: sorted(drop)}, example_input)
             entry["no_output"] += len(d["no_output"])
             entry["no_input"] += len(d["no_input"])
         for name in report:
