@@ -1,0 +1,315 @@
+"""Pruning commands: ``prune`` (connection pruning; filter pruning methods plug into the same
+command through :data:`METHODS`) and ``sensitivity`` (per-layer sensitivity curves)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    RichProgress,
+    add_data_args,
+    add_json_arg,
+    add_quiet_arg,
+    dataset_for,
+    existing_file,
+    out,
+    print_json,
+    print_table,
+)
+
+# --method name -> runner(args, ctx) returning the report dict. Connection pruning methods are
+# defined here; filter pruning adds its 'filter-*' methods (and their options) to this dict.
+Runner = Callable[[argparse.Namespace, Any], dict]
+
+
+def _run_connection(args: argparse.Namespace, ctx) -> dict:
+    from ..stages.prune import PruneStageConfig, run_prune_stage
+
+    cfg = PruneStageConfig(
+        method=args.method,
+        q=args.q,
+        sparsity=args.sparsity,
+        scope=args.scope,
+        per_layer=_per_layer(args.per_layer),
+        exclude=tuple(args.exclude),
+        allocate="sensitivity" if args.allocate_sensitivity else "none",
+        max_drop=args.max_drop,
+        sensitivity_sparsities=tuple(_floats(args.sensitivities, "--sensitivities")),
+        iterations=args.iterations,
+        epochs=args.retrain_epochs,
+        lr_scale=args.lr_scale,
+        l1=args.l1,
+        weight_decay=args.weight_decay,
+        regularization_switch_epoch=args.l1_then_l2,
+        adjust_dropout=not args.no_dropout_adjust,
+        agp_frequency=args.agp_frequency,
+        agp_initial_sparsity=args.agp_initial_sparsity,
+        remove_dead=args.remove_dead,
+    )
+    return run_prune_stage(ctx, cfg)
+
+
+METHODS: dict[str, Runner] = {"magnitude": _run_connection, "agp": _run_connection}
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{flag}={text!r}: must be comma-separated numbers") from exc
+
+
+def _per_layer(text: str | None) -> dict[str, Any]:
+    """``fc1=0.9,fc2=0.8`` or a JSON file (``{name: sparsity}``, or a sensitivity output's
+    ``per_layer.json``)."""
+    if not text:
+        return {}
+    path = Path(text)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data = data.get("per_layer", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise ValueError(f"--per-layer={text!r}: the JSON file must hold a mapping")
+        return data
+    out_map: dict[str, Any] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--per-layer={text!r}: expected name=value[,name=value] or a file")
+        try:
+            out_map[name.strip()] = float(value)
+        except ValueError as exc:
+            raise ValueError(f"--per-layer: value {value!r} for {name!r} is not a number") from exc
+    return out_map
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a checkpoint (connection pruning: magnitude, agp)",
+        description="Prune a checkpoint and retrain it (Han et al. 2015 connection pruning: "
+        "threshold q x std per layer, or a target sparsity per layer / global; iterative "
+        "prune -> retrain or gradual AGP). Prints per-layer kept %% and test accuracy before "
+        "and after, and writes OUT (.safetensors) with its JSON sidecar.",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument("--method", default="magnitude", help="magnitude | agp (default: magnitude)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--q", type=float, help="Han's quality parameter: prune |w| <= q * std(layer)")
+    g.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1)")
+    p.add_argument("--scope", default="layer", help="layer | global ranking (default: layer)")
+    p.add_argument(
+        "--per-layer",
+        help="per-layer overrides: 'fc1=0.9,fc2=0.8' or a JSON file {name: value} "
+        "(e.g. per_layer.json written by 'nncompress sensitivity')",
+    )
+    p.add_argument(
+        "--exclude", nargs="*", default=[], help="layer names (fnmatch patterns) not to prune"
+    )
+    p.add_argument(
+        "--allocate-sensitivity",
+        action="store_true",
+        help="set per-layer sparsities from a sensitivity analysis on the held-out split "
+        "(within --max-drop, or the smallest drop reaching --sparsity overall)",
+    )
+    p.add_argument("--max-drop", type=float, help="tolerated accuracy drop in points")
+    p.add_argument(
+        "--sensitivities",
+        default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,0.97,0.98",
+        help="sparsity grid of --allocate-sensitivity",
+    )
+    p.add_argument("--iterations", type=int, default=1, help="prune -> retrain cycles (default 1)")
+    p.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=0,
+        help="retraining epochs per iteration (agp: total epochs); 0 = one-shot (default 0)",
+    )
+    p.add_argument("--lr", type=float, help="base learning rate (default: the checkpoint's)")
+    p.add_argument(
+        "--lr-scale", type=float, default=0.1, help="retrain lr = lr-scale * base lr (default 0.1)"
+    )
+    p.add_argument("--l1", type=float, help="L1 strength while retraining")
+    p.add_argument("--weight-decay", type=float, help="L2 strength while retraining")
+    p.add_argument(
+        "--l1-then-l2",
+        type=int,
+        metavar="EPOCH",
+        help="use L1 until this retraining epoch, then L2 (Han 2015)",
+    )
+    p.add_argument(
+        "--no-dropout-adjust",
+        action="store_true",
+        help="keep dropout rates (default: D_r = D_o sqrt(C_r / C_o) while retraining)",
+    )
+    p.add_argument("--agp-frequency", type=int, default=100, help="AGP: steps between updates")
+    p.add_argument(
+        "--agp-initial-sparsity", type=float, default=0.0, help="AGP: initial sparsity s_i"
+    )
+    p.add_argument(
+        "--remove-dead", action="store_true", help="physically remove dead neurons at the end"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    add_data_args(p)
+    add_json_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "sensitivity",
+        help="per-layer pruning sensitivity curves (JSON + PNG)",
+        description="Prune one layer at a time over a grid of sparsities (no retraining), "
+        "evaluate on the held-out split, and write DIR/sensitivity.json, DIR/sensitivity.png "
+        "and DIR/per_layer.json (the largest sparsity per layer within --max-drop points).",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--sparsities",
+        default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95",
+        help="comma-separated sparsities (default 0.1..0.9, 0.95)",
+    )
+    p.add_argument(
+        "--max-drop", type=float, default=1.0, help="tolerated drop in points (default 1.0)"
+    )
+    p.add_argument(
+        "--val-batches", type=int, help="evaluate on this many held-out batches of 512 only"
+    )
+    p.add_argument("--exclude", nargs="*", default=[], help="layer names (patterns) to skip")
+    add_data_args(p)
+    add_json_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+
+def _base_train_config(sidecar: dict, lr: float | None):
+    from ..engine import TrainConfig, config_from_dict
+
+    saved = (sidecar.get("extra") or {}).get("train_config")
+    cfg = config_from_dict(TrainConfig, saved, "train_config") if saved else TrainConfig()
+    return cfg.replace(lr=lr) if lr is not None else cfg
+
+
+def _save(model, path: Path, sidecar: dict, splits, metrics: dict, extra: dict) -> None:
+    from ..engine import save_checkpoint
+    from ..prune import folded_copy
+
+    arch = sidecar.get("architecture") or {}
+    save_checkpoint(
+        folded_copy(model),
+        path,
+        model_name=arch.get("model"),
+        model_kwargs=arch.get("kwargs") or {},
+        dataset=splits.describe(),
+        metrics=metrics,
+        history=list(sidecar.get("history") or []),
+        extra=extra,
+    )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..engine import evaluate, load_checkpoint
+    from ..stages.base import StageContext
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method={args.method!r}: must be one of {sorted(METHODS)}")
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
+    model, sidecar = load_checkpoint(args.checkpoint)
+    splits = dataset_for(sidecar, args.data_dir)
+    progress = RichProgress(not args.quiet)
+    before = evaluate(model, splits.loader("test", 512), progress=progress)["accuracy"]
+    arch = sidecar.get("architecture") or {}
+    ctx = StageContext(
+        model=model,
+        splits=splits,
+        model_name=arch.get("model"),
+        model_kwargs=arch.get("kwargs") or {},
+        train_config=_base_train_config(sidecar, args.lr),
+        out_dir=args.out.parent,
+        progress=progress,
+    )
+    report = METHODS[args.method](args, ctx)
+    model = ctx.model
+    report["test_accuracy_before"] = before
+    after = report.get("test_accuracy")
+    if after is None:
+        after = evaluate(model, splits.loader("test", 512))["accuracy"]
+        report["test_accuracy"] = after
+    metrics = {
+        "test_accuracy": after,
+        "test_accuracy_before": before,
+        "nonzeros": report.get("nonzeros"),
+        "params": report.get("params"),
+    }
+    extra = dict(sidecar.get("extra") or {})
+    extra["pruning"] = {k: v for k, v in report.items() if k not in ("iterations", "agp")}
+    _save(model, args.out, sidecar, splits, metrics, extra)
+    if args.json:
+        print_json(report)
+        return 0
+    layers = report.get("layers", {})
+    rows = [
+        [n, r["params"], r["kept"], f"{100 * r['kept_fraction']:.1f}%"] for n, r in layers.items()
+    ]
+    print_table(f"{args.method} pruning", ["layer", "weights", "kept", "kept %"], rows)
+    if "dead_neurons" in report:
+        d = report["dead_neurons"]
+        out.print(
+            f"dead neurons removed: params {d['params_before']:,} -> {d['params_after']:,} "
+            + ", ".join(
+                f"{n}: {v['before']}->{v['after']}" for n, v in d["layers"].items() if "after" in v
+            )
+        )
+    if report.get("nonzeros"):
+        out.print(
+            f"nonzero parameters {report['nonzeros']:,} / {report['params']:,} "
+            f"({report['compression']:.1f}x fewer)"
+        )
+    out.print(f"test accuracy {before:.2f}% -> {after:.2f}%  -> {args.out}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from ..engine import atomic_write, load_checkpoint
+    from ..prune.sensitivity import (
+        sensitivity_analysis,
+        thresholds_from_sensitivity,
+        write_sensitivity,
+    )
+
+    grid = _floats(args.sparsities, "--sparsities")
+    if args.max_drop < 0:
+        raise ValueError(f"--max-drop={args.max_drop}: must be >= 0")
+    model, sidecar = load_checkpoint(args.checkpoint)
+    splits = dataset_for(sidecar, args.data_dir)
+    res = sensitivity_analysis(
+        model,
+        splits.loader("val", 512),
+        grid,
+        exclude=tuple(args.exclude),
+        max_batches=args.val_batches,
+        progress=RichProgress(not args.quiet),
+    )
+    files = write_sensitivity(res, args.out, title=f"{Path(args.checkpoint).name} sensitivity")
+    per = thresholds_from_sensitivity(res, args.max_drop)
+    per_path = args.out / "per_layer.json"
+    blob = json.dumps({"max_drop": args.max_drop, "per_layer": per}, indent=2)
+    atomic_write(per_path, lambda tmp: tmp.write_text(blob))
+    if args.json:
+        print_json(
+            {**res.to_dict(), "per_layer": per, "files": {k: str(v) for k, v in files.items()}}
+        )
+        return 0
+    headers = ["layer", "weights", *[f"{100 * s:g}%" for s in res.sparsities], "chosen"]
+    rows = [
+        [n, res.params[n], *[f"{a:.2f}" for a in accs], f"{100 * per[n]:g}%"]
+        for n, accs in res.curves.items()
+    ]
+    print_table(f"held-out accuracy (baseline {res.baseline:.2f}%)", headers, rows)
+    out.print(f"wrote {files['json']}, {files['png']}, {per_path}")
+    return 0
