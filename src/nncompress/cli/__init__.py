@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Explicit registry of command modules (no discovery by name lookup).
-COMMAND_MODULES = ["nncompress.cli.basic", "nncompress.cli.prune"]
+COMMAND_MODULES = ["nncompress.cli.basic", "nncompress.cli.prune", "nncompress.cli.run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
