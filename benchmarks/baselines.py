@@ -22,7 +22,7 @@ from nncompress.engine import TrainConfig
 RECIPES: dict[str, TrainConfig] = {
     "lenet-300-100": TrainConfig(epochs=30, lr=0.05, weight_decay=1e-4, seed=0),
     "lenet-5": TrainConfig(epochs=20, lr=0.05, weight_decay=5e-4, augment=True, seed=0),
-    "resnet-20": TrainConfig(epochs=15, lr=0.1, weight_decay=5e-4, augment=True, seed=0),
+    "resnet-20": TrainConfig(epochs=12, lr=0.1, weight_decay=5e-4, augment=True, seed=0),
 }
 TARGETS = {"lenet-300-100": 89.5, "lenet-5": 91.5, "resnet-20": 92.5}
 

@@ -1,0 +1,50 @@
+"""Assemble benchmarks/RESULTS.md from the per-benchmark files in benchmarks/results/.
+
+Each benchmark script writes results/NAME.json and results/NAME.md (with the command, machine
+and date); this script only concatenates them in a fixed order under a common header.
+
+    python benchmarks/collect_results.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _common import RESULTS, ROOT, machine
+
+SECTIONS = [
+    ("baselines", "Baselines (Fashion-MNIST)", "benchmarks/baselines.py"),
+    ("pruning_han", "Connection pruning — Han et al. 2015, Table 1 style", "benchmarks/pruning_han.py"),
+    ("pruning_li", "Filter pruning — Li et al. 2017 style", "benchmarks/pruning_li.py"),
+    ("deep_compression", "Deep Compression — pruning + weight sharing + Huffman",
+     "benchmarks/deep_compression.py"),
+    ("coding_throughput", "Entropy coder throughput", "benchmarks/coding_throughput.py"),
+    ("linear_quant", "Linear INT8 / INT4 quantization with ONNX Runtime",
+     "benchmarks/linear_quant.py"),
+    ("lowrank", "Low-rank decomposition", "benchmarks/lowrank.py"),
+]
+
+
+def main() -> None:
+    m = machine()
+    parts = [
+        "# Benchmark results\n",
+        "Every number below was produced by the script named in its section on the machine "
+        "stated there (the project's 2-core CPU machine unless said otherwise). Re-run a script "
+        "to refresh its section, then `python benchmarks/collect_results.py` to rebuild this "
+        "page. Latency figures are medians of repeated runs after warm-up; on a shared 2-core "
+        "machine they carry noise of roughly +-10-20%.\n",
+        f"Last assembled: {m['date']} (torch {m['torch']}, Python {m['python']}).\n",
+    ]
+    for name, title, script in SECTIONS:
+        md = RESULTS / f"{name}.md"
+        parts.append(f"## {title}\n")
+        if md.is_file():
+            parts.append(md.read_text().strip() + "\n")
+        else:
+            parts.append(f"_Not measured yet: run `python {script}`._\n")
+    (ROOT / "RESULTS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
