@@ -311,3 +311,27 @@ def test_distilling_a_tiny_student_on_digits(digits_data, digits_teacher, label_
     with torch.no_grad():
         agree = (student.eval()(x).argmax(1) == digits_teacher.eval()(x).argmax(1)).float().mean()
     assert float(agree) > 0.85
+
+
+def test_cli_distill_from_teacher_checkpoint(digits_data, digits_teacher, tmp_path, capsys):
+    import json
+
+    from nncompress.cli import main
+    from nncompress.engine import load_checkpoint, save_checkpoint
+
+    ckpt = save_checkpoint(
+        digits_teacher, tmp_path / "teacher.safetensors", dataset=digits_data.describe()
+    )
+    out = tmp_path / "student.safetensors"
+    args = ["distill", str(ckpt), "--student", "lenet-300-100", "--epochs", "3", "--quiet"]
+    assert main([*args, "--alpha", "1.5", "--out", str(out)]) == 2
+    assert "alpha=1.5" in capsys.readouterr().err
+    assert main([*args, "--temperature", "3", "--json", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["test_accuracy"] > 85.0 and res["teacher_test_accuracy"] > 93.0
+    student, side = load_checkpoint(out)
+    assert side["architecture"]["kwargs"] == {"num_classes": 10, "in_features": 64}
+    assert side["extra"]["distill"]["temperature"] == 3.0
+    assert evaluate(student, digits_data.loader("test", 512))["accuracy"] == pytest.approx(
+        res["test_accuracy"]
+    )

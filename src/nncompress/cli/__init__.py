@@ -9,7 +9,12 @@ import logging
 import sys
 
 # Explicit registry of command modules (no discovery by name lookup).
-COMMAND_MODULES = ["nncompress.cli.basic", "nncompress.cli.prune", "nncompress.cli.run"]
+COMMAND_MODULES = [
+    "nncompress.cli.basic",
+    "nncompress.cli.distill",
+    "nncompress.cli.prune",
+    "nncompress.cli.run",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
