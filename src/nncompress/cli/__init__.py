@@ -11,6 +11,7 @@ import sys
 # Explicit registry of command modules (no discovery by name lookup).
 COMMAND_MODULES = [
     "nncompress.cli.basic",
+    "nncompress.cli.codec",
     "nncompress.cli.distill",
     "nncompress.cli.prune",
     "nncompress.cli.run",

@@ -1,0 +1,188 @@
+"""Compressed-file commands: encode a checkpoint into .ncz, decode it back, inspect it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import RichProgress, add_json_arg, add_quiet_arg, existing_file, out, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "encode",
+        help="write a checkpoint as a compressed .ncz file",
+        description="Encode a checkpoint (.safetensors + sidecar) into the .ncz container: "
+        "tensors with few distinct values become a codebook plus relative-index sparse "
+        "positions and entropy-coded codes (Deep Compression stage 3); the rest is stored "
+        "densely. Lossless unless an fp16 option is given.",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="output file (.ncz)")
+    p.add_argument(
+        "--codec",
+        default="huffman",
+        choices=["huffman", "ans", "raw"],
+        help="entropy coder of the code and index streams (default: huffman)",
+    )
+    p.add_argument(
+        "--index-bits-conv", type=int, default=8, help="relative-index bits, conv (default: 8)"
+    )
+    p.add_argument(
+        "--index-bits-fc", type=int, default=5, help="relative-index bits, others (default: 5)"
+    )
+    p.add_argument(
+        "--codebook-dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="codebook storage; fp16 rounds (default: fp32, exact)",
+    )
+    p.add_argument(
+        "--dense-dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="dense float32 tensors; fp16 rounds (default: fp32, exact)",
+    )
+    p.add_argument(
+        "--max-codebook-bits",
+        type=int,
+        default=8,
+        help="a tensor with at most 2**N distinct nonzero values may use a codebook (default: 8)",
+    )
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="also store the checkpoint's per-epoch training history in the metadata",
+    )
+    add_json_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser(
+        "decode",
+        help="decode a .ncz file into a checkpoint",
+        description="Decode a .ncz file (bit-exactly) into a checkpoint that "
+        "'nncompress eval' and load_checkpoint() read.",
+    )
+    p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser(
+        "inspect",
+        help="itemised size of a .ncz file, per tensor",
+        description="Per-tensor scheme, weights kept, codebook size, weight-code and "
+        "relative-index bits per nonzero (fixed 'P+Q' and entropy-coded 'H'), fillers, "
+        "bytes and compression, plus per-stream entropy vs bits spent.",
+    )
+    p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
+    p.add_argument("--streams", action="store_true", help="also list every coded stream")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_inspect)
+
+
+def _table(title: str, headers: list[str], rows: list[list]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, padding=(0, 1), collapse_padding=True)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in r] for r in rows]
+    for r in cells:
+        table.add_row(*r)
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    need = sum(widths) + 2 * len(widths) + 2
+    if need <= out.width:
+        out.print(table)
+    else:  # never squeeze numbers into ellipses: print wider than the terminal
+        import sys
+
+        from rich.console import Console
+
+        Console(file=sys.stdout, width=need).print(table)
+
+
+def _print_report(report, title: str, streams: bool = False) -> None:
+    headers, rows = report.rows()
+    _table(title, headers, rows)
+    out.print(
+        "scheme: sparse = codebook + relative-index positions, codes = codebook + a code per "
+        "element, dense/dense16 = plain fp32/fp16 values; w/i = weight-code/index bits per "
+        "code (P+Q fixed width, H entropy-coded); b = index bits; fill = filler entries",
+        highlight=False,
+        style="dim",
+    )
+    if streams and any(t.streams for t in report.tensors):
+        srows = []
+        for t in report.tensors:
+            for s in t.streams:
+                srows.append(
+                    [
+                        t.name,
+                        s.role,
+                        s.codec,
+                        s.symbols,
+                        s.alphabet,
+                        round(s.entropy, 3),
+                        round(s.bits_per_symbol, 3),
+                        s.payload_bits,
+                        s.table_bits,
+                    ]
+                )
+        _table(
+            "coded streams (entropy H and spent bits per symbol)",
+            ["name", "role", "codec", "symbols", "alphabet", "H", "bits/sym", "payload", "table"],
+            srows,
+        )
+    out.print(
+        f"total {report.total_bytes:,} bytes (header {report.header_bytes:,}, metadata "
+        f"{report.metadata_bytes:,}); dense {report.original_bytes:,} bytes -> "
+        f"[bold]{report.ratio:.2f}x[/bold] smaller",
+        highlight=False,
+    )
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ..engine import load_checkpoint
+    from ..io import EncodeConfig, checkpoint_metadata, save_compressed
+
+    config = EncodeConfig(
+        codec=args.codec,
+        index_bits_conv=args.index_bits_conv,
+        index_bits_fc=args.index_bits_fc,
+        codebook_dtype=args.codebook_dtype,
+        dense_dtype=args.dense_dtype,
+        max_codebook_bits=args.max_codebook_bits,
+    )
+    model, sidecar = load_checkpoint(args.checkpoint)
+    report = save_compressed(
+        model,
+        args.out,
+        config,
+        checkpoint_metadata(sidecar, history=args.history),
+        progress=RichProgress(enabled=not args.quiet),
+    )
+    if args.json:
+        print_json({"file": str(args.out), **report.to_dict()})
+    else:
+        _print_report(report, f"{args.out}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from ..io import decode_to_checkpoint
+
+    path = decode_to_checkpoint(args.file, args.out)
+    out.print(f"wrote {path} (+ {path.with_suffix('.json').name})", highlight=False)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..io import inspect_file
+
+    report = inspect_file(args.file)
+    if args.json:
+        print_json({"file": str(args.file), **report.to_dict()})
+    else:
+        _print_report(report, f"{args.file}", streams=args.streams)
+    return 0
