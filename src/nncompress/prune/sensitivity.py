@@ -188,35 +188,83 @@ def sparsities_for_budget(
     result: SensitivityResult,
     target_sparsity: float,
     *,
+    method: str = "greedy",
     max_drop_grid: Sequence[float] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Smallest tolerated drop (from ``max_drop_grid``, default 0.05..50 points) whose
-    :func:`thresholds_from_sensitivity` reaches ``target_sparsity`` over all analysed weights.
+    """Per-layer sparsities (grid points) that prune at least ``target_sparsity`` of all the
+    analysed weights, chosen from the sensitivity curves.
 
-    Returns ``(max_drop, per_layer_sparsity)``; raises if even the largest drop cannot reach the
-    target (extend the sparsity grid of the analysis).
+    ``method='greedy'`` (default): start from no pruning and repeatedly take the move (one
+    layer to a larger grid sparsity) with the smallest accuracy loss per weight removed, using
+    the curves made non-increasing (running minimum) and assuming the layers' losses add up.
+    Large, tolerant layers are pruned hardest, as in Han's hand-set ratios.
+    ``method='uniform'``: the smallest tolerated drop (from ``max_drop_grid``, default
+    0.05..~30 points) for which :func:`thresholds_from_sensitivity` reaches the target.
+
+    Returns ``(predicted or tolerated drop in points, per_layer_sparsity)``; raises if even the
+    largest grid sparsities cannot reach the target (extend the analysis' grid).
     """
     _check_sparsity(target_sparsity)
-    grid = (
-        list(max_drop_grid)
-        if max_drop_grid is not None
-        else [round(0.05 * 1.2**k, 4) for k in range(0, 40)]
-    )
+    if method not in ("greedy", "uniform"):
+        raise ConfigError(f"method={method!r}: must be 'greedy' or 'uniform'")
     total = sum(result.params.values())
     if not total:
         raise ConfigError("the sensitivity result has no parameter counts")
-    best: dict[str, float] = {}
-    for d in grid:
-        per = thresholds_from_sensitivity(result, d)
-        pruned = sum(per[n] * result.params[n] for n in per)
-        best = per
-        if pruned / total >= target_sparsity - 1e-12:
-            return d, per
-    reached = sum(best[n] * result.params[n] for n in best) / total
-    raise ConfigError(
-        f"target_sparsity={target_sparsity}: the sensitivity grid up to "
-        f"{max(result.sparsities)} reaches at most {reached:.4f}; add larger sparsities"
-    )
+    names = list(result.curves)
+    grid = result.sparsities
+
+    def reached(per: Mapping[str, float]) -> float:
+        return sum(per[n] * result.params[n] for n in names) / total
+
+    best_possible = {n: max(grid) for n in names}
+    if reached(best_possible) < target_sparsity - 1e-12:
+        raise ConfigError(
+            f"target_sparsity={target_sparsity}: the sensitivity grid up to {max(grid)} "
+            f"reaches at most {reached(best_possible):.4f}; add larger sparsities"
+        )
+    if method == "uniform":
+        drops = (
+            list(max_drop_grid)
+            if max_drop_grid is not None
+            else [round(0.05 * 1.2**k, 4) for k in range(40)]
+        )
+        for d in drops:
+            per = thresholds_from_sensitivity(result, d)
+            if reached(per) >= target_sparsity - 1e-12:
+                return d, per
+        raise ConfigError(
+            f"target_sparsity={target_sparsity}: no tolerated drop in {drops[-1]} points reaches "
+            "it with method='uniform'"
+        )
+    # greedy: drop[n][j] = accuracy loss at grid point j (non-increasing accuracy assumed)
+    loss: dict[str, list[float]] = {}
+    for n in names:
+        run, acc_min = [], result.baseline
+        for a in result.curves[n]:
+            acc_min = min(acc_min, a)
+            run.append(result.baseline - acc_min)
+        loss[n] = run
+    pos = {n: -1 for n in names}  # -1 = unpruned
+    per = {n: 0.0 for n in names}
+    while reached(per) < target_sparsity - 1e-12:
+        best: tuple[float, float, str, int] | None = None
+        for n in names:
+            cur_loss = loss[n][pos[n]] if pos[n] >= 0 else 0.0
+            cur_s = per[n]
+            for j in range(pos[n] + 1, len(grid)):
+                gain = (grid[j] - cur_s) * result.params[n]
+                if gain <= 0:
+                    continue
+                ratio = max(0.0, loss[n][j] - cur_loss) / gain
+                key = (ratio, -gain, n, j)
+                if best is None or key < best:
+                    best = key
+        if best is None:  # pragma: no cover - excluded by the reachability check
+            break
+        _, _, n, j = best
+        pos[n], per[n] = j, grid[j]
+    predicted = sum(loss[n][pos[n]] for n in names if pos[n] >= 0)
+    return predicted, per
 
 
 def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "") -> Path:

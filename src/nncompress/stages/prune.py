@@ -207,11 +207,14 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
             progress=ctx.progress,
         )
         if config.max_drop is not None:
-            drop, per = config.max_drop, thresholds_from_sensitivity(sens, config.max_drop)
+            per = thresholds_from_sensitivity(sens, config.max_drop)
+            info = {"max_drop": config.max_drop}
         else:
-            drop, per = sparsities_for_budget(sens, config.sparsity)  # type: ignore[arg-type]
+            # greedy allocation reaching the overall sparsity; its predicted (additive) loss
+            loss, per = sparsities_for_budget(sens, config.sparsity)  # type: ignore[arg-type]
+            info = {"predicted_drop": loss}
         derived = {n: {"sparsity": s} for n, s in per.items()}
-        report["sensitivity"] = {"max_drop": drop, "per_layer": per, **sens.to_dict()}
+        report["sensitivity"] = {**info, "per_layer": per, **sens.to_dict()}
     mc = config.magnitude_config(derived)
     retrain = config.retrain_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
