@@ -213,3 +213,61 @@ def test_l1_beats_largest_and_retraining_recovers(digits_data):
         models["l1"], digits_data.loader("train", 64, seed=1), TrainConfig(epochs=3), lr_scale=0.4
     )
     assert evaluate(models["l1"], test)["accuracy"] >= max(acc0 - 2, accs["l1"] + 5)
+
+
+def _tiny_resnet_checkpoint(path, splits):
+    from nncompress.engine import save_checkpoint
+
+    kwargs = {"width": 4, "in_channels": 1, "num_classes": splits.num_classes}
+    torch.manual_seed(0)
+    model = create("resnet-20", **kwargs)
+    return save_checkpoint(
+        model, path, model_name="resnet-20", model_kwargs=kwargs, dataset=splits.describe()
+    )
+
+
+def test_stage_prunes_retrains_and_reports(digits_data, tmp_path):
+    from nncompress.stages.base import StageContext
+    from nncompress.stages.filter_prune import FilterPruneStageConfig, run_filter_prune_stage
+
+    model = create("resnet-20", width=4, in_channels=1, num_classes=digits_data.num_classes)
+    ctx = StageContext(
+        model=model,
+        splits=digits_data,
+        model_name="resnet-20",
+        model_kwargs={},
+        train_config=TrainConfig(epochs=1, batch_size=128),
+        out_dir=tmp_path,
+    )
+    cfg = FilterPruneStageConfig(macs_budget=0.7, exclude=["conv1", "*.conv2"], epochs=1)
+    assert cfg.exclude == ("conv1", "*.conv2")
+    report = run_filter_prune_stage(ctx, cfg)
+    assert report["macs_after"] <= 0.7 * report["macs_before"]
+    assert report["retrain"]["epochs"] == 1
+    assert 0 <= report["test_accuracy"] <= 100 and 0 <= report["test_accuracy_pruned"] <= 100
+    assert model.layer1[0].conv1.out_channels < 4 and model.layer1[0].conv2.out_channels == 4
+    with pytest.raises(ConfigError, match="epochs=-1"):
+        FilterPruneStageConfig(ratio=0.5, epochs=-1)
+    with pytest.raises(ConfigError, match="exactly one"):
+        FilterPruneStageConfig()
+
+
+def test_cli_prune_filter_method(digits_data, tmp_path, capsys):
+    from nncompress.cli import main
+    from nncompress.engine import load_checkpoint
+
+    ckpt = _tiny_resnet_checkpoint(tmp_path / "r.safetensors", digits_data)
+    out_path = tmp_path / "thin.safetensors"
+    rc = main(
+        ["prune", str(ckpt), "--method", "filter-l1", "--ratio", "0.5", "--quiet",
+         "--exclude", "conv1", "*.conv2", "*.shortcut.*", "--out", str(out_path)]
+    )  # fmt: skip
+    assert rc == 0
+    assert "physically" in capsys.readouterr().out
+    model, side = load_checkpoint(out_path)
+    assert model.layer2[1].conv1.out_channels == 4 and model.layer2[1].conv2.out_channels == 8
+    assert side["metrics"]["test_accuracy"] is not None
+    rc = main(
+        ["prune", str(ckpt), "--method", "filter-l1", "--ratio", "1.5", "--out", str(out_path)]
+    )
+    assert rc == 2 and "ratio=1.5: must be in [0, 1)" in capsys.readouterr().err

@@ -53,7 +53,49 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
     return run_prune_stage(ctx, cfg)
 
 
-METHODS: dict[str, Runner] = {"magnitude": _run_connection, "agp": _run_connection}
+def _run_filter(args: argparse.Namespace, ctx) -> dict:
+    """Filter pruning with thinning (Li et al. 2017): ``--method filter-CRITERION``."""
+    from ..stages.filter_prune import FilterPruneStageConfig, run_filter_prune_stage
+
+    if args.iterations != 1:
+        raise ValueError(f"--iterations={args.iterations}: filter pruning prunes once")
+    for flag in ("q", "sparsity"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag}: not used by {args.method}; use --ratio or --macs-budget")
+    cfg = FilterPruneStageConfig(
+        criterion=args.method.removeprefix("filter-"),
+        ratio=args.ratio,
+        per_layer=_per_layer(args.per_layer) or None,
+        macs_budget=args.macs_budget,
+        scope=args.scope,
+        min_channels=args.min_channels,
+        exclude=tuple(args.exclude),
+        epochs=args.retrain_epochs,
+        lr_scale=args.lr_scale,
+    )
+    report = run_filter_prune_stage(ctx, cfg)
+    # per-layer rows in the table format of this command: weights before -> after
+    report["filter_layers"] = report.pop("layers")
+    report["layers"] = {
+        r["name"]: {
+            "params": r["params_before"],
+            "kept": r["params_after"],
+            "kept_fraction": r["params_after"] / r["params_before"] if r["params_before"] else 1,
+        }
+        for r in report["filter_layers"]
+    }
+    report["params"] = report["params_after"]
+    return report
+
+
+METHODS: dict[str, Runner] = {
+    "magnitude": _run_connection,
+    "agp": _run_connection,
+    "filter-l1": _run_filter,
+    "filter-l2": _run_filter,
+    "filter-random": _run_filter,
+    "filter-largest": _run_filter,
+}
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -97,10 +139,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and after, and writes OUT (.safetensors) with its JSON sidecar.",
     )
     p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
-    p.add_argument("--method", default="magnitude", help="magnitude | agp (default: magnitude)")
+    p.add_argument(
+        "--method",
+        default="magnitude",
+        help="magnitude | agp | filter-l1 | filter-l2 | filter-random | filter-largest "
+        "(default: magnitude)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q", type=float, help="Han's quality parameter: prune |w| <= q * std(layer)")
     g.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1)")
+    g.add_argument(
+        "--ratio", type=float, help="filter-*: fraction of each layer's filters to remove"
+    )
+    g.add_argument(
+        "--macs-budget", type=float, help="filter-*: fraction of the MACs to keep, in (0, 1]"
+    )
+    p.add_argument(
+        "--min-channels", type=int, default=1, help="filter-*: channels every layer keeps"
+    )
     p.add_argument("--scope", default="layer", help="layer | global ranking (default: layer)")
     p.add_argument(
         "--per-layer",
@@ -264,6 +320,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             + ", ".join(
                 f"{n}: {v['before']}->{v['after']}" for n, v in d["layers"].items() if "after" in v
             )
+        )
+    if "macs_before" in report:
+        out.print(
+            f"MACs {report['macs_before']:,} -> {report['macs_after']:,} "
+            f"({100 * (1 - report['macs_kept']):.1f}% fewer), params "
+            f"{report['params_before']:,} -> {report['params_after']:,} (physically thinned)"
         )
     if report.get("nonzeros"):
         out.print(

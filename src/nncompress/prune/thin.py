@@ -178,7 +178,9 @@ def apply_cuts_(
     macs_before = graph.macs()
     report.macs_before = sum(macs_before.values())
     report.macs_after = sum(graph.macs(cuts).values())
-    for name, cut in cuts.items():
+    order = [n for n, _ in model.named_modules() if n in cuts]  # report in model order
+    for name in order:
+        cut = cuts[name]
         old = model.get_submodule(name)
         if parametrize.is_parametrized(old):
             # Slicing arbitrary parametrizations is not possible in general: fold them (the
