@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -184,7 +186,10 @@ def test_parametrized_layers_are_folded_then_thinned():
     mask[:, 0] = 0
     parametrize.register_parametrization(net[0], "weight", _Mask(mask))
     effective = net[0].weight.detach().clone()
+    twin = copy.deepcopy(net)  # shares torch's injected Parametrized class with net[0]
     report = remove_channels_(net, {"0": [4]}, torch.randn(2, 4))
     assert report.folded_parametrizations == ["0"]
     assert not parametrize.is_parametrized(net[0])
     assert torch.equal(net[0].weight, effective[:4])
+    assert parametrize.is_parametrized(twin[0]) and torch.equal(twin[0].weight, effective)
+    assert twin(torch.randn(2, 4)).shape == (2, 3)

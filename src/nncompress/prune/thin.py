@@ -19,7 +19,6 @@ replacements) and reloads with :func:`nncompress.engine.load_checkpoint`.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,13 +86,22 @@ def _param(new: torch.Tensor | None, old: nn.Parameter | None) -> nn.Parameter |
     return nn.Parameter(_like(new.detach().clone(), old), requires_grad=old.requires_grad)
 
 
+def _plain_type(module: nn.Module) -> type[nn.Module]:
+    """The module's class without torch's injected ``Parametrized<Cls>`` wrapper."""
+    if parametrize.is_parametrized(module):
+        return parametrize.type_before_parametrizations(module)
+    return type(module)
+
+
 def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
     """A new, smaller module holding the kept slices of ``module`` (which is left untouched).
 
     Conv weights ``(C_out, C_in/groups, kh, kw)`` keep ``cut.keep_out`` on dim 0 and
     ``cut.keep_in`` on dim 1; a depthwise conv keeps the same indices of its channels (and of
     ``groups``); Linear weights ``(out, in)`` likewise; BatchNorm and LayerNorm keep
-    ``cut.keep_out`` of their affine parameters and running statistics.
+    ``cut.keep_out`` of their affine parameters and running statistics. Parametrized weights
+    (pruning masks, shared weights) are read as their effective values, so the new module is a
+    plain one holding the masked weights; ``module`` itself is not modified.
     """
     ko, ki = cut.keep_out, cut.keep_in
     with torch.no_grad():
@@ -110,7 +118,7 @@ def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
                     raise GraphError(
                         f"cannot remove input channels of grouped conv (groups={groups})"
                     )
-            new = type(module)(
+            new = _plain_type(module)(
                 n_in,
                 n_out,
                 module.kernel_size,
@@ -140,18 +148,28 @@ def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
             new.weight = _param(_take(_take(w, 0, ko), 1, ki), w)  # (out', in')
             new.bias = _param(_take(module.bias, 0, ko), module.bias)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            new = copy.deepcopy(module)
             n = len(ko) if ko is not None else module.num_features
-            new.num_features = n
+            new = _plain_type(module)(
+                n,
+                eps=module.eps,
+                momentum=module.momentum,
+                affine=module.affine,
+                track_running_stats=module.track_running_stats,
+            )
             new.weight = _param(_take(module.weight, 0, ko), module.weight)
             new.bias = _param(_take(module.bias, 0, ko), module.bias)
             if module.running_mean is not None:
                 new.running_mean = _take(module.running_mean, 0, ko).clone()  # (C',)
                 new.running_var = _take(module.running_var, 0, ko).clone()  # (C',)
+                new.num_batches_tracked = module.num_batches_tracked.clone()
         elif isinstance(module, nn.LayerNorm):
-            new = copy.deepcopy(module)
             n = len(ko) if ko is not None else module.normalized_shape[0]
-            new.normalized_shape = (n,)
+            new = nn.LayerNorm(
+                n,
+                eps=module.eps,
+                elementwise_affine=module.elementwise_affine,
+                bias=module.bias is not None,
+            )
             new.weight = _param(_take(module.weight, 0, ko), module.weight)
             new.bias = _param(_take(module.bias, 0, ko), module.bias)
         else:
@@ -183,13 +201,10 @@ def apply_cuts_(
         cut = cuts[name]
         old = model.get_submodule(name)
         if parametrize.is_parametrized(old):
-            # Slicing arbitrary parametrizations is not possible in general: fold them (the
-            # effective weights, zeros included, are kept) and let the caller re-apply masks.
-            for pname in list(old.parametrizations.keys()):
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(old, pname, leave_parametrized=True)
+            # Slicing arbitrary parametrizations is not possible in general: the new module
+            # holds the effective weights (zeros included); the caller re-applies masks.
             report.folded_parametrizations.append(name)
-            log.warning("thinning '%s': folded its parametrizations into the weights", name)
+            log.warning("thinning '%s': its parametrizations are folded into the weights", name)
         new = thin_module(old, cut)
         row = {
             "name": name,
