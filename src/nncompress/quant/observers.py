@@ -21,7 +21,9 @@ centre (an approximation of at most half a new bin, the same one ONNX Runtime's 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -130,48 +132,52 @@ def percentile_threshold(hist: torch.Tensor, bin_width: float, percentile: float
 
 
 def kl_threshold(
-    hist: torch.Tensor, bin_width: float, levels: int = 128, *, start: int | None = None
+    hist: torch.Tensor | np.ndarray,
+    bin_width: float,
+    levels: int = 128,
+    *,
+    candidates: Iterable[int] | None = None,
 ) -> float:
     """Entropy calibration: the clipping threshold of minimum KL divergence (TensorRT).
 
-    For every candidate ``i`` (number of histogram bins kept, from ``levels`` to ``len(hist)``):
+    For every candidate ``i`` (number of histogram bins kept, from ``levels`` to ``len(hist)``,
+    or the given ``candidates``):
 
     - reference ``P = hist[:i]`` with the clipped outliers ``sum(hist[i:])`` added to ``P[i-1]``;
     - candidate ``Q``: ``hist[:i]`` merged into ``levels`` equal groups of bins (the last group
       takes the remainder), each group's count spread evenly over the group's bins that are
       non-empty in ``P``, i.e. what quantizing to ``levels`` values keeps;
-    - ``KL(P || Q) = sum p log(p / q)`` over normalised ``P``, ``Q`` (``inf`` if ``Q`` misses
-      mass that ``P`` has).
+    - ``KL(P || Q) = sum p log(p / q)`` over normalised ``P``, ``Q`` (candidates where ``Q`` misses
+      mass that ``P`` has are skipped).
 
     Returns ``i* x bin_width`` for the ``i*`` of least divergence (Migacz 2017, "8-bit Inference
-    with TensorRT", GTC).
+    with TensorRT", GTC). Written with numpy ``reduceat`` group sums (no library offers it).
     """
-    h = hist.double()  # (bins,)
+    h = np.asarray(hist, dtype=np.float64)  # (bins,)
     nbins = len(h)
     if levels < 2 or levels > nbins:
         raise ValueError(f"levels={levels}: must be in [2, {nbins}]")
-    if float(h.sum()) <= 0:
+    if h.sum() <= 0:
         raise ValueError("kl_threshold: empty histogram")
-    cum = torch.cumsum(h, 0)
-    total = float(cum[-1])
+    cum = np.cumsum(h)
+    total = cum[-1]
     best_i, best_kl = nbins, math.inf
-    for i in range(start or levels, nbins + 1):
-        p = h[:i].clone()  # (i,)
-        p[i - 1] += total - float(cum[i - 1])
-        nonzero = (p > 0).double()  # (i,)
-        group_size = i // levels
-        group = torch.clamp(torch.arange(i) // group_size, max=levels - 1)  # (i,) group index
-        counts = torch.zeros(levels, dtype=h.dtype).index_add_(0, group, h[:i])  # (levels,)
-        members = torch.zeros(levels, dtype=h.dtype).index_add_(0, group, nonzero)  # (levels,)
-        q = torch.where(nonzero > 0, counts[group] / members[group].clamp(min=1), 0.0)  # (i,)
-        ps, qs = p.sum(), q.sum()
-        if qs <= 0:
+    cands = range(levels, nbins + 1) if candidates is None else candidates
+    for i in cands:
+        if not levels <= i <= nbins:
+            raise ValueError(f"candidate {i}: must be in [{levels}, {nbins}]")
+        p = h[:i].copy()  # (i,)
+        p[i - 1] += total - cum[i - 1]
+        nonzero = p > 0  # (i,)
+        starts = np.arange(levels) * (i // levels)  # (levels,) group starts
+        counts = np.add.reduceat(h[:i], starts)  # (levels,) the last group takes the rest
+        members = np.add.reduceat(nonzero.astype(np.float64), starts)  # (levels,)
+        group = np.minimum(np.arange(i) // (i // levels), levels - 1)  # (i,)
+        q = np.where(nonzero, counts[group] / np.maximum(members[group], 1), 0.0)  # (i,)
+        if q.sum() <= 0 or np.any(q[nonzero] <= 0):
             continue
-        p, q = p / ps, q / qs
-        mask = p > 0
-        if bool((q[mask] <= 0).any()):
-            continue
-        kl = float((p[mask] * torch.log(p[mask] / q[mask])).sum())
+        pn, qn = p[nonzero] / p.sum(), q[nonzero] / q.sum()
+        kl = float(np.sum(pn * np.log(pn / qn)))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return best_i * bin_width
@@ -272,7 +278,16 @@ class KLObserver(HistogramObserver):
             qmin, qmax = qrange(self._dtype)
             n = qmax - qmin + 1
             levels = n if float(self.min_val) >= 0 else n // 2
-        return kl_threshold(self.hist, self.bin_width, min(levels, self.bins))
+        levels = min(levels, self.bins)
+        hist = self.hist.numpy()
+        # coarse-to-fine search (every 16th candidate, then every one around the best):
+        # ~20x fewer divergences than the exhaustive scan and the same optimum on smooth
+        # histograms; kl_threshold() itself is exhaustive by default.
+        step = 16
+        coarse = kl_threshold(hist, 1.0, levels, candidates=range(levels, self.bins + 1, step))
+        c = int(coarse)
+        fine = range(max(levels, c - step), min(self.bins, c + step) + 1)
+        return kl_threshold(hist, self.bin_width, levels, candidates=fine)
 
 
 OBSERVERS = {

@@ -244,6 +244,7 @@ def lsq_fake_quantize(
     dtype: str = "int8",
     *,
     axis: int | None = None,
+    reduce_range: bool = False,
 ) -> torch.Tensor:
     """Fake quantization with a learned step size (LSQ, Esser et al., ICLR 2020).
 
@@ -253,7 +254,7 @@ def lsq_fake_quantize(
     gradient scale. The gradient to ``x`` is the STE (1 inside the range, 0 outside), and
     ``dy/ds = round(x/s) - x/s`` inside the range, ``qmin - z`` or ``qmax - z`` outside.
     """
-    qmin, qmax = qrange(dtype)
+    qmin, qmax = qrange(dtype, reduce_range)
     n_per_scale = x.numel() / max(1, scale.numel())
     g = 1.0 / math.sqrt(n_per_scale * max(1, qmax))
     s = _broadcast(scale, x, axis)
