@@ -80,19 +80,26 @@ def latencies(
     return {k: {b: statistics.median(v) for b, v in d.items()} for k, d in samples.items()}
 
 
-def retrain(model, splits, epochs: int, lr: float, seed: int, limit: int | None) -> dict:
+def retrain(
+    model, splits, epochs: int, lr: float, seed: int, limit: int | None, train_limit=None
+) -> dict:
     if epochs <= 0:
         return {"epochs": 0, "wall_s": 0.0}
     model.to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=5e-4, augment=True, seed=seed)
     hist = finetune(
         model,
-        splits.loader("train", cfg.batch_size, seed=seed, augment=True, limit=limit),
+        splits.loader("train", cfg.batch_size, seed=seed, augment=True, limit=train_limit or limit),
         cfg,
         lr_scale=1.0,
         val_loader=splits.loader("val", 1000, limit=limit),
     )
-    return {"epochs": epochs, "wall_s": hist.wall_time_s, "history": hist.epochs}
+    return {
+        "epochs": epochs,
+        "train_samples": min(len(splits.train[1]), train_limit or limit or len(splits.train[1])),
+        "wall_s": hist.wall_time_s,
+        "history": hist.epochs,
+    }
 
 
 def tp_prune(base, x, shape, target_macs: int):
@@ -131,6 +138,12 @@ def main() -> None:
     ap.add_argument("--ablation-epochs", type=int, default=1, help="retraining epochs, ablation")
     ap.add_argument("--lr", type=float, default=0.02, help="retraining peak lr (cosine)")
     ap.add_argument("--macs-budget", type=float, default=0.72, help="fraction of MACs to keep")
+    ap.add_argument(
+        "--ablation-train-limit",
+        type=int,
+        default=None,
+        help="ablation: retrain on the first N training samples only (time box)",
+    )
     ap.add_argument("--latency-threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20, help="timed runs per latency round")
     ap.add_argument("--latency-rounds", type=int, default=5, help="interleaved rounds")
@@ -256,7 +269,15 @@ def main() -> None:
             m = copy.deepcopy(base)
             prune_filters_(m, FilterPruneConfig(crit, ratio=ratio, exclude=LI_EXCLUDE, seed=0), x)
             before = evaluate(m, test)["accuracy"]
-            retrain(m, splits, args.ablation_epochs, args.lr, seed=2, limit=args.limit)
+            retrain(
+                m,
+                splits,
+                args.ablation_epochs,
+                args.lr,
+                seed=2,
+                limit=args.limit,
+                train_limit=args.ablation_train_limit,
+            )
             m.eval()
             data["ablation"][crit] = {
                 "test_accuracy_pruned": before,
@@ -318,9 +339,11 @@ def markdown(data: dict) -> str:
         )
     if data.get("ablation"):
         ep = data["settings"]["ablation_epochs"]
+        lim = data["settings"].get("ablation_train_limit")
+        on = f" on the first {lim} training samples" if lim else ""
         lines += [
             "",
-            f"Ablation (paper section 4.4), same per-block ratio, {ep} retraining epoch(s) "
+            f"Ablation (paper section 4.4), same per-block ratio, {ep} retraining epoch(s){on} "
             "(shorter than the main runs):",
             "",
             "| criterion | acc. right after pruning (%) | acc. after retraining (%) |",
