@@ -165,6 +165,10 @@ def test_sparse_layout_and_order_choice():
     assert forced.order == "C" and forced.fillers > t.fillers
     assert forced.total_bytes > t.total_bytes
     assert torch.equal(decode_bytes(data)[0]["w"], w)
+    for layout in ("dense", "sparse"):
+        data, rep = encode_state_dict({"w": w}, EncodeConfig(layout=layout))
+        assert rep.tensor("w").layout == layout
+        assert torch.equal(decode_bytes(data)[0]["w"], w)
 
 
 def test_index_bits_defaults_and_overrides():
@@ -192,6 +196,7 @@ def test_config_validation_names_the_field():
         ({"codebook_dtype": "int8"}, "codebook_dtype='int8'"),
         ({"max_codebook_bits": 0}, "max_codebook_bits=0"),
         ({"order": "Z"}, "order='Z'"),
+        ({"layout": "csr"}, "layout='csr'"),
     ]:
         with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
             EncodeConfig(**kwargs)

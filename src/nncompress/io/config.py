@@ -14,6 +14,7 @@ __all__ = ["CODECS", "EncodeConfig", "SCHEMES"]
 CODECS = ("huffman", "ans", "raw")
 SCHEMES = ("auto", "dense", "codebook")
 ORDERS = ("auto", "C", "F")
+LAYOUTS = ("auto", "sparse", "dense")
 DTYPES = ("fp32", "fp16")
 MAX_CODEBOOK_BITS = 16
 
@@ -44,6 +45,8 @@ class EncodeConfig:
         name ('fc1', which matches 'fc1.weight' and 'fc1.bias').
     scheme : per-tensor overrides of the storage scheme: 'auto' (smallest wins), 'dense',
         'codebook' (error if the tensor has more than 2**max_codebook_bits distinct values).
+    layout : positions of codebook tensors: 'auto' (smallest wins), 'sparse' (relative
+        indices + a code per nonzero) or 'dense' (a code per element, zero being a code).
     order : flattening order of sparse layers: 'auto' (smallest wins), 'C' (row-major over the
         weight as stored, CSR-like) or 'F' (column-major, CSC-like).
     codebook_dtype : 'fp32' stores codebooks exactly in the tensor's dtype; 'fp16' rounds them
@@ -60,6 +63,7 @@ class EncodeConfig:
     index_bits_fc: int = 5
     index_bits: dict[str, int] = field(default_factory=dict)
     scheme: dict[str, str] = field(default_factory=dict)
+    layout: str = "auto"
     order: str = "auto"
     codebook_dtype: str = "fp32"
     dense_dtype: str = "fp32"
@@ -85,6 +89,7 @@ class EncodeConfig:
         for k, v in self.scheme.items():
             _check(isinstance(k, str) and k != "", "scheme key", k, "must be a name")
             _check(v in SCHEMES, f"scheme['{k}']", v, f"must be one of {SCHEMES}")
+        _check(self.layout in LAYOUTS, "layout", self.layout, f"must be one of {LAYOUTS}")
         _check(self.order in ORDERS, "order", self.order, f"must be one of {ORDERS}")
         for name in ("codebook_dtype", "dense_dtype"):
             v = getattr(self, name)

@@ -243,6 +243,31 @@ def _codebook_values(arr: np.ndarray, config: EncodeConfig):
     return uniq, inv.reshape(-1), is_zero, ftype
 
 
+def _dense_codes_candidate(base, common, full, codebook, cb_bytes, nnz, config) -> _Candidate:
+    """Codebook tensor with a code per element (C order); zero is inserted into the codebook
+    at its sorted place when the tensor has zeros."""
+    k = int(codebook.size)
+    if nnz < full.size:
+        zpos = int(np.searchsorted(codebook, 0.0)) if k else 0
+        codes = np.where(full < 0, zpos, full + (full >= zpos))
+        alphabet = k + 1
+    else:
+        codes, alphabet = full, k
+    codec, data, srep = _encode_stream(
+        codes, alphabet, config.codec, config.codec_fallback, "codes"
+    )
+    entry = dict(base, layout="dense", codes={"sec": 1, "codec": codec})
+    rep = TensorReport(
+        layout="dense",
+        total_bytes=len(cb_bytes) + len(data) + 2 * _FRAME.size,
+        weight_bits_pq=int(codes.size) * _raw_width(alphabet),
+        weight_bits=8 * len(data),
+        streams=(srep,),
+        **common,
+    )
+    return _Candidate(entry, [cb_bytes, data], rep)
+
+
 def _codebook_candidates(
     name: str, t: torch.Tensor, config: EncodeConfig, index_bits: int, forced: bool
 ) -> list[_Candidate]:
@@ -288,26 +313,10 @@ def _codebook_candidates(
         codebook_bits=8 * len(cb_bytes),
     )
     out: list[_Candidate] = []
-    # layout 'dense': one code per element over the codebook with zero inserted in order
-    if nnz < arr.size:
-        zpos = int(np.searchsorted(codebook, 0.0)) if k else 0
-        codes = np.where(full < 0, zpos, full + (full >= zpos))
-        alphabet = k + 1
-    else:
-        codes, alphabet = full, k
-    codec, data, srep = _encode_stream(
-        codes, alphabet, config.codec, config.codec_fallback, "codes"
-    )
-    entry = dict(base, layout="dense", codes={"sec": 1, "codec": codec})
-    rep = TensorReport(
-        layout="dense",
-        total_bytes=len(cb_bytes) + len(data) + 2 * _FRAME.size,
-        weight_bits_pq=int(codes.size) * _raw_width(alphabet),
-        weight_bits=8 * len(data),
-        streams=(srep,),
-        **common,
-    )
-    out.append(_Candidate(entry, [cb_bytes, data], rep))
+    if config.layout != "sparse":
+        out.append(_dense_codes_candidate(base, common, full, codebook, cb_bytes, nnz, config))
+    if config.layout == "dense":
+        return out
     # layout 'sparse': relative indices in each flattening order + one code per nonzero
     orders = ["C", "F"] if config.order == "auto" else [config.order]
     if t.dim() < 2:
