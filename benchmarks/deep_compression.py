@@ -16,9 +16,9 @@ Runs resume: a finished variant is not recomputed (delete out/deep_compression t
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import io
+import json
 import lzma
 import statistics
 import time
@@ -57,53 +57,42 @@ PAPER_SUMMARY = {
     "lenet-5": "1720 KB -> 44 KB, 39x, error 0.80% -> 0.74% (MNIST)",
 }
 
-# Variants: changes applied to the shipped recipe (stage index in the recipe without `train`:
-# 0 prune, 1 share, 2 finetune, 3 encode).
+# Variants: changes applied to the shipped recipe's stages (the recipe without its `train`
+# stage, starting from the baseline checkpoint). "paper" pins the paper's settings explicitly.
 FP16 = {"codebook_dtype": "fp16", "dense_dtype": "fp16"}
 VARIANTS: dict[str, dict[str, dict]] = {
     "lenet-300-100": {
-        "paper": {},
-        "paper+fp16": {"encode": FP16},
-        "5bit+fp16": {
-            "prune": {"iterations": 4, "epochs": 4},
-            "share": {"bits_fc": 5},
-            "finetune": {"epochs": 4},
-            "encode": FP16,
-        },
-        "5bit+fp16+ans": {
-            "prune": {"iterations": 4, "epochs": 4},
-            "share": {"bits_fc": 5},
-            "finetune": {"epochs": 4},
-            "encode": {**FP16, "codec": "ans"},
-        },
-        "sens-94%+4bit+ans": {
-            "prune": {
-                "sparsity": 0.94,
-                "per_layer": {},
-                "allocate": "sensitivity",
-                "iterations": 4,
-                "epochs": 4,
+        "paper": {
+            "prune": {"iterations": 3, "epochs": 4, "lr_scale": 0.1},
+            "share": {"bits_fc": 6},
+            "finetune": {"epochs": 3, "lr_scale": 0.1},
+            "encode": {
+                "codec": "huffman",
+                "index_bits_fc": 5,
+                "codebook_dtype": "fp32",
+                "dense_dtype": "fp32",
             },
+        },
+        "recipe": {},  # the shipped recipe as is
+        "sensitivity-94%+4bit+ans": {
+            "prune": {"sparsity": 0.94, "per_layer": {}, "allocate": "sensitivity"},
             "share": {"bits_fc": 4},
-            "finetune": {"epochs": 4},
-            "encode": {**FP16, "codec": "ans"},
+            "encode": {"codec": "ans"},
         },
     },
     "lenet-5": {
-        "paper": {},
-        "paper+fp16+ans": {"encode": {**FP16, "codec": "ans"}},
-        "sens-95%+4bit+ans": {
-            "prune": {
-                "sparsity": 0.95,
-                "per_layer": {},
-                "allocate": "sensitivity",
-                "iterations": 3,
-                "epochs": 3,
+        "paper": {
+            "prune": {"iterations": 3, "epochs": 3, "lr_scale": 0.1},
+            "share": {"bits_fc": 5, "bits_conv": 8},
+            "finetune": {"epochs": 2, "lr_scale": 0.1},
+            "encode": {
+                "codec": "huffman",
+                "index_bits_fc": 5,
+                "codebook_dtype": "fp32",
+                "dense_dtype": "fp32",
             },
-            "share": {"bits_fc": 4, "bits_conv": 6},
-            "finetune": {"epochs": 2},
-            "encode": {**FP16, "codec": "ans"},
         },
+        "recipe": {},
     },
 }
 
@@ -165,6 +154,59 @@ def other_formats(ckpt: Path) -> dict[str, int]:
     return sizes
 
 
+# ------------------------------------------------------------------ re-encodings
+
+
+REENCODINGS = {
+    "huffman, fp32 codebooks/biases, b=5": {},
+    "huffman, fp16": FP16,
+    "huffman, fp16, b_fc=7": {**FP16, "index_bits_fc": 7},
+    "ans, fp16, b_fc=7": {**FP16, "index_bits_fc": 7, "codec": "ans"},
+}
+
+
+def reencode(ckpt: Path, ncz: Path, splits) -> list[dict]:
+    """Encode the same pruned + shared weights with other storage options; decode each file
+    and evaluate the decoded model (fp16 rounding can change the accuracy)."""
+    from nncompress.io import (
+        EncodeConfig,
+        decode_bytes,
+        decode_file,
+        encode_state_dict,
+        round_for_storage_,
+    )
+
+    metadata = decode_file(ncz)[1]  # same metadata as the run's file
+    rows = []
+    for label, opts in REENCODINGS.items():
+        model, _ = load_checkpoint(ckpt)
+        cfg = EncodeConfig(**opts)
+        round_for_storage_(model, cfg)
+        t0 = time.perf_counter()
+        data, rep = encode_state_dict(model, cfg, metadata)
+        t_enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state, _ = decode_bytes(data)
+        t_dec = time.perf_counter() - t0
+        model.load_state_dict(state)
+        acc = evaluate(model, splits.loader("test", 512))["accuracy"]
+        rows.append(
+            {
+                "encoding": label,
+                "bytes": len(data),
+                "accuracy": acc,
+                "encode_s": t_enc,
+                "decode_s": t_dec,
+                "index_bits_h": {
+                    t.name: t.index_bits_per_nz
+                    for t in rep.tensors
+                    if t.fillers or t.layout == "sparse"
+                },
+            }
+        )
+    return rows
+
+
 # ------------------------------------------------------------------ k-means vs scikit-learn
 
 
@@ -216,105 +258,135 @@ def _paper_table(model: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet-5"])
-    parser.add_argument("--variants", nargs="+", default=None, help="subset of variant names")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def _out_dir(model: str, vname: str) -> Path:
+    return OUT / f"{model}-{vname.replace('%', 'pct').replace('+', '_')}"
 
-    results: dict = {"models": {}, "kmeans": [], "notes": []}
-    md: list[str] = [
-        "# Deep Compression on Fashion-MNIST (prune -> share -> Huffman/ANS)",
-        "",
-        "Every compressed accuracy is that of the decoded `.ncz` file on the 10k test split; "
-        "every size is the file's bytes on disk vs the dense fp32 parameters. Wall times were "
-        "measured on 2 CPU cores shared with other jobs (noisy).",
+
+def bench_model(model: str, names: list[str] | None) -> tuple[dict, list[str]]:
+    """Run the variants of one model; returns its JSON results and markdown lines."""
+    from nncompress.data import fashion_mnist
+
+    variants = VARIANTS[model]
+    names = [n for n in (names or list(variants)) if n in variants]
+    target = 40.0 if model == "lenet-300-100" else 39.0
+    res: dict = {"variants": {}, "kmeans": []}
+    md = ["", f"## {model}", "", f"Paper (MNIST): {PAPER_SUMMARY[model]}", ""]
+    md += [
+        "| variant | baseline acc. % | final acc. % (decoded file) | drop (points) | "
+        "file bytes | ratio | target met |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for model in args.models:
-        variants = VARIANTS[model]
-        names = args.variants or list(variants)
-        model_res = {}
-        md += ["", f"## {model}", "", f"Paper (MNIST): {PAPER_SUMMARY[model]}", ""]
-        md += [
-            "| variant | baseline acc. % | final acc. % (decoded) | drop (points) | "
-            "file bytes | ratio | meets target |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        target = 40.0 if model == "lenet-300-100" else 39.0
-        for vname in names:
-            if vname not in variants:
-                continue
-            recipe = load_recipe(recipe_for(model, variants[vname]))
-            out = OUT / f"{model}-{vname.replace('%', 'pct').replace('+', '_')}"
-            t0 = time.perf_counter()
-            report = run_recipe(recipe, out, resume=True)
-            report["bench_wall_s"] = time.perf_counter() - t0
-            model_res[vname] = report
-            ok = report["compression_ratio"] >= target and report["accuracy_drop"] <= 0.5
+    for vname in names:
+        recipe = load_recipe(recipe_for(model, variants[vname]))
+        t0 = time.perf_counter()
+        report = run_recipe(recipe, _out_dir(model, vname), resume=True)
+        report["bench_wall_s"] = time.perf_counter() - t0
+        report["recipe_used"] = recipe.to_dict()
+        res["variants"][vname] = report
+        ok = report["compression_ratio"] >= target and report["accuracy_drop"] <= 0.5
+        md.append(
+            f"| {vname} | {report['baseline_accuracy']:.2f} | {report['final_accuracy']:.2f} | "
+            f"{report['accuracy_drop']:.2f} | {report['compressed_bytes']:,} | "
+            f"{report['compression_ratio']:.1f}x | {'yes' if ok else 'no'} "
+            f"(>= {target:.0f}x and <= 0.5 points) |"
+        )
+        print(model, md[-1], flush=True)
+    reports = res["variants"]
+    md += ["", f"### {model}: paper, Table {2 if model == 'lenet-300-100' else 3} (MNIST)"]
+    md += ["", _paper_table(model)]
+    for vname, report in reports.items():
+        md += ["", f"### {model}, ours: {vname}", "", layer_table_markdown(report["layers"])]
+    md += ["", f"### {model}: stages (test accuracy after each stage, wall time)", ""]
+    md += ["| variant | stage | acc. % | nonzeros | size bytes | wall s |",
+           "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for vname, report in reports.items():
+        for st in report["stages"]:
+            est = "" if st["size_kind"] == "file" else " (est.)"
             md.append(
-                f"| {vname} | {report['baseline_accuracy']:.2f} | "
-                f"{report['final_accuracy']:.2f} | {report['accuracy_drop']:.2f} | "
-                f"{report['compressed_bytes']:,} | {report['compression_ratio']:.1f}x | "
-                f"{'yes' if ok else 'no'} (>= {target:.0f}x, <= 0.5) |"
+                f"| {vname} | {st['name']} | {st['accuracy']:.2f} | {st['nonzeros']:,} | "
+                f"{st['size_bytes']:,}{est} | {st['wall_time_s']:.1f} |"
             )
-            print(vname, md[-1], flush=True)
-        results["models"][model] = model_res
-        # per-layer tables: ours (each variant) beside the paper's
-        md += ["", f"### {model}: paper, Table {2 if model == 'lenet-300-100' else 3} (MNIST)"]
-        md += ["", _paper_table(model)]
-        for vname, report in model_res.items():
-            md += ["", f"### {model}, ours: {vname}", "", layer_table_markdown(report["layers"])]
-        # stages and their wall time
-        md += ["", f"### {model}: stages (test accuracy after each, wall time)", ""]
-        md += ["| variant | stage | acc. % | nonzeros | size bytes | wall s |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-        for vname, report in model_res.items():
-            for s in report["stages"]:
-                est = "" if s["size_kind"] == "file" else " (est.)"
-                md.append(
-                    f"| {vname} | {s['name']} | {s['accuracy']:.2f} | {s['nonzeros']:,} | "
-                    f"{s['size_bytes']:,}{est} | {s['wall_time_s']:.1f} |"
-                )
-        # other storage formats for the same weights (the first variant's shared model)
-        if model_res:
-            vname = next(iter(model_res))
-            report = model_res[vname]
-            out = OUT / f"{model}-{vname.replace('%', 'pct').replace('+', '_')}"
-            ckpt = out / next(s for s in report["stages"] if s["name"] == "encode")["checkpoint"]
-            sizes = {"ours: .ncz (Huffman)": report["compressed_bytes"], **other_formats(ckpt)}
-            dense = report["original_bytes"]
-            results["models"][model]["storage"] = {"variant": vname, "bytes": sizes}
-            md += ["", f"### {model}: the same pruned + shared weights ({vname}) stored other ways"]
-            md += ["", "| storage | bytes | ratio vs dense fp32 |", "|---|---:|---:|"]
-            for k, v in sizes.items():
-                md.append(f"| {k} | {v:,} | {dense / v:.1f}x |")
-            # decoded accuracy sanity: the encode-stage checkpoint is what the file decodes to
-            m, _ = load_checkpoint(ckpt)
-            from nncompress.data import fashion_mnist
+    if not reports:
+        return res, md
+    splits = fashion_mnist()
 
-            acc = evaluate(m, fashion_mnist().loader("test", 512))["accuracy"]
-            if abs(acc - report["final_accuracy"]) > 1e-9:
-                results["notes"].append(f"{model}: encode checkpoint acc {acc} != decoded")
-            # k-means vs scikit-learn on this model's pruned layers
-            prune_ckpt = (
-                out / next(s for s in report["stages"] if s["name"] == "prune")["checkpoint"]
+    def ckpt_of(vname: str, stage: str) -> Path:
+        entry = next(st for st in reports[vname]["stages"] if st["name"] == stage)
+        return _out_dir(model, vname) / entry["checkpoint"]
+
+    # the same pruned + shared weights stored other ways (first variant: the paper's settings)
+    vname = next(iter(reports))
+    report = reports[vname]
+    ckpt = ckpt_of(vname, "encode")
+    m, _ = load_checkpoint(ckpt)
+    acc = evaluate(m, splits.loader("test", 512))["accuracy"]
+    res["encode_checkpoint_matches_decoded"] = acc == report["final_accuracy"]
+    sizes = {f"ours: .ncz ({vname} settings)": report["compressed_bytes"], **other_formats(ckpt)}
+    res["storage"] = {"variant": vname, "bytes": sizes}
+    dense = report["original_bytes"]
+    md += ["", f"### {model}: the same pruned + shared weights ({vname}) stored other ways", ""]
+    md += ["| storage | bytes | ratio vs dense fp32 |", "|---|---:|---:|"]
+    for k, v in sizes.items():
+        md.append(f"| {k} | {v:,} | {dense / v:.1f}x |")
+    # each variant's weights re-encoded with other storage options, decoded and evaluated
+    md += ["", f"### {model}: storage options for the same weights (decoded and evaluated)", ""]
+    md += ["| variant | encoding | bytes | ratio | acc. % (decoded) | drop |",
+           "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for vname, report in reports.items():
+        rows = reencode(ckpt_of(vname, "encode"), _out_dir(model, vname) / "model.ncz", splits)
+        report["reencodings"] = rows
+        for r in rows:
+            md.append(
+                f"| {vname} | {r['encoding']} | {r['bytes']:,} | "
+                f"{report['original_bytes'] / r['bytes']:.1f}x | {r['accuracy']:.2f} | "
+                f"{report['baseline_accuracy'] - r['accuracy']:.2f} |"
             )
-            layers = ["fc1", "fc2"] if model == "lenet-300-100" else ["conv2", "fc1"]
-            bits = {"fc1": 5, "fc2": 5, "conv2": 8}
-            for layer in layers:
-                results["kmeans"].append(
-                    {"model": model, **kmeans_vs_sklearn(prune_ckpt, layer, bits[layer])}
-                )
+    # k-means vs scikit-learn on this model's pruned layers
+    prune_ckpt = ckpt_of(next(iter(reports)), "prune")
+    for layer, bits in (
+        (("fc1", 5), ("fc2", 5))
+        if model == "lenet-300-100"
+        else (
+            ("conv2", 8),
+            ("fc1", 5),
+        )
+    ):
+        res["kmeans"].append({"model": model, **kmeans_vs_sklearn(prune_ckpt, layer, bits)})
+    return res, md
+
+
+def assemble() -> None:
+    """Merge the per-model fragments under out/deep_compression into results/deep_compression."""
+    import json
+
+    results: dict = {"models": {}, "kmeans": []}
+    md: list[str] = [
+        "# Deep Compression on Fashion-MNIST (prune -> share -> Huffman / ANS)",
+        "",
+        "Every compressed accuracy is that of the decoded `.ncz` file on the 10k test split; every "
+        "size is the file's bytes on disk against the dense fp32 parameters. Each variant runs "
+        "the real pipeline (`run_recipe`) from the baseline checkpoint. Wall times were measured "
+        "on 2 CPU cores shared with other jobs (noisy; one torch thread).",
+    ]
+    for model in VARIANTS:
+        frag = OUT / f"{model}.json"
+        if not frag.is_file():
+            continue
+        data = json.loads(frag.read_text())
+        results["models"][model] = data["results"]
+        results["kmeans"] += data["results"].get("kmeans", [])
+        md += data["markdown"]
     if results["kmeans"]:
         md += [
             "",
             "## 1-D k-means: ours vs scikit-learn KMeans",
             "",
-            "Same data (the surviving weights of a pruned layer), same linear init, n_init=1, "
-            "max_iter=300, tol=0; median of 3 runs; scikit-learn with its default threads, ours "
-            "single-threaded numpy.",
+            "Same data (the surviving weights of a pruned layer of the first variant), same linear "
+            "init, n_init=1, max_iter=300, tol=0; median of 3 runs. scikit-learn (Lloyd, its "
+            "default threads) vs ours (sort once + searchsorted on midpoints, numpy).",
             "",
-            "| model | layer | survivors | k | ours (s) | sklearn (s) | speed-up | inertia ours / sklearn |",  # noqa: E501
+            "| model | layer | survivors | k | ours (s) | sklearn (s) | speed-up | "
+            "inertia ours / sklearn |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results["kmeans"]:
@@ -322,10 +394,27 @@ def main() -> None:
                 f"| {r['model']} | {r['layer']} | {r['n']:,} | {r['k']} | {r['ours_s']:.4f} | "
                 f"{r['sklearn_s']:.3f} | {r['speedup']:.0f}x | {r['inertia_ratio']:.4f} |"
             )
-    for note in results["notes"]:
-        md += ["", f"Note: {note}"]
-    write_result("deep_compression", copy.deepcopy(results), "\n".join(md))
+    write_result("deep_compression", results, "\n".join(md))
     print("\n".join(md))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, help="subset of variant names")
+    parser.add_argument(
+        "--assemble-only", action="store_true", help="only merge finished per-model results"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from nncompress.engine import atomic_write
+
+    if not args.assemble_only:
+        for model in args.models:
+            res, md = bench_model(model, args.variants)
+            blob = json.dumps({"results": res, "markdown": md}, indent=1, default=str)
+            atomic_write(OUT / f"{model}.json", lambda p, b=blob: p.write_text(b))
+    assemble()
 
 
 if __name__ == "__main__":
