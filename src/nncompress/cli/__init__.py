@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "nncompress.cli.codec",
     "nncompress.cli.distill",
     "nncompress.cli.prune",
+    "nncompress.cli.quant",
     "nncompress.cli.run",
 ]
 

@@ -261,6 +261,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.split not in ("test", "val"):
         raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
+    # --- ONNX models (nncompress.cli.quant) ---
+    if args.checkpoint.suffix == ".onnx":
+        from .quant import cmd_eval_onnx
+
+        return cmd_eval_onnx(args)
+    # --- end ONNX ---
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
     res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
@@ -330,6 +336,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..stats import model_stats
 
     batches = _parse_batches(args.batches)
+    # --- ONNX models (nncompress.cli.quant) ---
+    if args.checkpoint.suffix == ".onnx":
+        from .quant import cmd_stats_onnx
+
+        return cmd_stats_onnx(args, batches)
+    # --- end ONNX ---
     model, sidecar = load_checkpoint(args.checkpoint)
     shape = tuple((sidecar.get("dataset") or {}).get("input_shape") or ())
     stats = model_stats(

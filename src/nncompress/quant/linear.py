@@ -61,6 +61,7 @@ __all__ = [
     "prepare_qat",
     "quantize_ptq",
     "quantize_qat",
+    "quantized_float_model",
     "quantized_layers",
 ]
 
@@ -596,6 +597,14 @@ def prepare(
             dt = qdt.get(source(node.args[0]))
             if dt:
                 insert_after(node, dt)
+    # the network's output (logits) keeps its full range: clipping it (percentile / KL) changes
+    # which class wins, so its quantizer always uses min/max (or the moving average in QAT)
+    for node in graph.nodes:
+        if node.op == "output" and isinstance(node.args[0], fx.Node):
+            last = node.args[0]
+            if last in qdt and last.op == "call_module" and config.observer in ("percentile", "kl"):
+                aq = gm.get_submodule(last.target)
+                aq.observer = make_observer("moving_average" if qat else "minmax")
     # integer layers whose input is not on a quantized grid get a quantizer on that edge
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target in int_layers:
@@ -754,6 +763,29 @@ def quantize_qat(
         gm, train_loader, train_config, lr_scale=lr_scale, val_loader=val_loader, progress=progress
     )
     return convert(gm)
+
+
+@torch.no_grad()
+def quantized_float_model(gm: nn.Module, model: nn.Module, config: PTQConfig) -> nn.Module:
+    """A plain copy of ``model`` (BatchNorm folded as in ``gm``) with ``gm``'s quantized weights.
+
+    Every quantized weight is exactly ``scale * q`` (the dequantized integer weight), so the copy
+    can be saved as an ordinary checkpoint; activations are not quantized in it.
+    """
+    out = copy.deepcopy(model)
+    out.eval()
+    if config.fold_bn:
+        fold_batchnorm(out)
+    else:
+        strip_parametrizations(out)
+    mods = dict(gm.named_modules())
+    for name, mod in out.named_modules():
+        src = mods.get(name)
+        if isinstance(mod, QUANT_LAYERS) and src is not None:
+            mod.weight.copy_(src.weight.detach())
+            if mod.bias is not None and src.bias is not None:
+                mod.bias.copy_(src.bias.detach())
+    return out
 
 
 def layer_precisions(gm: nn.Module) -> list[dict[str, Any]]:

@@ -1,0 +1,230 @@
+"""Linear quantization commands: ``quantize`` (checkpoint -> integer ONNX model), and the ONNX
+branches of ``eval`` / ``stats`` (called from :mod:`nncompress.cli.basic` for ``*.onnx``)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from .common import (
+    RichProgress,
+    add_data_args,
+    add_json_arg,
+    add_quiet_arg,
+    dataset_for,
+    existing_file,
+    out,
+    print_json,
+    print_table,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="linear INT8/INT4 quantization (PTQ or QAT) to an integer ONNX model",
+        description="Quantize a checkpoint's weights (symmetric, per output channel) and "
+        "activations (asymmetric, calibrated on the held-out split), optionally fine-tune with "
+        "quantization-aware training, and write a QDQ ONNX model with integer initializers that "
+        "onnxruntime runs with integer kernels. Prints test accuracy before (PyTorch fp32) and "
+        "after (onnxruntime), file sizes and each layer's precision.",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument("--method", default="ptq", choices=["ptq", "qat"], help="default: ptq")
+    p.add_argument("--weights", default="int8", choices=["int8", "int4"], help="default: int8")
+    p.add_argument(
+        "--activations",
+        default="uint8",
+        choices=["uint8", "int8", "none"],
+        help="8-bit activation storage (same asymmetric grid; onnxruntime's x86 kernels are "
+        "uint8 x int8, so uint8 is the default) or 'none' for weight-only",
+    )
+    p.add_argument(
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one weight scale per output channel (default) or per tensor",
+    )
+    p.add_argument(
+        "--observer",
+        default="minmax",
+        choices=["minmax", "moving_average", "percentile", "kl"],
+        help="activation range estimator (default: minmax; QAT uses moving averages)",
+    )
+    p.add_argument(
+        "--calibration", type=int, default=512, help="held-out samples to calibrate (default 512)"
+    )
+    p.add_argument(
+        "--keep-first-last",
+        default=None,
+        choices=["int8", "fp32"],
+        help="keep the first and last layers at int8 (useful with --weights int4) or fp32",
+    )
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights: exact integer kernels on x86 CPUs without VNNI (no saturation)",
+    )
+    p.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs (default: 1)")
+    p.add_argument(
+        "--lr-scale",
+        type=float,
+        default=0.1,
+        help="QAT learning rate relative to the checkpoint's training rate (default: 0.1)",
+    )
+    p.add_argument("--lsq", action="store_true", help="QAT with learned step sizes (LSQ)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--out", required=True, type=Path, help="output ONNX model (.onnx)")
+    add_data_args(p)
+    add_json_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..engine import TrainConfig, config_from_dict, evaluate, load_checkpoint
+    from ..quant.onnx_export import export_onnx
+    from ..stages.base import StageContext
+    from ..stages.quantize import QuantizeStageConfig, run_quantize_stage
+
+    if args.out.suffix != ".onnx":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .onnx")
+    cfg = QuantizeStageConfig(
+        method=args.method,
+        weights=args.weights,
+        activations=args.activations,
+        per_channel=args.per_channel,
+        observer=args.observer,
+        calibration=args.calibration,
+        keep_first_last=args.keep_first_last,
+        reduce_range=args.reduce_range,
+        qat_epochs=args.qat_epochs,
+        lr_scale=args.lr_scale,
+        lsq=args.lsq,
+        out=args.out.name,
+        threads=args.threads,
+    )
+    model, sidecar = load_checkpoint(args.checkpoint)
+    splits = dataset_for(sidecar, args.data_dir)
+    progress = RichProgress(not args.quiet and not args.json)
+    train_cfg = (sidecar.get("extra") or {}).get("train_config")
+    tcfg = config_from_dict(TrainConfig, train_cfg) if train_cfg else TrainConfig()
+    before = evaluate(model, splits.loader("test", 500), progress=progress)["accuracy"]
+    arch = sidecar.get("architecture") or {}
+    ctx = StageContext(
+        model=model,
+        splits=splits,
+        model_name=arch.get("model"),
+        model_kwargs=arch.get("kwargs") or {},
+        train_config=tcfg,
+        out_dir=args.out.parent if str(args.out.parent) else Path("."),
+        progress=progress,
+    )
+    rep = run_quantize_stage(ctx, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", tuple(splits.input_shape))
+        fp32_bytes = fp32.stat().st_size
+    res = {
+        "checkpoint": str(args.checkpoint),
+        "out": str(args.out),
+        "accuracy_before": before,
+        "accuracy_after": rep["accuracy_onnx"],
+        "accuracy_sim": rep["accuracy_sim"],
+        "onnx_bytes": rep["onnx_bytes"],
+        "fp32_onnx_bytes": fp32_bytes,
+        "checkpoint_bytes": args.checkpoint.stat().st_size,
+        "compression": fp32_bytes / rep["onnx_bytes"],
+        "layers": rep["layers"],
+        "config": {k: v for k, v in cfg.__dict__.items()},
+    }
+    if args.json:
+        print_json(res)
+        return 0
+    print_table(
+        "layer precisions",
+        ["layer", "type", "weights", "per-channel", "activations", "params"],
+        [
+            [
+                r["layer"],
+                r["type"].replace("Parametrized", ""),
+                r["weights"],
+                r["per_channel"],
+                r["activations"],
+                r["params"],
+            ]
+            for r in rep["layers"]
+        ],
+    )
+    out.print(
+        f"test accuracy: {before:.2f}% (fp32, PyTorch) -> {rep['accuracy_onnx']:.2f}% "
+        f"(onnxruntime; PyTorch simulation {rep['accuracy_sim']:.2f}%)"
+    )
+    out.print(
+        f"size: {rep['onnx_bytes']:,} bytes vs {fp32_bytes:,} fp32 ONNX "
+        f"({res['compression']:.2f}x smaller) -> {args.out}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------ eval / stats on .onnx files
+
+
+def cmd_eval_onnx(args: argparse.Namespace) -> int:
+    """``nncompress eval model.onnx``: accuracy of the ONNX model run by onnxruntime."""
+    from ..quant.onnx_export import evaluate_onnx, onnx_metadata
+
+    if args.split not in ("test", "val"):
+        raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
+    meta = onnx_metadata(args.checkpoint)
+    if not isinstance(meta.get("dataset"), dict):
+        raise ValueError(
+            f"'{args.checkpoint}' has no 'dataset' in its metadata_props (write it with "
+            "nncompress quantize / export_onnx(metadata={'dataset': splits.describe()}))"
+        )
+    splits = dataset_for(meta, args.data_dir)
+    res = evaluate_onnx(
+        args.checkpoint, splits.loader(args.split, 500), progress=RichProgress(not args.quiet)
+    )
+    res["split"] = args.split
+    res["runtime"] = "onnxruntime"
+    if args.json:
+        print_json(res)
+    else:
+        out.print(
+            f"{args.split} accuracy {res['accuracy']:.2f}%  loss {res['loss']:.4f}  "
+            f"({res['samples']} samples, onnxruntime)"
+        )
+    return 0
+
+
+def cmd_stats_onnx(args: argparse.Namespace, batches: tuple[int, ...]) -> int:
+    """``nncompress stats model.onnx``: bytes per initializer, MACs, onnxruntime latency."""
+    from ..quant.onnx_export import onnx_stats
+
+    st = onnx_stats(args.checkpoint, batches=batches, repeats=args.repeats)
+    if args.json:
+        print_json(st)
+        return 0
+    print_table(
+        str(args.checkpoint),
+        ["name", "dtype", "shape", "bytes"],
+        [
+            [i["name"], i["dtype"], "x".join(map(str, i["shape"])) or "scalar", i["bytes"]]
+            for i in st["initializers"]
+            if i["bytes"] >= 64
+        ],
+    )
+    out.print(
+        f"file bytes: {st['file_bytes']:,}  initializers: "
+        + ", ".join(f"{k} {v:,} B" for k, v in sorted(st["bytes_by_dtype"].items()))
+    )
+    if st["macs"] is not None:
+        out.print(f"MACs per sample: {st['macs']:,}")
+    out.print("ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(st["ops"].items())))
+    for k, v in st["latency_ms"].items():
+        out.print(
+            f"latency {k.replace('_', ' ')}: {v:.3f} ms (median, onnxruntime, "
+            f"{st['threads']} thread)"
+        )
+    return 0
