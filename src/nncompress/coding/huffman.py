@@ -388,12 +388,23 @@ def huffman_decode(stream: HuffmanStream) -> np.ndarray:
         return _decode_scalar(stream, L, limit, shift, rank0, first, sorted_syms)
     buf = np.frombuffer(stream.payload, dtype=np.uint8).astype(np.int64)
     buf = np.concatenate([buf, np.zeros(4, dtype=np.int64)])  # room for a 32-bit peek
+    words = (buf[:-3] << 24) | (buf[1:-2] << 16) | (buf[2:-1] << 8) | buf[3:]  # word at byte i
+    # lookup table over the first K = min(L, 16) bits of the window; t_len = 0 marks windows
+    # that start a code longer than K bits (rare), decoded by the canonical search instead
+    K = min(L, 16)
+    win_k = np.arange(1 << K, dtype=np.int64) << (L - K)  # (2**K,) left-aligned to L bits
+    li_k = np.minimum(np.searchsorted(limit, win_k, side="right"), L - 1)
+    t_len = np.where(li_k < K, li_k + 1, 0)  # (2**K,)
+    t_sym = sorted_syms[
+        np.minimum(rank0[li_k] + (win_k >> shift[li_k]) - first[li_k], sorted_syms.size - 1)
+    ].astype(np.int32)
+    mask = (1 << L) - 1
     B = stream.block_size
     nb = stream.block_bits.size
     ends = np.cumsum(stream.block_bits)  # (nb,)
     pos = ends - stream.block_bits  # (nb,) bit cursor of each block
     last_count = n - B * (nb - 1)
-    out = np.empty((nb, B), dtype=np.int64)
+    out = np.empty((B, nb), dtype=np.int32)  # row t = symbol t of every block
     active = nb
     for t in range(B):
         if t == last_count:
@@ -401,13 +412,19 @@ def huffman_decode(stream: HuffmanStream) -> np.ndarray:
             if active == 0:
                 break
         p = pos[:active]
-        byte = p >> 3
-        word = (buf[byte] << 24) | (buf[byte + 1] << 16) | (buf[byte + 2] << 8) | buf[byte + 3]
-        win = ((word << (p & 7)) & 0xFFFFFFFF) >> (32 - L)  # next L bits
-        li = np.searchsorted(limit, win, side="right")  # code length - 1
-        li = np.minimum(li, L - 1)
-        out[:active, t] = sorted_syms[rank0[li] + (win >> shift[li]) - first[li]]
-        p += li + 1
+        win = (words[p >> 3] >> ((32 - L) - (p & 7))) & mask  # next L bits of each block
+        wk = win >> (L - K)
+        ln = t_len[wk]
+        row = t_sym[wk]
+        long = np.flatnonzero(ln == 0) if K < L else ()
+        if len(long):
+            wl = win[long]
+            li = np.minimum(np.searchsorted(limit, wl, side="right"), L - 1)  # length - 1
+            row[long] = sorted_syms[rank0[li] + (wl >> shift[li]) - first[li]]
+            ln[long] = li + 1
+        out[t, :active] = row
+        p += ln
     if not np.array_equal(pos, ends):
         raise CodingError("huffman stream corrupt: codes do not end at the recorded block ends")
-    return out.reshape(-1)[:n] if nb * B != n else out.reshape(-1)
+    flat = out.T.reshape(-1)  # (nb * B,) block after block
+    return (flat[:n] if nb * B != n else flat).astype(np.int64)

@@ -233,12 +233,17 @@ def _dense_candidate(name: str, t: torch.Tensor, config: EncodeConfig) -> _Candi
 
 
 def _codebook_values(arr: np.ndarray, config: EncodeConfig):
-    """Rounded values, zero mask, sorted codebook and per-element codes (-1 for zeros)."""
+    """Distinct nonzero bit patterns, the index of each nonzero into them, the zero mask and
+    the float type; ``None`` when there are more than 2**max_codebook_bits distinct values."""
     ftype, utype = _CODEBOOK_DTYPES[arr.dtype.name]
     v = arr.astype(np.float16).astype(ftype) if config.codebook_dtype == "fp16" else arr
     bits = np.ascontiguousarray(v).view(utype).ravel()  # (numel,)
     sign = utype(1 << (8 * bits.itemsize - 1))
     is_zero = (bits & ~sign) == 0  # +0.0 and -0.0
+    limit = 1 << config.max_codebook_bits
+    head = bits[:65536][~is_zero[:65536]]
+    if head.size > limit and np.unique(head).size > limit:  # cheap early exit (dense weights)
+        return None
     uniq, inv = np.unique(bits[~is_zero], return_inverse=True)  # distinct bit patterns
     return uniq, inv.reshape(-1), is_zero, ftype
 
@@ -280,15 +285,16 @@ def _codebook_candidates(
             )
         return []
     arr = t.detach().cpu().contiguous().numpy()
-    uniq, inv, is_zero, ftype = _codebook_values(arr, config)
-    k = int(uniq.size)
+    values = _codebook_values(arr, config)
+    k = int(values[0].size) if values is not None else (1 << config.max_codebook_bits) + 1
     if k > (1 << config.max_codebook_bits):
         if forced:
             raise ConfigError(
-                f"scheme['{name}']='codebook': tensor has {k} distinct nonzero values, more "
-                f"than 2**max_codebook_bits={1 << config.max_codebook_bits}"
+                f"scheme['{name}']='codebook': the tensor has more than "
+                f"2**max_codebook_bits={1 << config.max_codebook_bits} distinct nonzero values"
             )
         return []
+    uniq, inv, is_zero, ftype = values
     vals = uniq.view(ftype)  # (k,)
     perm = np.argsort(vals, kind="stable")  # ascending values (NaN last)
     rank = np.empty(k, dtype=np.int64)
