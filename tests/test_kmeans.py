@@ -7,10 +7,10 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 from torch import nn
-from torch.nn.utils import parametrize
 
 from nncompress.engine import ConfigError, TrainConfig, fit, load_checkpoint, save_checkpoint
 from nncompress.models import create
+from nncompress.prune.magnitude import PruningMask, apply_mask_
 from nncompress.quant import (
     KMeansConfig,
     KMeansQuantizer,
@@ -156,21 +156,11 @@ def test_centroid_gradient_is_sum_of_weight_gradients():
         assert model[i].parametrizations.weight.original.grad is None
 
 
-class _StandInMask(nn.Module):
-    """Stand-in for the pruning engineer's mask parametrization (tests only)."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
-
-
 def test_zeros_stay_zero_and_indices_fixed_through_optimizer_steps():
     model = _tiny_pruned_model()
-    # layer 3 also carries a pruning mask parametrization: sharing composes after it
-    parametrize.register_parametrization(model[3], "weight", _StandInMask(model[3].weight != 0))
+    # layer 3 also carries the pruning mask parametrization: sharing composes after it
+    apply_mask_(model[3], model[3].weight != 0)
+    assert isinstance(model[3].parametrizations.weight[0], PruningMask)
     zeros = {i: (model[i].weight == 0).clone() for i in (0, 3)}
     share_weights_(model, KMeansConfig(bits_conv=4, bits_fc=3))
     idx = {n: p.indices.clone() for n, p in shared_layers(model).items()}
