@@ -433,6 +433,7 @@ def _header_of(data: bytes):
     "edit, message",
     [
         (lambda e: e.update(shape=[10**6, 10**6]), "max_elements"),
+        (lambda e: e.update(shape=[2**14, 2**13]), "implausible"),
         (lambda e: e.update(shape=[-1, 20]), "shape"),
         (lambda e: e.update(shape="12x20"), "wrong type"),
         (lambda e: e.update(dtype="complex64"), "dtype"),

@@ -85,6 +85,10 @@ MAX_HEADER_BYTES = 16 << 20  # decompressed header / metadata JSON
 MAX_SECTIONS = 1 << 22
 MAX_NDIM = 16
 DEFAULT_MAX_ELEMENTS = 1 << 28  # total tensor elements a file may declare (1 GiB of fp32)
+# beyond 2**24 elements a file must hold at least one byte per 65536 elements (a crafted
+# 100-byte file must not make the decoder allocate gigabytes)
+PLAUSIBLE_FREE_ELEMENTS = 1 << 24
+PLAUSIBLE_ELEMENTS_PER_BYTE = 1 << 16
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -600,7 +604,7 @@ def _req_int(entry: dict, key: str, lo: int, hi: int, where: str) -> int:
     return v
 
 
-def _check_header(header: Any, n_sections: int, max_elements: int) -> list[dict]:
+def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: int) -> list[dict]:
     if not isinstance(header, dict) or header.get("format") != "nncompress-ncz":
         raise _fail("header: not an nncompress-ncz header")
     entries = header.get("tensors")
@@ -675,6 +679,11 @@ def _check_header(header: Any, n_sections: int, max_elements: int) -> list[dict]
             used.add(r)
     if len(used) != n_sections - 2:
         raise _fail(f"header references {len(used)} of the {n_sections - 2} data sections")
+    if total > PLAUSIBLE_FREE_ELEMENTS and total > PLAUSIBLE_ELEMENTS_PER_BYTE * file_bytes:
+        raise _fail(
+            f"the file declares {total} elements in only {file_bytes} bytes: implausible "
+            "(refused before allocating)"
+        )
     return entries
 
 
@@ -845,7 +854,7 @@ def _decode_checked(
     secs = _split_sections(data)
     header = _inflate(secs[0], "header")
     metadata = _inflate(secs[1], "metadata")
-    entries = _check_header(header, len(secs), max_elements)
+    entries = _check_header(header, len(secs), max_elements, len(data))
     state: dict[str, torch.Tensor] = {}
     reports = []
     for e in entries:

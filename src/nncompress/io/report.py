@@ -79,6 +79,11 @@ class TensorReport:
         return self.numel * _DTYPE_BITS.get(self.dtype, 32)
 
     @property
+    def table_bits(self) -> int:
+        """Bits of the coded streams spent on tables (counts, code lengths, block table)."""
+        return sum(s.table_bits for s in self.streams)
+
+    @property
     def kept(self) -> float:
         """Fraction of weights kept (nonzero)."""
         return self.nonzeros / self.numel if self.numel else 0.0
@@ -113,6 +118,7 @@ class TensorReport:
         d["streams"] = [s.to_dict() for s in self.streams]
         for prop in (
             "original_bits",
+            "table_bits",
             "kept",
             "compression",
             "weight_bits_per_code_pq",
