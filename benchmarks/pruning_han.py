@@ -139,14 +139,16 @@ def run_model(name: str, args, splits) -> dict:
     retrain = train_cfg.replace(epochs=args.epochs)
     test_loader = splits.loader("test", 1000)
     val_loader = splits.loader("val", 1000)
-    train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
+    train_loader = splits.loader(
+        "train", retrain.batch_size, seed=retrain.seed, augment=retrain.augment
+    )
     acc0 = evaluate(base, test_loader)["accuracy"]
     params0, nz0 = nonzeros(base)
     log.info("%s: baseline test %.2f%%, %d params", name, acc0, params0)
 
     # 1-2: sensitivity and per-layer allocation
     t = time.perf_counter()
-    sens = sensitivity_analysis(base, val_loader, GRID)
+    sens = sensitivity_analysis(base, val_loader, [s for s in GRID if s <= args.max_sparsity])
     sens_s = time.perf_counter() - t
     write_sensitivity(sens, OUT / name, title=f"{name} on Fashion-MNIST: pruning sensitivity")
     weights = sum(sens.params.values())
@@ -377,6 +379,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4, help="retraining epochs per iteration")
     ap.add_argument("--no-torch-global", dest="torch_global", action="store_false")
+    ap.add_argument(
+        "--max-sparsity",
+        type=float,
+        default=0.95,
+        help="largest per-layer sparsity of the sensitivity grid (caps the allocation)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

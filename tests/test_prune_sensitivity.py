@@ -78,12 +78,15 @@ def test_thresholds_from_sensitivity():
     drop, per = sparsities_for_budget(res, 0.5, method="uniform", max_drop_grid=[1.0, 5.0, 25.0])
     assert drop == 25.0 and per["c"] == 0.9
     # greedy, smallest loss per removed weight first: a->0.1 (free), a->0.5 (0.5/40 weights),
-    # c->0.9 (20/720; c's curve is 70 from the start), then b->0.9 (5.1/90) beats a (9.5/40)
+    # c->0.9 (20/720; c's curve is 70 from the start) reaches 0.77; the overshoot is trimmed:
+    # a steps back to 0 (c alone prunes 0.72 >= 0.5)
     loss, per = sparsities_for_budget(res, 0.5)
-    assert per == {"a": 0.5, "b": 0.0, "c": 0.9}
-    assert loss == pytest.approx(20.5)
+    assert per == {"a": 0.0, "b": 0.0, "c": 0.9}
+    assert loss == pytest.approx(20.0)
+    # 0.8: then b->0.9 (5/90) beats a->0.9 (9.5/40); trimming a back to 0 keeps 0.81
     loss, per = sparsities_for_budget(res, 0.8)
-    assert per == {"a": 0.5, "b": 0.9, "c": 0.9}
+    assert per == {"a": 0.0, "b": 0.9, "c": 0.9}
+    assert loss == pytest.approx(25.0)  # b: running min of [85, 90, 89.9] is 85
     assert sum(per[n] * res.params[n] for n in per) / 1000 >= 0.8
     with pytest.raises(ConfigError, match="max_drop=-1"):
         thresholds_from_sensitivity(res, -1)

@@ -197,7 +197,9 @@ def sparsities_for_budget(
     ``method='greedy'`` (default): start from no pruning and repeatedly take the move (one
     layer to a larger grid sparsity) with the smallest accuracy loss per weight removed, using
     the curves made non-increasing (running minimum) and assuming the layers' losses add up.
-    Large, tolerant layers are pruned hardest, as in Han's hand-set ratios.
+    Large, tolerant layers are pruned hardest, as in Han's hand-set ratios. The overshoot of the
+    last move is then trimmed: layers step back down the grid while the target still holds
+    (largest loss saved per weight given back first).
     ``method='uniform'``: the smallest tolerated drop (from ``max_drop_grid``, default
     0.05..~30 points) for which :func:`thresholds_from_sensitivity` reaches the target.
 
@@ -263,6 +265,26 @@ def sparsities_for_budget(
             break
         _, _, n, j = best
         pos[n], per[n] = j, grid[j]
+    # the last move may overshoot: step layers back down while the target still holds, the
+    # largest loss saved per weight given back first
+    while True:
+        undo: tuple[float, str, int] | None = None
+        for n in names:
+            if pos[n] < 0:
+                continue
+            j = pos[n] - 1
+            trial = {**per, n: grid[j] if j >= 0 else 0.0}
+            if reached(trial) < target_sparsity - 1e-12:
+                continue
+            saved = loss[n][pos[n]] - (loss[n][j] if j >= 0 else 0.0)
+            back = (per[n] - trial[n]) * result.params[n]
+            key = (-saved / back, n, j)
+            if undo is None or key < undo:
+                undo = key
+        if undo is None:
+            break
+        _, n, j = undo
+        pos[n], per[n] = j, grid[j] if j >= 0 else 0.0
     predicted = sum(loss[n][pos[n]] for n in names if pos[n] >= 0)
     return predicted, per
 
