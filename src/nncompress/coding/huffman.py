@@ -294,22 +294,29 @@ def huffman_encode(
     codes = canonical_codes(lengths)
     idx = s.astype(np.int64, copy=False)
     sym_len = lengths[idx]  # (n,)
-    L = int(lengths.max())
-    # each code left-aligned in a big-endian uint32; its bit matrix masked to the code length
-    # and read row by row is exactly the concatenated bitstream
-    aligned = (codes << (32 - np.maximum(lengths, 1))).astype(">u4")  # (A,)
-    keep = np.arange(L)[None, :] < np.arange(L + 1)[:, None]  # (L+1, L): keep[l, j] = j < l
-    pieces = []
+    ends = np.cumsum(sym_len)  # (n,) bit offset after each code
+    total = int(ends[-1])
+    nbytes = (total + 7) // 8
+    # Codes never overlap, so the bitstream is the *sum* of every code placed at its offset.
+    # A code of <= 24 bits starting at bit offset o spans at most 4 bytes from byte o // 8:
+    # left-align it in 32 bits, shift right by o % 8, and scatter-add its 4 bytes with
+    # np.bincount (a fast, exact scatter-add; np.add.at is much slower).
+    aligned = codes << (32 - np.maximum(lengths, 1))  # (A,) code in the top bits of 32
+    out = np.zeros(nbytes + 4, dtype=np.int64)
     chunk = 1 << 20
     for a in range(0, n, chunk):
-        words = aligned[idx[a : a + chunk]]  # (m,)
-        bits = np.unpackbits(words.view(np.uint8).reshape(-1, 4), axis=1)[:, :L]  # (m, L)
-        pieces.append(bits[keep[sym_len[a : a + chunk]]])
-    bits = np.concatenate(pieces)
+        st = ends[a : a + chunk] - sym_len[a : a + chunk]  # (m,) start bit of each code
+        val = aligned[idx[a : a + chunk]] >> (st & 7)  # (m,) 32-bit window from byte st // 8
+        b0 = st >> 3
+        lo, hi = int(b0[0]), int(b0[-1]) + 4
+        rel = b0 - lo
+        for k in range(4):
+            out[lo:hi] += np.bincount(
+                rel + k, weights=(val >> (24 - 8 * k)) & 0xFF, minlength=hi - lo
+            ).astype(np.int64)
+    payload = out[:nbytes].astype(np.uint8).tobytes()
     block_bits = np.add.reduceat(sym_len, np.arange(0, n, B))  # (ceil(n/B),)
-    return HuffmanStream(
-        n, A, lengths.astype(np.uint8), B, block_bits.astype(np.int64), np.packbits(bits).tobytes()
-    )
+    return HuffmanStream(n, A, lengths.astype(np.uint8), B, block_bits.astype(np.int64), payload)
 
 
 _SCALAR_MAX_SYMBOLS = 1 << 17  # below this, a plain loop beats B lock-step numpy steps
