@@ -19,8 +19,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _common import baseline, git_rev, write_result
@@ -37,9 +39,7 @@ from nncompress.quant.onnx_export import (
     evaluate_onnx,
     export_onnx,
     make_session,
-    measure_onnx_latency,
 )
-from nncompress.stats import measure_latency
 
 OUT = Path(__file__).resolve().parent / "out" / "linear_quant"
 log = logging.getLogger("linear_quant")
@@ -76,14 +76,38 @@ def ort_static(fp32_path: Path, out_path: Path, calib: list[torch.Tensor], reduc
     return out_path
 
 
-def measure(path: Path, splits, shape, threads: int, repeats: dict[int, int]) -> dict:
-    sess = make_session(path, threads)
-    acc = evaluate_onnx(sess, splits.loader("test", 500))["accuracy"]
-    lat = {
-        b: measure_onnx_latency(sess, shape, b, repeats=r, warmup=max(3, r // 10))
-        for b, r in repeats.items()
-    }
-    return {"accuracy": acc, "bytes": path.stat().st_size, "latency_ms": lat}
+def measure(path: Path, splits) -> dict:
+    acc = evaluate_onnx(make_session(path), splits.loader("test", 500))["accuracy"]
+    return {"accuracy": acc, "bytes": path.stat().st_size}
+
+
+def interleaved_latency(
+    runners: dict[str, Callable[[np.ndarray], None]],
+    shape: tuple[int, ...],
+    batches: tuple[int, ...],
+    rounds: int,
+    per_round: dict[int, int],
+) -> dict[str, dict[int, float]]:
+    """Median ms per run for every runner and batch size, measured round-robin.
+
+    The machine is shared and its load changes minute to minute, so the variants are timed in
+    interleaved rounds (order rotated each round): all of them see the same load on average.
+    """
+    times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in runners}
+    labels = list(runners)
+    for b in batches:
+        x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
+        for run in runners.values():  # warm-up
+            for _ in range(3):
+                run(x)
+        for r in range(rounds):
+            order = labels[r % len(labels) :] + labels[: r % len(labels)]
+            for label in order:
+                for _ in range(per_round[b]):
+                    t0 = time.perf_counter()
+                    runners[label](x)
+                    times[label][b].append(time.perf_counter() - t0)
+    return {k: {b: 1000 * float(np.median(v[b])) for b in batches} for k, v in times.items()}
 
 
 def run_model(name: str, args, splits) -> list[dict]:
@@ -106,19 +130,13 @@ def run_model(name: str, args, splits) -> list[dict]:
     # fp32 references
     t0 = time.perf_counter()
     acc = evaluate(model, splits.loader("test", 500))["accuracy"]
-    torch.set_num_threads(args.threads)
-    lat = {
-        b: measure_latency(model, shape, b, repeats=r, warmup=max(3, r // 10))
-        for b, r in reps.items()
-    }
-    torch.set_num_threads(1)
     add(
         "fp32 PyTorch eager",
-        {"accuracy": acc, "bytes": baseline(name).stat().st_size, "latency_ms": lat},
+        {"accuracy": acc, "bytes": baseline(name).stat().st_size},
         runtime="torch",
     )
     fp32 = export_onnx(model, out_dir / "fp32.onnx", shape, metadata=meta)
-    add("fp32 onnxruntime", measure(fp32, splits, shape, args.threads, reps), runtime="ort")
+    add("fp32 onnxruntime", measure(fp32, splits), runtime="ort", path=str(fp32))
 
     # our PTQ variants
     variants = [
@@ -139,9 +157,10 @@ def run_model(name: str, args, splits) -> list[dict]:
         )
         add(
             label,
-            measure(path, splits, shape, args.threads, reps),
+            measure(path, splits),
             sim_accuracy=sim,
             runtime="ort",
+            path=str(path),
             layers=layer_precisions(gm),
         )
 
@@ -149,7 +168,7 @@ def run_model(name: str, args, splits) -> list[dict]:
     for rr in (False, True):
         label = "ORT quantize_static" + (", 7-bit w" if rr else "")
         path = ort_static(fp32, out_dir / f"ort_static_rr{int(rr)}.onnx", calib, rr)
-        add(label, measure(path, splits, shape, args.threads, reps), runtime="ort")
+        add(label, measure(path, splits), runtime="ort", path=str(path))
 
     # INT4 weights / INT8 activations with QAT
     train_cfg = config_from_dict(TrainConfig, side["extra"]["train_config"])
@@ -163,7 +182,9 @@ def run_model(name: str, args, splits) -> list[dict]:
         q0 = time.perf_counter()
         gm = quantize_qat(
             copy.deepcopy(model),
-            splits.loader("train", train_cfg.batch_size, augment=train_cfg.augment),
+            splits.loader(
+                "train", train_cfg.batch_size, augment=train_cfg.augment, limit=args.train_limit
+            ),
             cfg,
             TrainConfig(
                 epochs=epochs,
@@ -183,15 +204,37 @@ def run_model(name: str, args, splits) -> list[dict]:
         )
         add(
             label,
-            measure(path, splits, shape, args.threads, reps),
+            measure(path, splits),
             sim_accuracy=sim,
             runtime="ort",
+            path=str(path),
             qat_epochs=epochs,
             qat_wall_s=qat_s,
             layers=layer_precisions(gm),
         )
+
+    # latency of every variant, interleaved, same thread count for torch and onnxruntime
+    torch.set_num_threads(args.threads)
+    runners: dict[str, Callable[[np.ndarray], None]] = {}
+
+    def run_torch(x: np.ndarray) -> None:
+        with torch.inference_mode():
+            model(torch.from_numpy(x))
+
+    runners["fp32 PyTorch eager"] = run_torch
+    for r in rows[1:]:
+        sess = make_session(r["path"], args.threads)
+        runners[r["method"]] = lambda x, s=sess: s.run(None, {"input": x})
+    lat = interleaved_latency(runners, shape, (1, 64), args.rounds, reps)
+    torch.set_num_threads(1)
+    for r in rows:
+        r["latency_ms"] = lat[r["method"]]
     log.info("%s done in %.0f s", name, time.perf_counter() - t0)
     return rows
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -212,7 +255,7 @@ def markdown(rows: list[dict], args) -> str:
             lat = r["latency_ms"]
             lines.append(
                 f"| {r['method']} | {r['accuracy']:.2f} | {r['accuracy'] - base['accuracy']:+.2f} "
-                f"| {r.get('sim_accuracy', float('nan')):.2f} | {r['bytes']:,} | "
+                f"| {_fmt(r.get('sim_accuracy'))} | {r['bytes']:,} | "
                 f"{ort32['bytes'] / r['bytes']:.2f}x | {lat[1]:.3f} | {lat[64]:.2f} | "
                 f"{ort32['latency_ms'][64] / lat[64]:.2f}x | "
                 f"{base['latency_ms'][64] / lat[64]:.2f}x |"
@@ -220,8 +263,8 @@ def markdown(rows: list[dict], args) -> str:
         lines.append("")
     lines += [
         f"Calibration: first {args.calibration} held-out samples. Latency: median, "
-        f"{args.threads} thread(s) for both PyTorch and onnxruntime, on a shared 2-core machine "
-        "(noisy). 'sim acc.' is the PyTorch fake-quantized model; 'test acc.' runs the ONNX file "
+        f"{args.threads} thread(s) for both PyTorch and onnxruntime, all variants timed in "
+        f"{args.rounds} interleaved rounds on a shared 2-core machine (load average ~10: noisy). 'sim acc.' is the PyTorch fake-quantized model; 'test acc.' runs the ONNX file "
         "in onnxruntime (integer kernels for int8). '7-bit w' = weights on [-63, 63] "
         "(reduce_range), which avoids the 16-bit saturation of uint8 x int8 kernels on AVX2 CPUs "
         "without VNNI. int4 weights are stored packed (INT4, opset 21) but run as float "
@@ -235,8 +278,13 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["lenet-5", "resnet-20"])
     p.add_argument("--calibration", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats-b1", type=int, default=200)
-    p.add_argument("--repeats-b64", type=int, default=30)
+    p.add_argument(
+        "--merge", action="store_true", help="keep other models' rows from the last results file"
+    )
+    p.add_argument("--train-limit", type=int, default=None, help="QAT on the first N (smoke)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
+    p.add_argument("--repeats-b1", type=int, default=20, help="runs per round at batch 1")
+    p.add_argument("--repeats-b64", type=int, default=3, help="runs per round at batch 64")
     p.add_argument("--qat-epochs-lenet", type=int, default=2)
     p.add_argument("--qat-epochs-resnet", type=int, default=2)
     p.add_argument("--qat-lr-scale", type=float, default=0.1)
