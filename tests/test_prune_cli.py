@@ -110,6 +110,8 @@ def test_stage_config_validation_and_run(digits_data, tmp_path):
         PruneStageConfig(method="x", sparsity=0.5)
     with pytest.raises(ConfigError, match="give sparsity"):
         PruneStageConfig(method="agp", q=1.0, epochs=1)
+    with pytest.raises(ConfigError, match="takes final sparsities"):
+        PruneStageConfig(method="agp", sparsity=0.5, epochs=1, per_layer={"fc1": {"q": 1.0}})
     with pytest.raises(ConfigError, match="unknown field"):
         PruneStageConfig.from_dict({"sparsity": 0.5, "bogus": 1})
     with pytest.raises(ConfigError, match="sparsity=1.0 for layer 'fc1'"):

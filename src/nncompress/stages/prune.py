@@ -115,6 +115,9 @@ class PruneStageConfig:
                 raise ConfigError("method='agp' ramps to a target: give sparsity (not q)")
             if self.epochs < 1:
                 raise ConfigError(f"epochs={self.epochs}: method='agp' needs epochs >= 1")
+            qs = sorted(n for n, v in self.per_layer.items() if isinstance(v, dict) and "q" in v)
+            if qs:
+                raise ConfigError(f"per_layer {qs}: method='agp' takes final sparsities, not q")
             if self.agp_frequency < 1:
                 raise ConfigError(f"agp_frequency={self.agp_frequency}: must be >= 1")
         if self.q is None and self.sparsity is None and self.allocate == "sensitivity":
@@ -232,6 +235,10 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
         )
         report["iterations"] = [it.to_dict() for it in its]
     else:
+        rules = {n: mc.layer_rule(n) for n in mc.per_layer}
+        bad = sorted(n for n, r in rules.items() if r is not None and r[0] != "sparsity")
+        if bad:
+            raise ConfigError(f"per_layer {bad}: method='agp' takes final sparsities, not q")
         agp = AGPConfig(
             sparsity=mc.sparsity,  # type: ignore[arg-type]
             initial_sparsity=config.agp_initial_sparsity,
