@@ -75,23 +75,13 @@ VARIANTS: dict[str, dict[str, dict]] = {
         },
         "recipe": {},  # the shipped recipe as is
         "sensitivity-94%+4bit+ans": {
-            "prune": {"sparsity": 0.94, "per_layer": {}, "allocate": "sensitivity"},
+            "prune": {"sparsity": 0.94, "per_layer": {}, "allocate": "sensitivity", "epochs": 4},
             "share": {"bits_fc": 4},
+            "finetune": {"epochs": 2},
             "encode": {"codec": "ans"},
         },
     },
     "lenet-5": {
-        "paper": {
-            "prune": {"iterations": 3, "epochs": 3, "lr_scale": 0.1},
-            "share": {"bits_fc": 5, "bits_conv": 8},
-            "finetune": {"epochs": 2, "lr_scale": 0.1},
-            "encode": {
-                "codec": "huffman",
-                "index_bits_fc": 5,
-                "codebook_dtype": "fp32",
-                "dense_dtype": "fp32",
-            },
-        },
         "recipe": {},
     },
 }

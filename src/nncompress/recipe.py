@@ -533,6 +533,8 @@ def run_recipe(
     entries = [stage_entry(s.name) for s in recipe.stages]  # imports fail before any work
     digest = recipe.digest()
     run = _load_state(out_dir, digest) if resume else None
+    if not resume:
+        (out_dir / "state.json").unlink(missing_ok=True)  # an interrupted restart starts over
     if run is None:
         run = _Run(digest=digest)
     out_dir.mkdir(parents=True, exist_ok=True)
