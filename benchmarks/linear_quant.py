@@ -153,7 +153,10 @@ def run_model(name: str, args, splits) -> list[dict]:
         gm = quantize_ptq(model, calib_loader, cfg)
         sim = evaluate(gm, splits.loader("test", 500))["accuracy"]
         path = export_onnx(
-            gm, out_dir / f"{label.replace(' ', '_').replace(',', '')}.onnx", shape, metadata=meta
+            gm,
+            out_dir / f"{label.replace(' ', '_').replace(',', '').replace('/', '-')}.onnx",
+            shape,
+            metadata=meta,
         )
         add(
             label,
@@ -200,7 +203,10 @@ def run_model(name: str, args, splits) -> list[dict]:
         qat_s = time.perf_counter() - q0
         sim = evaluate(gm, splits.loader("test", 500))["accuracy"]
         path = export_onnx(
-            gm, out_dir / f"{label.replace(' ', '_').replace(',', '')}.onnx", shape, metadata=meta
+            gm,
+            out_dir / f"{label.replace(' ', '_').replace(',', '').replace('/', '-')}.onnx",
+            shape,
+            metadata=meta,
         )
         add(
             label,

@@ -160,3 +160,22 @@ def test_unsupported_module_is_named(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", SHAPE)
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(model, tmp_path / "m.bin", SHAPE)
+
+
+def test_int4_only_models_fold_weights_to_float_at_session_start(tmp_path, data):
+    from nncompress.quant.onnx_export import _int4_only
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    p4 = export_onnx(
+        quantize_ptq(model, data.loader("val", 32), PTQConfig("int4")), tmp_path / "w4.onnx", SHAPE
+    )
+    p8 = export_onnx(
+        quantize_ptq(model, data.loader("val", 32), PTQConfig("int8")), tmp_path / "w8.onnx", SHAPE
+    )
+    mixed = PTQConfig("int4", keep_first_last="int8")
+    pm = export_onnx(quantize_ptq(model, data.loader("val", 32), mixed), tmp_path / "m.onnx", SHAPE)
+    assert _int4_only(p4) and not _int4_only(p8) and not _int4_only(pm)
+    x = data.test[0][:32].numpy()
+    ref = _session(p4, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"input": x})[0]
+    assert np.allclose(make_session(p4).run(None, {"input": x})[0], ref, atol=1e-5)

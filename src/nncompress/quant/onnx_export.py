@@ -430,9 +430,24 @@ def _function_node(b: _Builder, node: fx.Node, env: dict) -> Any:
 # --------------------------------------------------------------------------- running
 
 
-def make_session(path: str | Path, threads: int = 1):
+def _int4_only(path: str | Path) -> bool:
+    """True when the file's quantized weights are all 4-bit (no 8-bit weight initializers)."""
+    m = onnx.load(str(path), load_external_data=False)
+    dq_inputs = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    kinds = {t.data_type for t in m.graph.initializer if t.name in dq_inputs and len(t.dims) > 1}
+    four = {TensorProto.INT4, TensorProto.UINT4}
+    return bool(kinds & four) and not (kinds - four)
+
+
+def make_session(path: str | Path, threads: int = 1, *, fold_int4: bool | None = None):
     """An onnxruntime CPU session with ``threads`` intra-op threads (inter-op: 1), all graph
-    optimisations on (they are what turn QDQ patterns into integer kernels)."""
+    optimisations on (they are what turn QDQ patterns into integer kernels).
+
+    ``fold_int4`` (default: automatic, when every quantized weight is 4-bit): turn off
+    onnxruntime's QDQ fusion so that it constant-folds the int4 weights into float once at
+    session start. onnxruntime has no int4 convolution/GEMM kernel for these patterns, and with
+    fusion on it would dequantize the weights on every run.
+    """
     import onnxruntime as ort
 
     if threads < 1:
@@ -442,6 +457,10 @@ def make_session(path: str | Path, threads: int = 1):
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if fold_int4 is None:
+        fold_int4 = _int4_only(path)
+    if fold_int4:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
