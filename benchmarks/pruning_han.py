@@ -148,7 +148,12 @@ def run_model(name: str, args, splits) -> dict:
 
     # 1-2: sensitivity and per-layer allocation
     t = time.perf_counter()
-    sens = sensitivity_analysis(base, val_loader, [s for s in GRID if s <= args.max_sparsity])
+    sens = sensitivity_analysis(
+        base,
+        val_loader,
+        [s for s in GRID if s <= args.max_sparsity],
+        max_batches=args.sens_batches,
+    )
     sens_s = time.perf_counter() - t
     write_sensitivity(sens, OUT / name, title=f"{name} on Fashion-MNIST: pruning sensitivity")
     weights = sum(sens.params.values())
@@ -379,6 +384,9 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4, help="retraining epochs per iteration")
     ap.add_argument("--no-torch-global", dest="torch_global", action="store_false")
+    ap.add_argument(
+        "--sens-batches", type=int, help="held-out batches of 1000 for the sensitivity analysis"
+    )
     ap.add_argument(
         "--max-sparsity",
         type=float,
