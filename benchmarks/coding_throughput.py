@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import lzma
+import os
 import statistics
 import time
 
@@ -144,7 +145,11 @@ def order_study() -> tuple[list[dict], str]:
                         "index_bits_F": t["F"].index_bits_coded,
                         "bytes_C": t["C"].total_bytes,
                         "bytes_F": t["F"].total_bytes,
-                        "auto": f"{t['auto'].layout}/{t['auto'].order}",
+                        "auto": (
+                            f"sparse/{t['auto'].order}"
+                            if t["auto"].layout == "sparse"
+                            else t["auto"].layout
+                        ),
                     }
                 )
     md = [
@@ -225,6 +230,12 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, repeats: int) ->
     return rows
 
 
+def _layout_text(f: dict) -> str:
+    if f["layout"] == "sparse":
+        return f"sparse, order {f['order']}, {f['fillers']:,} fillers"
+    return f"{f['layout']} layout"
+
+
 def main() -> None:
     from _common import write_result
     from nncompress.coding import relative_index_encode
@@ -279,7 +290,8 @@ def main() -> None:
         f"Synthetic layer {shape[0]}x{shape[1]} = {flat.size:,} weights, N(0,1) pruned by "
         f"magnitude to {100 * mask.mean():.1f}% kept, {len(codebook)} linear centroids "
         f"(5-bit codes). Timings are medians of {repeats} run(s) on a shared 2-core machine "
-        "(other jobs running: noisy), one thread.",
+        f"(other jobs running: noisy; load average {os.getloadavg()[0]:.1f} at the end), one "
+        "thread.",
         "",
         "| stream | codec | symbols | entropy (bits/sym) | spent (bits/sym) | encode Msym/s "
         "| decode Msym/s |",
@@ -302,7 +314,7 @@ def main() -> None:
     ]
     for f in files:
         md.append(
-            f"| .ncz {f['codec']} ({f['layout']}, order {f['order']}, {f['fillers']:,} fillers)"
+            f"| .ncz {f['codec']} ({_layout_text(f)})"
             f" | {f['bytes']:,} | {4 * flat.size / f['bytes']:.1f} | {f['encode_s']:.2f} | "
             f"{f['decode_s']:.2f} |"
         )
