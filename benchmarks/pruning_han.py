@@ -132,7 +132,7 @@ def torch_prune_run(
     return model
 
 
-def run_model(name: str, args, splits) -> dict:
+def run_model(name: str, args, splits, publish) -> dict:
     path = baseline(name)
     base, side = load_checkpoint(path)
     train_cfg = config_from_dict(TrainConfig, side["extra"]["train_config"])
@@ -140,7 +140,11 @@ def run_model(name: str, args, splits) -> dict:
     test_loader = splits.loader("test", 1000)
     val_loader = splits.loader("val", 1000)
     train_loader = splits.loader(
-        "train", retrain.batch_size, seed=retrain.seed, augment=retrain.augment
+        "train",
+        retrain.batch_size,
+        seed=retrain.seed,
+        augment=retrain.augment,
+        limit=args.train_limit,
     )
     acc0 = evaluate(base, test_loader)["accuracy"]
     params0, nz0 = nonzeros(base)
@@ -212,39 +216,7 @@ def run_model(name: str, args, splits) -> dict:
     reloaded, _ = load_checkpoint(ckpt_dead)
     acc_reload = evaluate(reloaded, test_loader)["accuracy"]
 
-    # 4: torch.nn.utils.prune, same sparsities and budget
-    tp = copy.deepcopy(base)
-    t = time.perf_counter()
-    torch_prune_run(tp, per, None, args.iterations, train_loader, retrain, val_loader)
-    tp_s = time.perf_counter() - t
-    acc_tp = evaluate(tp, test_loader)["accuracy"]
-    _, nz_tp = nonzeros(tp)
-    tp_bytes_masked = torch_save_bytes(tp.state_dict())
-    tp_removed = copy.deepcopy(tp)
-    for m in layers_of(tp_removed).values():
-        tprune.remove(m, "weight")
-    tp_bytes_removed = torch_save_bytes(tp_removed.state_dict())
-    buf = io.BytesIO()
-    torch.save(tp_removed.state_dict(), buf)
-    tp_zstd = zstd_bytes(buf.getvalue())
-
-    tg = None
-    if args.torch_global:
-        tg_model = copy.deepcopy(base)
-        s_all = 1 - sum((1 - per[n]) * sens.params[n] for n in per) / weights
-        t = time.perf_counter()
-        torch_prune_run(tg_model, per, s_all, args.iterations, train_loader, retrain, val_loader)
-        tg = {
-            "sparsity": s_all,
-            "test_accuracy": evaluate(tg_model, test_loader)["accuracy"],
-            "nonzeros": nonzeros(tg_model)[1],
-            "wall_s": time.perf_counter() - t,
-            "kept": {
-                n: float((m.weight != 0).float().mean()) for n, m in layers_of(tg_model).items()
-            },
-        }
-
-    return {
+    res = {
         "model": name,
         "baseline_test_accuracy": acc0,
         "params": params0,
@@ -255,6 +227,7 @@ def run_model(name: str, args, splits) -> dict:
         "iterations": args.iterations,
         "retrain_epochs_per_iteration": args.epochs,
         "retrain_lr": retrain.lr * 0.1,
+        "train_limit": args.train_limit,
         "ours": {
             "test_accuracy": acc_ours,
             "nonzeros": nz1,
@@ -281,16 +254,52 @@ def run_model(name: str, args, splits) -> dict:
                 "reloaded_test_accuracy": acc_reload,
             },
         },
-        "torch_prune": {
-            "test_accuracy": acc_tp,
-            "nonzeros": nz_tp,
-            "wall_s": tp_s,
-            "torch_save_bytes_masked": tp_bytes_masked,
-            "torch_save_bytes_removed": tp_bytes_removed,
-            "torch_save_zstd_bytes_removed": tp_zstd,
-        },
-        "torch_global": tg,
+        "torch_prune": None,
+        "torch_global": None,
     }
+    publish(res)
+
+    # 4: torch.nn.utils.prune, same sparsities and budget
+    tp = copy.deepcopy(base)
+    t = time.perf_counter()
+    torch_prune_run(tp, per, None, args.iterations, train_loader, retrain, val_loader)
+    tp_s = time.perf_counter() - t
+    acc_tp = evaluate(tp, test_loader)["accuracy"]
+    _, nz_tp = nonzeros(tp)
+    tp_bytes_masked = torch_save_bytes(tp.state_dict())
+    tp_removed = copy.deepcopy(tp)
+    for m in layers_of(tp_removed).values():
+        tprune.remove(m, "weight")
+    tp_bytes_removed = torch_save_bytes(tp_removed.state_dict())
+    buf = io.BytesIO()
+    torch.save(tp_removed.state_dict(), buf)
+    tp_zstd = zstd_bytes(buf.getvalue())
+
+    res["torch_prune"] = {
+        "test_accuracy": acc_tp,
+        "nonzeros": nz_tp,
+        "wall_s": tp_s,
+        "torch_save_bytes_masked": tp_bytes_masked,
+        "torch_save_bytes_removed": tp_bytes_removed,
+        "torch_save_zstd_bytes_removed": tp_zstd,
+    }
+    publish(res)
+    if args.torch_global:
+        tg_model = copy.deepcopy(base)
+        s_all = 1 - sum((1 - per[n]) * sens.params[n] for n in per) / weights
+        t = time.perf_counter()
+        torch_prune_run(tg_model, per, s_all, args.iterations, train_loader, retrain, val_loader)
+        res["torch_global"] = {
+            "sparsity": s_all,
+            "test_accuracy": evaluate(tg_model, test_loader)["accuracy"],
+            "nonzeros": nonzeros(tg_model)[1],
+            "wall_s": time.perf_counter() - t,
+            "kept": {
+                n: float((m.weight != 0).float().mean()) for n, m in layers_of(tg_model).items()
+            },
+        }
+        publish(res)
+    return res
 
 
 def dead_summary(dead: dict) -> str:
@@ -343,12 +352,17 @@ def markdown(results: dict[str, dict]) -> str:
             f"| {name} | + dead-neuron removal | {d['test_accuracy']:.2f}% | {d['nonzeros']:,} | "
             f"safetensors, smaller layers ({d['params']:,} params) | {d['checkpoint_bytes']:,} | "
             f"{d['checkpoint_zstd_bytes']:,} |",
-            f"| {name} | torch l1_unstructured | {t['test_accuracy']:.2f}% | {t['nonzeros']:,} | "
-            f"torch.save state dict (weight_orig + weight_mask) | "
-            f"{t['torch_save_bytes_masked']:,} | |",
-            f"| {name} | torch l1_unstructured | | | torch.save after prune.remove (dense) | "
-            f"{t['torch_save_bytes_removed']:,} | {t['torch_save_zstd_bytes_removed']:,} |",
         ]
+        if t is None:
+            lines.append(f"| {name} | torch l1_unstructured | not run | | | | |")
+        else:
+            lines += [
+                f"| {name} | torch l1_unstructured | {t['test_accuracy']:.2f}% | {t['nonzeros']:,} | "
+                f"torch.save state dict (weight_orig + weight_mask) | "
+                f"{t['torch_save_bytes_masked']:,} | |",
+                f"| {name} | torch l1_unstructured | | | torch.save after prune.remove (dense) | "
+                f"{t['torch_save_bytes_removed']:,} | {t['torch_save_zstd_bytes_removed']:,} |",
+            ]
         if r.get("torch_global"):
             g = r["torch_global"]
             lines.append(
@@ -369,8 +383,14 @@ def markdown(results: dict[str, dict]) -> str:
             "sparsity "
             f"{ {k: round(v, 3) for k, v in r['per_layer_sparsity'].items()} }; "
             f"{r['iterations']} iterations x {r['retrain_epochs_per_iteration']} epochs at lr "
-            f"{r['retrain_lr']:g}; ours {r['ours']['wall_s']:.0f} s, torch "
-            f"{r['torch_prune']['wall_s']:.0f} s; dead neurons "
+            f"{r['retrain_lr']:g}"
+            + (
+                f" on the first {r['train_limit']:,} training images"
+                if r.get("train_limit")
+                else ""
+            )
+            + f"; ours {r['ours']['wall_s']:.0f} s, torch "
+            f"{(r['torch_prune'] or {}).get('wall_s', float('nan')):.0f} s; dead neurons "
             f"{dead_summary(r['ours']['dead'])}; "
             f"reloaded thin checkpoint {r['ours']['after_dead']['reloaded_test_accuracy']:.2f}%"
         )
@@ -385,6 +405,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="retraining epochs per iteration")
     ap.add_argument("--no-torch-global", dest="torch_global", action="store_false")
     ap.add_argument(
+        "--train-limit",
+        type=int,
+        help="retrain on the first N training images only (time box on a loaded machine)",
+    )
+    ap.add_argument(
         "--sens-batches", type=int, help="held-out batches of 1000 for the sensitivity analysis"
     )
     ap.add_argument(
@@ -393,22 +418,36 @@ def main() -> None:
         default=0.95,
         help="largest per-layer sparsity of the sensitivity grid (caps the allocation)",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite results/pruning_han.* from the cached per-model results, run nothing",
+    )
     args = ap.parse_args()
+    if args.report_only:
+        models = [n for n in PAPER if (OUT / f"{n}.json").is_file()]
+        if models:
+            publish(json.loads((OUT / f"{models[0]}.json").read_text()))
+        return
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     splits = fashion_mnist()
     OUT.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        res = run_model(name, args, splits)
-        blob = json.dumps(res, indent=2, default=str)
-        atomic_write(OUT / f"{name}.json", lambda p, b=blob: p.write_text(b))
-        results = {}
-        for n in PAPER:
-            f = OUT / f"{n}.json"
-            if f.is_file():
-                results[n] = json.loads(f.read_text())
-        write_result("pruning_han", {"results": results}, markdown(results))
+        res = run_model(name, args, splits, publish)
         log.info("%s done: %s", name, res["ours"]["test_accuracy"])
+
+
+def publish(res: dict) -> None:
+    """Cache one model's (partial) results and rewrite results/pruning_han.* from all models."""
+    blob = json.dumps(res, indent=2, default=str)
+    atomic_write(OUT / f"{res['model']}.json", lambda p, b=blob: p.write_text(b))
+    results = {}
+    for n in PAPER:
+        f = OUT / f"{n}.json"
+        if f.is_file():
+            results[n] = json.loads(f.read_text())
+    write_result("pruning_han", {"results": results}, markdown(results))
 
 
 if __name__ == "__main__":
