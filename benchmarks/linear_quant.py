@@ -149,7 +149,10 @@ def run_model(name: str, args, splits) -> list[dict]:
         ("int8 PTQ kl, 7-bit w", PTQConfig("int8", "uint8", observer="kl", reduce_range=True)),
         ("int4-w PTQ minmax", PTQConfig("int4", "uint8")),
     ]
-    for label, cfg in variants:
+    keys = ["minmax", "minmax7", "percentile7", "kl7", "int4"]
+    for key, (label, cfg) in zip(keys, variants, strict=True):
+        if key not in args.ptq_variants:
+            continue
         gm = quantize_ptq(model, calib_loader, cfg)
         sim = evaluate(gm, splits.loader("test", 500))["accuracy"]
         path = export_onnx(
@@ -176,11 +179,16 @@ def run_model(name: str, args, splits) -> list[dict]:
     # INT4 weights / INT8 activations with QAT
     train_cfg = config_from_dict(TrainConfig, side["extra"]["train_config"])
     epochs = args.qat_epochs.get(name, 1)
-    for label, cfg in (
-        ("int4-w QAT", QATConfig("int4", "uint8")),
-        ("int4-w QAT, first/last int8", QATConfig("int4", "uint8", keep_first_last="int8")),
+    for key, label, cfg in (
+        ("int4", "int4-w QAT", QATConfig("int4", "uint8")),
+        (
+            "int4-firstlast",
+            "int4-w QAT, first/last int8",
+            QATConfig("int4", "uint8", keep_first_last="int8"),
+        ),
     ):
-        if label.endswith("int8") and not args.qat_first_last:
+        wanted = key in args.qat_variants or (key == "int4-firstlast" and args.qat_first_last)
+        if not wanted:
             continue
         q0 = time.perf_counter()
         gm = quantize_qat(
@@ -299,7 +307,15 @@ def main() -> int:
         action="store_true",
         help="also run QAT with the first/last layers at int8",
     )
+    p.add_argument(
+        "--ptq-variants",
+        default="minmax,minmax7,percentile7,kl7,int4",
+        help="comma list of PTQ variants: minmax, minmax7, percentile7, kl7, int4",
+    )
+    p.add_argument("--qat-variants", default="int4", help="comma list: int4, int4-firstlast")
     args = p.parse_args()
+    args.ptq_variants = args.ptq_variants.split(",")
+    args.qat_variants = args.qat_variants.split(",")
     args.qat_epochs = {"lenet-5": args.qat_epochs_lenet, "resnet-20": args.qat_epochs_resnet}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)

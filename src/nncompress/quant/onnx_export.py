@@ -75,6 +75,24 @@ class _Builder:
         self.names: set[str] = set()
         # tensor name -> (scale name, zero-point name, QParams) for DequantizeLinear outputs
         self.qinfo: dict[str, tuple[str, str, QParams]] = {}
+        # DequantizeLinear output -> its QuantizeLinear output; which ones have a consumer
+        self.dq_src: dict[str, str] = {}
+        self.used: set[str] = set()
+
+    def use(self, x: str) -> str:
+        """Name of ``x`` for one more consumer: every consumer of a quantized tensor gets its own
+        DequantizeLinear (onnxruntime fuses a DQ into one QLinear* node only)."""
+        if x not in self.dq_src:
+            return x
+        if x not in self.used:
+            self.used.add(x)
+            return x
+        s, z, qp = self.qinfo[x]
+        dq = self.node("DequantizeLinear", [self.dq_src[x], s, z], f"{x}_dup")
+        self.qinfo[dq] = (s, z, qp)
+        self.dq_src[dq] = self.dq_src[x]
+        self.used.add(dq)
+        return dq
 
     def fresh(self, base: str) -> str:
         base = base.replace(".", "_") or "t"
@@ -109,6 +127,7 @@ class _Builder:
         q = self.node("QuantizeLinear", [x, s, z], f"{base}_q")
         dq = self.node("DequantizeLinear", [q, s, z], f"{base}_dq")
         self.qinfo[dq] = (s, z, qp)
+        self.dq_src[dq] = q
         return dq
 
     def requant(self, src: str, out: str, base: str) -> str:
@@ -119,6 +138,7 @@ class _Builder:
         q = self.node("QuantizeLinear", [out, s, z], f"{base}_q")
         dq = self.node("DequantizeLinear", [q, s, z], f"{base}_dq")
         self.qinfo[dq] = (s, z, qp)
+        self.dq_src[dq] = q
         return dq
 
 
@@ -339,15 +359,15 @@ def export_onnx(
             x = env[node.args[0]]
             if isinstance(mod, nn.Identity | nn.Dropout):
                 env[node] = x
-            else:
-                env[node] = _module_node(b, mod, node.target, x)
+                continue
+            env[node] = _module_node(b, mod, node.target, b.use(x))
         elif node.op == "call_function" or node.op == "call_method":
             env[node] = _function_node(b, node, env)
         elif node.op == "output":
             res = node.args[0]
             if not isinstance(res, fx.Node):
                 raise ExportError("export_onnx supports models with a single tensor output")
-            out = b.node("Identity", [env[res]], "logits")
+            out = b.node("Identity", [b.use(env[res])], "logits")
             outputs.append(
                 helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", *out_shape])
             )
@@ -400,23 +420,23 @@ def _function_node(b: _Builder, node: fx.Node, env: dict) -> Any:
         end = _arg(node, 2, "end_dim", -1)
         if end != -1:
             raise ExportError(f"{node.name}: flatten(end_dim={end}) not supported")
-        x = env[args[0]]
+        x = b.use(env[args[0]])
         return b.requant(x, b.node("Flatten", [x], node.name, axis=start), node.name)
     if t in ("view", "reshape") or t is torch.reshape:
         shape = list(args[1:]) if t in ("view", "reshape") else list(args[1])
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = list(shape[0])
         if len(shape) == 2 and shape[1] == -1:
-            x = env[args[0]]
+            x = b.use(env[args[0]])
             return b.requant(x, b.node("Flatten", [x], node.name, axis=1), node.name)
         raise ExportError(f"{node.name}: {t} to shape {shape} not supported (only (N, -1))")
     if t in (torch.relu, nn.functional.relu, "relu"):
-        x = env[args[0]]
+        x = b.use(env[args[0]])
         return b.requant(x, b.node("Relu", [x], node.name), node.name)
     if t in (operator.add, torch.add, operator.iadd, "add", "__add__"):
         if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
             raise ExportError(f"{node.name}: add is supported between two tensors only")
-        return b.node("Add", [env[args[0]], env[args[1]]], node.name)
+        return b.node("Add", [b.use(env[args[0]]), b.use(env[args[1]])], node.name)
     if t in ("contiguous",):
         return env[args[0]]
     if t is nn.functional.dropout:
