@@ -1,0 +1,245 @@
+"""Low-rank decomposition on Fashion-MNIST (SPEC section 4), against the baseline checkpoints.
+
+- SVD of LeNet-300-100 (fc1, fc2) to a parameter budget giving >= 4x fewer parameters overall,
+  then fine-tuning by distillation from the baseline (target: <= 0.3 points lost).
+- Tucker-2 (Kim et al.) and CP (Lebedev et al.) on the convolutions of LeNet-5 and ResNet-20,
+  to a MAC budget giving >= 2x fewer conv MACs, then fine-tuning (target: <= 0.5 points lost).
+
+For each: parameters, conv/linear MACs (nncompress.stats.count_macs), test accuracy before and
+after fine-tuning, and CPU latency at batch 1 and 64 (median of repeated runs, one thread).
+
+Run from benchmarks/:  ../.venv/bin/python lowrank.py [--parts lenet300,lenet5,resnet20]
+Each part writes results/lowrank_<part>.json; the last run merges whatever parts exist into
+results/lowrank.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from _common import RESULTS, baseline, write_result
+from nncompress.data import fashion_mnist
+from nncompress.engine import (
+    TrainConfig,
+    atomic_write,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+)
+from nncompress.lowrank import DecomposeConfig, decompose_
+from nncompress.stats import count_macs, measure_latency
+
+OUT = Path(__file__).resolve().parent / "out" / "lowrank"
+log = logging.getLogger("lowrank")
+
+# (part, baseline, method, rule, layers, finetune epochs)
+EXPERIMENTS = {
+    "lenet300": [
+        ("lenet-300-100", "svd", {"params_budget": 0.24}, ["fc1", "fc2"], 4),
+    ],
+    "lenet5": [
+        ("lenet-5", "tucker2", {"macs_budget": 0.45}, ["conv1", "conv2"], 3),
+        ("lenet-5", "cp", {"macs_budget": 0.45}, ["conv1", "conv2"], 3),
+    ],
+    "resnet20": [
+        ("resnet-20", "tucker2", {"macs_budget": 0.45}, ["layer*.conv*"], 2),
+        ("resnet-20", "cp", {"macs_budget": 0.45}, ["layer*.conv*"], 2),
+    ],
+}
+
+
+def _macs(model: nn.Module, shape: tuple[int, ...]) -> dict[str, int]:
+    per = count_macs(model, shape)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    conv = sum(v[0] for n, v in per.items() if kinds.get(n) == "Conv2d")
+    return {"total": sum(v[0] for v in per.values()), "conv": conv}
+
+
+def _latency(model: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    return {
+        f"batch_{b}": measure_latency(model, shape, b, repeats=repeats, warmup=5) for b in (1, 64)
+    }
+
+
+def run_one(splits, name, method, rule, layers, epochs, repeats, train_limit=None) -> dict:
+    path = baseline(name)
+    model, sidecar = load_checkpoint(path)
+    model.eval()
+    shape = splits.input_shape
+    test = splits.loader("test", 500)
+    base_cfg = TrainConfig(**(sidecar.get("extra") or {}).get("train_config", {}))
+    before = {
+        "accuracy": evaluate(model, test)["accuracy"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": _macs(model, shape),
+        "latency_ms": _latency(model, shape, repeats),
+    }
+    teacher = copy.deepcopy(model).eval()
+    t0 = time.perf_counter()
+    report = decompose_(
+        model, DecomposeConfig(method=method, **rule), filter=layers, input_shape=shape
+    )
+    decompose_s = time.perf_counter() - t0
+    acc_no_ft = evaluate(model, test)["accuracy"]
+    t0 = time.perf_counter()
+    cfg = base_cfg.replace(epochs=epochs)
+    from nncompress.distill import DistillConfig, distillation_loss
+    from nncompress.engine import finetune
+
+    loader = splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
+    if train_limit:
+        loader = _Limited(loader, train_limit)
+    finetune(
+        model,
+        loader,
+        cfg,
+        lr_scale=0.1,
+        loss_fn=distillation_loss(teacher, DistillConfig(temperature=4.0, alpha=0.9)),
+    )
+    finetune_s = time.perf_counter() - t0
+    after = {
+        "accuracy": evaluate(model, test)["accuracy"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "macs": _macs(model, shape),
+        "latency_ms": _latency(model, shape, repeats),
+    }
+    arch = sidecar["architecture"]
+    ckpt = save_checkpoint(
+        model,
+        OUT / f"{name}-{method}.safetensors",
+        model_name=arch["model"],
+        model_kwargs=arch["kwargs"],
+        dataset=sidecar["dataset"],
+        metrics={"test_accuracy": after["accuracy"]},
+        extra={"decompose": report.to_dict()},
+    )
+    reloaded, _ = load_checkpoint(ckpt)
+    reload_acc = evaluate(reloaded, test)["accuracy"]
+    return {
+        "model": name,
+        "method": method,
+        "rule": rule,
+        "layers": layers,
+        "finetune_epochs": epochs,
+        "finetune_lr": cfg.lr * 0.1,
+        "finetune_loss": "distillation T=4 alpha=0.9 from the baseline",
+        "augment": cfg.augment,
+        "train_limit": train_limit,
+        "before": before,
+        "after": after,
+        "accuracy_after_decompose_no_finetune": acc_no_ft,
+        "accuracy_reloaded": reload_acc,
+        "decompose_s": decompose_s,
+        "finetune_s": finetune_s,
+        "layers_report": [x.to_dict() for x in report.layers],
+        "checkpoint": str(ckpt),
+    }
+
+
+class _Limited:
+    """The first ``n`` batches of a loader per epoch (to bound fine-tuning time)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield batch
+
+
+def _ranks(r: dict) -> str:
+    dec = [x for x in r["layers_report"] if x["status"] == "decomposed"]
+    return ", ".join(f"{x['name']}:{'x'.join(map(str, x['rank']))}" for x in dec)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "## Low-rank decomposition on Fashion-MNIST (test split)",
+        "",
+        "| model | method | params | conv MACs | all MACs | acc. base | acc. no FT | acc. FT "
+        "| loss (pts) | lat. b1 ms | lat. b64 ms | FT epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b, a = r["before"], r["after"]
+        conv = (
+            f"{b['macs']['conv']:,} -> {a['macs']['conv']:,} "
+            f"({b['macs']['conv'] / max(1, a['macs']['conv']):.2f}x)"
+            if b["macs"]["conv"]
+            else "-"
+        )
+        lines.append(
+            f"| {r['model']} | {r['method']} | {b['params']:,} -> {a['params']:,} "
+            f"({b['params'] / a['params']:.2f}x) | {conv} | "
+            f"{b['macs']['total'] / a['macs']['total']:.2f}x | {b['accuracy']:.2f} | "
+            f"{r['accuracy_after_decompose_no_finetune']:.2f} | {a['accuracy']:.2f} | "
+            f"{b['accuracy'] - a['accuracy']:+.2f} | "
+            f"{b['latency_ms']['batch_1']:.3f} -> {a['latency_ms']['batch_1']:.3f} | "
+            f"{b['latency_ms']['batch_64']:.2f} -> {a['latency_ms']['batch_64']:.2f} | "
+            f"{r['finetune_epochs']}{' (limited)' if r.get('train_limit') else ''} |"
+        )
+    lines += ["", "Ranks per decomposed layer:", ""]
+    for r in rows:
+        lines.append(f"- {r['model']} {r['method']}: {_ranks(r)}")
+    lines += [
+        "",
+        "Notes: `loss (pts)` = baseline minus fine-tuned accuracy (positive = lost). Fine-tuning is "
+        "distillation (T=4, alpha=0.9) from the baseline at 1/10 of its learning rate. Latency is "
+        "the median of repeated single-thread forward passes on a shared 2-core machine that "
+        "other benchmarks were loading at the same time: treat it as indicative only.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--parts", default="lenet300,lenet5,resnet20")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=None, help="override fine-tuning epochs")
+    parser.add_argument("--train-limit", type=int, default=None, help="batches per epoch cap")
+    parser.add_argument("--wait-baseline", type=int, default=0, help="seconds to wait for it")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    splits = fashion_mnist()
+    for part in args.parts.split(","):
+        rows = []
+        for name, method, rule, layers, epochs in EXPERIMENTS[part]:
+            deadline = time.time() + args.wait_baseline
+            from _common import BASELINES
+
+            while not (BASELINES / f"{name}.safetensors").is_file() and time.time() < deadline:
+                time.sleep(20)
+            log.info("%s %s %s", name, method, rule)
+            ep = args.epochs if args.epochs is not None else epochs
+            rows.append(
+                run_one(splits, name, method, rule, layers, ep, args.repeats, args.train_limit)
+            )
+            log.info("%s %s: %s", name, method, {k: rows[-1][k] for k in ("before", "after")})
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            blob = json.dumps(rows, indent=2, default=str)
+            atomic_write(RESULTS / f"lowrank_{part}.json", lambda p, b=blob: p.write_text(b))
+    merged = []
+    for part in EXPERIMENTS:
+        f = RESULTS / f"lowrank_{part}.json"
+        if f.is_file():
+            merged += json.loads(f.read_text())
+    write_result("lowrank", {"rows": merged}, markdown(merged))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""``nncompress decompose``: low-rank factorisation of a checkpoint's layers, then fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (
+    RichProgress,
+    add_data_args,
+    add_json_arg,
+    add_quiet_arg,
+    dataset_for,
+    existing_file,
+    out,
+    print_json,
+    print_table,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "decompose",
+        help="low-rank decomposition (svd, separable, tucker2, cp, tt) + fine-tuning",
+        description="Replace Linear/Conv layers of a checkpoint by low-rank factors "
+        "(truncated SVD, Jaderberg separable, Tucker-2, CP, tensor-train), optionally "
+        "fine-tune (by distillation from the original by default), print per-layer ranks, "
+        "params and MACs before/after and test accuracy before/after, and save the result.",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument(
+        "--method", required=True, help="svd | separable | tucker2 | cp | tt (see docs/lowrank.md)"
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="fixed rank (tucker2: both channel ranks)")
+    g.add_argument("--energy", type=float, help="fraction of squared singular values kept")
+    g.add_argument(
+        "--rank-fraction",
+        type=float,
+        help="largest rank keeping this fraction of each layer's params",
+    )
+    g.add_argument("--vbmf", action="store_true", help="ranks by EVBMF (Nakajima et al. 2013)")
+    g.add_argument(
+        "--macs-budget", type=float, help="keep this fraction of the targeted layers' MACs"
+    )
+    g.add_argument(
+        "--params-budget", type=float, help="keep this fraction of the targeted layers' params"
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="layer names or fnmatch patterns (default: every layer the method supports)",
+    )
+    p.add_argument("--min-rank", type=int, default=1, help="lower bound on ranks (default: 1)")
+    p.add_argument("--tt-cores", type=int, default=3, help="tt: number of cores (default: 3)")
+    p.add_argument(
+        "--allow-more-macs",
+        action="store_true",
+        help="decompose a layer if it saves params even when it costs more MACs (tt)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (default: 0)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="base learning rate (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--lr-scale", type=float, default=0.1, help="fine-tuning lr = lr * this (default: 0.1)"
+    )
+    p.add_argument(
+        "--no-distill",
+        action="store_true",
+        help="fine-tune with cross-entropy instead of distillation from the original",
+    )
+    p.add_argument("--augment", action="store_true", help="random shifts while fine-tuning")
+    p.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    add_data_args(p)
+    add_json_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_decompose)
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    from ..engine import TrainConfig, evaluate, load_checkpoint, save_checkpoint
+    from ..lowrank import DecomposeConfig
+    from ..stages.decompose import DecomposeStageConfig, decompose_and_finetune
+
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
+    dcfg = DecomposeConfig(
+        method=args.method,
+        rank=args.rank,
+        energy=args.energy,
+        rank_fraction=args.rank_fraction,
+        vbmf=args.vbmf,
+        macs_budget=args.macs_budget,
+        params_budget=args.params_budget,
+        min_rank=args.min_rank,
+        tt_cores=args.tt_cores,
+        require_fewer_macs=not args.allow_more_macs,
+    )
+    stage = DecomposeStageConfig(
+        decompose=dcfg,
+        layers=tuple(args.layers) if args.layers else None,
+        finetune_epochs=args.finetune_epochs,
+        lr_scale=args.lr_scale,
+        distill=not args.no_distill,
+    )
+    model, sidecar = load_checkpoint(args.checkpoint)
+    splits = dataset_for(sidecar, args.data_dir)
+    base = (sidecar.get("extra") or {}).get("train_config") or {}
+    known = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
+    tcfg = TrainConfig(**known)
+    changes = {"augment": args.augment or tcfg.augment}
+    if args.lr is not None:
+        changes["lr"] = args.lr
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    tcfg = tcfg.replace(**changes)
+
+    progress = RichProgress(not args.quiet)
+    test = splits.loader("test", 512)
+    before = evaluate(model, test, progress=progress)["accuracy"]
+    report, info = decompose_and_finetune(model, splits, stage, tcfg, progress=progress)
+    after = evaluate(model, test, progress=progress)["accuracy"]
+
+    arch = sidecar["architecture"]
+    extra = dict(sidecar.get("extra") or {})
+    extra["decompose"] = {**report.to_dict(), "finetune": info, "stage": stage.to_dict()}
+    save_checkpoint(
+        model,
+        args.out,
+        model_name=arch.get("model"),
+        model_kwargs=arch.get("kwargs"),
+        dataset=sidecar.get("dataset"),
+        metrics={"test_accuracy": after, "test_accuracy_before_decompose": before},
+        history=list(sidecar.get("history") or []),
+        extra=extra,
+    )
+    result = {
+        **report.to_dict(),
+        "finetune": info,
+        "test_accuracy_before": before,
+        "test_accuracy_after": after,
+        "out": str(args.out),
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    rows = []
+    for x in report.layers:
+        rows.append(
+            [
+                x.name,
+                x.status if not x.reason else f"{x.status}: {x.reason}",
+                "x".join(map(str, x.rank)) if x.rank else "",
+                x.params_before,
+                x.params_after,
+                x.macs_before if x.macs_before is not None else "",
+                x.macs_after if x.macs_after is not None else "",
+                x.rel_error if x.rel_error is not None else "",
+            ]
+        )
+    rows.append(
+        [
+            "total",
+            f"{len(report.decomposed)} decomposed",
+            "",
+            report.params_before,
+            report.params_after,
+            report.macs_before if report.macs_before is not None else "",
+            report.macs_after if report.macs_after is not None else "",
+            "",
+        ]
+    )
+    print_table(
+        f"decompose --method {args.method}",
+        ["layer", "status", "rank", "params", "params after", "MACs", "MACs after", "rel. err"],
+        rows,
+    )
+    if report.knob is not None:
+        out.print(f"budget: global knob {report.knob:.4g}, met: {report.budget_met}")
+    tail = f" after {info['finetune_epochs']} fine-tuning epochs" if info["finetune_epochs"] else ""
+    out.print(f"test accuracy {before:.2f}% -> {after:.2f}%{tail}  -> {args.out}")
+    return 0

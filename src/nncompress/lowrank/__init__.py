@@ -1,0 +1,43 @@
+"""Low-rank decomposition of Linear and Conv layers (SPEC section 4).
+
+Layer 1, tensor functions: :func:`truncated_svd`, :func:`tucker2`, :func:`cp_decompose`,
+:func:`evbmf`, :func:`rank_for_energy`; layer builders: :func:`svd_linear`,
+:func:`separable_conv`, :func:`tucker2_conv`, :func:`cp_conv`, :func:`tt_linear`
+(:class:`TTLinear`); model transform: :func:`decompose_` with :class:`DecomposeConfig`.
+"""
+
+from .cp import cp_conv, cp_decompose
+from .rank import EVBMFResult, evbmf, rank_for_energy
+from .separable import separable_conv
+from .svd import svd_linear, truncated_svd
+from .transform import (
+    METHODS,
+    DecomposeConfig,
+    DecomposeReport,
+    LayerDecomposition,
+    decompose_,
+)
+from .tt import TTLinear, factorize, tt_linear
+from .tucker import tucker2, tucker2_conv, tucker2_vbmf_ranks
+
+__all__ = [
+    "METHODS",
+    "DecomposeConfig",
+    "DecomposeReport",
+    "EVBMFResult",
+    "LayerDecomposition",
+    "TTLinear",
+    "cp_conv",
+    "cp_decompose",
+    "decompose_",
+    "evbmf",
+    "factorize",
+    "rank_for_energy",
+    "separable_conv",
+    "svd_linear",
+    "truncated_svd",
+    "tt_linear",
+    "tucker2",
+    "tucker2_conv",
+    "tucker2_vbmf_ranks",
+]
