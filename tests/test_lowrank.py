@@ -34,6 +34,14 @@ from nncompress.lowrank.tucker import tucker2_cost
 from nncompress.stats import count_macs
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on shared cores
+    yield
+    torch.set_num_threads(n)
+
+
 def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

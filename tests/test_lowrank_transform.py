@@ -15,6 +15,14 @@ from nncompress.models import create
 from nncompress.stats import count_macs
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on shared cores
+    yield
+    torch.set_num_threads(n)
+
+
 def _macs(m: nn.Module, shape: tuple[int, ...]) -> int:
     return sum(v[0] for v in count_macs(m, shape).values())
 
@@ -254,3 +262,34 @@ def test_cli_decompose_and_stats(digits_data, tmp_path, capsys):
     rc = main(["decompose", str(src), "--method", "svd", "--energy", "1.5", "--out", str(out)])
     assert rc == 2
     assert "energy=1.5" in capsys.readouterr().err
+
+
+def test_recipe_with_decompose_stage(tmp_path):
+    from nncompress.recipe import run_recipe
+
+    recipe = {
+        "name": "tiny-lowrank",
+        "model": "lenet-300-100",
+        "data": "digits",
+        "train": {"epochs": 2, "lr": 0.05, "batch_size": 64},
+        "stages": [
+            {"stage": "train"},
+            {
+                "stage": "decompose",
+                "method": "svd",
+                "rank": 8,
+                "layers": ["fc1"],
+                "finetune_epochs": 1,
+            },
+        ],
+    }
+    report = run_recipe(recipe, tmp_path)
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["train", "decompose"]
+    fields = report["stages"][1]["report"]
+    assert (
+        fields["layers"]["fc1"]["rank"] == [8] and fields["params_after"] < fields["params_before"]
+    )
+    ckpt = sorted((tmp_path / "stages").glob("*decompose*.safetensors"))[-1]
+    model, _ = load_checkpoint(ckpt)
+    assert isinstance(model.fc1, nn.Sequential) and model.fc1[0].out_features == 8

@@ -153,7 +153,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         rows.append(
             [
                 x.name,
-                x.status if not x.reason else f"{x.status}: {x.reason}",
+                x.status,
                 "x".join(map(str, x.rank)) if x.rank else "",
                 x.params_before,
                 x.params_after,
@@ -179,6 +179,9 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         ["layer", "status", "rank", "params", "params after", "MACs", "MACs after", "rel. err"],
         rows,
     )
+    for x in report.layers:
+        if x.reason:
+            out.print(f"{x.name}: skipped ({x.reason})", highlight=False)
     if report.knob is not None:
         out.print(f"budget: global knob {report.knob:.4g}, met: {report.budget_met}")
     tail = f" after {info['finetune_epochs']} fine-tuning epochs" if info["finetune_epochs"] else ""
