@@ -186,6 +186,18 @@ def test_index_bits_defaults_and_overrides():
     assert dense.tensor("fc.weight").scheme == "dense"
 
 
+def test_auto_index_bits_never_loses():
+    g = torch.Generator().manual_seed(11)
+    sd = {"fc.weight": _shared(torch.randn(60, 200, generator=g), 0.05, 16, 4)}
+    fixed = encode_state_dict(sd, EncodeConfig(codec="huffman"))
+    data, rep = encode_state_dict(sd, EncodeConfig(codec="huffman", auto_index_bits=True))
+    assert len(data) <= len(fixed[0])
+    assert 2 <= rep.tensor("fc.weight").index_bits <= 12
+    assert_bit_exact(decode_bytes(data)[0], sd)
+    pinned = EncodeConfig(auto_index_bits=True, index_bits={"fc": 3}, layout="sparse")
+    assert encode_state_dict(sd, pinned)[1].tensor("fc.weight").index_bits == 3
+
+
 def test_config_validation_names_the_field():
     for kwargs, field in [
         ({"codec": "zip"}, "codec='zip'"),

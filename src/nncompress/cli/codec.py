@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--index-bits-fc", type=int, default=5, help="relative-index bits, others (default: 5)"
     )
     p.add_argument(
+        "--auto-index-bits",
+        action="store_true",
+        help="try every index width b in [2, 12] per layer and keep the smallest file",
+    )
+    p.add_argument(
         "--codebook-dtype",
         default="fp32",
         choices=["fp32", "fp16"],
@@ -150,6 +155,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         codec=args.codec,
         index_bits_conv=args.index_bits_conv,
         index_bits_fc=args.index_bits_fc,
+        auto_index_bits=args.auto_index_bits,
         codebook_dtype=args.codebook_dtype,
         dense_dtype=args.dense_dtype,
         max_codebook_bits=args.max_codebook_bits,

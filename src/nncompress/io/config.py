@@ -43,6 +43,9 @@ class EncodeConfig:
         for everything else (Deep Compression: 8 and 5).
     index_bits : per-tensor overrides of b; a key is a tensor name ('fc1.weight') or a module
         name ('fc1', which matches 'fc1.weight' and 'fc1.bias').
+    auto_index_bits : instead of the conv/FC defaults, try every b in [2, 12] per tensor and
+        keep the smallest (more bits mean fewer fillers; entropy coding makes the larger
+        alphabet cheap). Per-tensor ``index_bits`` overrides still win.
     scheme : per-tensor overrides of the storage scheme: 'auto' (smallest wins), 'dense',
         'codebook' (error if the tensor has more than 2**max_codebook_bits distinct values).
     layout : positions of codebook tensors: 'auto' (smallest wins), 'sparse' (relative
@@ -62,6 +65,7 @@ class EncodeConfig:
     index_bits_conv: int = 8
     index_bits_fc: int = 5
     index_bits: dict[str, int] = field(default_factory=dict)
+    auto_index_bits: bool = False
     scheme: dict[str, str] = field(default_factory=dict)
     layout: str = "auto"
     order: str = "auto"
@@ -82,6 +86,12 @@ class EncodeConfig:
             v = getattr(self, name)
             _check(_is_int(v) and 1 <= v <= MAX_INDEX_BITS, name, v, bits_rule)
         _check(isinstance(self.index_bits, dict), "index_bits", self.index_bits, "a mapping")
+        _check(
+            isinstance(self.auto_index_bits, bool),
+            "auto_index_bits",
+            self.auto_index_bits,
+            "must be true or false",
+        )
         for k, v in self.index_bits.items():
             _check(isinstance(k, str) and k != "", "index_bits key", k, "must be a name")
             _check(_is_int(v) and 1 <= v <= MAX_INDEX_BITS, f"index_bits['{k}']", v, bits_rule)

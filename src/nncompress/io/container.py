@@ -278,7 +278,7 @@ def _dense_codes_candidate(base, common, full, codebook, cb_bytes, nnz, config) 
 
 
 def _codebook_candidates(
-    name: str, t: torch.Tensor, config: EncodeConfig, index_bits: int, forced: bool
+    name: str, t: torch.Tensor, config: EncodeConfig, index_bits: list[int], forced: bool
 ) -> list[_Candidate]:
     dtype = _dtype_name(t)
     if dtype not in _CODEBOOK_DTYPES or t.numel() == 0:
@@ -334,44 +334,49 @@ def _codebook_candidates(
     for order in orders:
         flat = full if order == "C" else full.reshape(arr.shape).ravel(order="F")  # (numel,)
         keep = flat >= 0
-        ri = relative_index_encode(keep, index_bits)
         c_codec, c_data, c_rep = _encode_stream(
             flat[keep], max(k, 1), config.codec, config.codec_fallback, "codes"
         )
-        i_codec, i_data, i_rep = _encode_stream(
-            ri.entries, 1 << index_bits, config.codec, config.codec_fallback, "index"
-        )
-        entry = dict(
-            base,
-            layout="sparse",
-            order=order,
-            b=index_bits,
-            entries=int(ri.entries.size),
-            codes={"sec": 1, "codec": c_codec},
-            index={"sec": 2, "codec": i_codec},
-        )
-        rep = TensorReport(
-            layout="sparse",
-            total_bytes=len(cb_bytes) + len(c_data) + len(i_data) + 3 * _FRAME.size,
-            order=order,
-            index_bits=index_bits,
-            fillers=ri.n_fillers,
-            weight_bits_pq=nnz * _raw_width(max(k, 1)),
-            weight_bits=8 * len(c_data),
-            index_bits_pq=ri.fixed_bits,
-            index_bits_coded=8 * len(i_data),
-            streams=(c_rep, i_rep),
-            **common,
-        )
-        out.append(_Candidate(entry, [cb_bytes, c_data, i_data], rep))
+        for b in index_bits:
+            ri = relative_index_encode(keep, b)
+            i_codec, i_data, i_rep = _encode_stream(
+                ri.entries, 1 << b, config.codec, config.codec_fallback, "index"
+            )
+            entry = dict(
+                base,
+                layout="sparse",
+                order=order,
+                b=b,
+                entries=int(ri.entries.size),
+                codes={"sec": 1, "codec": c_codec},
+                index={"sec": 2, "codec": i_codec},
+            )
+            rep = TensorReport(
+                layout="sparse",
+                total_bytes=len(cb_bytes) + len(c_data) + len(i_data) + 3 * _FRAME.size,
+                order=order,
+                index_bits=b,
+                fillers=ri.n_fillers,
+                weight_bits_pq=nnz * _raw_width(max(k, 1)),
+                weight_bits=8 * len(c_data),
+                index_bits_pq=ri.fixed_bits,
+                index_bits_coded=8 * len(i_data),
+                streams=(c_rep, i_rep),
+                **common,
+            )
+            out.append(_Candidate(entry, [cb_bytes, c_data, i_data], rep))
     return out
 
 
-def _index_bits_for(name: str, t: torch.Tensor, config: EncodeConfig) -> int:
+def _index_bits_for(name: str, t: torch.Tensor, config: EncodeConfig) -> list[int]:
+    """Index bits to try: the per-tensor override, else the conv/FC default, or with
+    ``auto_index_bits`` every b in [2, 12] (the smallest file wins)."""
     override = match_override(config.index_bits, name)
     if override is not None:
-        return int(override)
-    return config.index_bits_conv if t.dim() >= 3 else config.index_bits_fc
+        return [int(override)]
+    if config.auto_index_bits:
+        return list(range(2, 13))
+    return [config.index_bits_conv if t.dim() >= 3 else config.index_bits_fc]
 
 
 def _best_candidate(name: str, t: torch.Tensor, config: EncodeConfig) -> _Candidate:
