@@ -296,7 +296,11 @@ def test_cli_encode_inspect_decode(tmp_path, capsys):
     )
     ncz = tmp_path / "m.ncz"
     assert (
-        main(["encode", str(ckpt), "--out", str(ncz), "--codec", "ans", "--quiet", "--json"]) == 0
+        main(
+            ["encode", str(ckpt), "--out", str(ncz), "--codec", "ans", "--auto-index-bits"]
+            + ["--quiet", "--json"]
+        )
+        == 0
     )
     enc = json.loads(capsys.readouterr().out)
     assert enc["total_bytes"] == ncz.stat().st_size
