@@ -210,7 +210,7 @@ def _lengths_unlimited_max(counts):
     return int(huffman_mod._huffman_lengths_once(np.asarray(counts)).max())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(symbol_streams, st.sampled_from([None, 1, 3, 64]))
 def test_huffman_roundtrip_property(symbols, block_size):
     s = np.array(symbols, dtype=np.int64)
@@ -274,7 +274,7 @@ def test_huffman_corrupt_streams_raise_coding_error():
 # ---------------------------------------------------------------- ANS
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(symbol_streams)
 def test_ans_roundtrip_property(symbols):
     s = np.array(symbols, dtype=np.int64)
