@@ -93,6 +93,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
             "prune": {"iterations": 1, "epochs": 0},
             "finetune": {"epochs": 0},
         },
+        "one-shot + 1 retraining epoch": {
+            "prune": {"iterations": 1, "epochs": 1},
+            "finetune": {"epochs": 0},
+        },
         "recipe": {},
     },
 }

@@ -141,10 +141,28 @@ class Recipe:
         return out
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON form (a resumed run must match it)."""
+        """SHA-256 of the canonical JSON form (a resumed run must match it).
+
+        Config fields at their default value are left out, so a library release that adds a
+        field (with a default) does not invalidate runs in progress.
+        """
         d = self.to_dict()
         d.pop("description", None)
+        d["stages"] = [
+            _without_defaults(s.config, sd) for s, sd in zip(self.stages, d["stages"], strict=True)
+        ]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _without_defaults(config: Any, data: dict[str, Any]) -> dict[str, Any]:
+    defaults = {}
+    if dataclasses.is_dataclass(config):
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = _jsonable(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = _jsonable(f.default_factory())
+    return {k: v for k, v in data.items() if k not in defaults or defaults[k] != v}
 
 
 def _jsonable(obj: Any) -> Any:
