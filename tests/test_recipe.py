@@ -116,3 +116,14 @@ def test_shipped_recipes_are_valid(name):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     assert [s.name for s in r.stages] == ["train", "prune", "share", "finetune", "encode"]
     assert r.name == name
+
+
+def test_digest_ignores_fields_at_default_values():
+    a = load_recipe(_base())
+    explicit = _base()
+    explicit["stages"][2] = {"stage": "share", "bits_fc": 4, "init": "linear", "bits_conv": 8}
+    b = load_recipe(explicit)
+    assert a.digest() == b.digest()
+    changed = _base()
+    changed["stages"][2] = {"stage": "share", "bits_fc": 3}
+    assert load_recipe(changed).digest() != a.digest()
