@@ -749,8 +749,8 @@ def layer_table_markdown(layers: list[dict[str, Any]]) -> str:
     for r in layers:
         lines.append(
             f"| {r['name']} | {r['params']:,} | {_fmt(r['kept_percent'], '.1f')} | "
-            f"{_fmt(r['weight_bits_pq'], '.0f')} | {_fmt(r['weight_bits_h'], '.2f')} | "
-            f"{_fmt(r['index_bits_pq'], '.0f')} | {_fmt(r['index_bits_h'], '.2f')} | "
+            f"{_fmt(r['weight_bits_pq'], '.1f')} | {_fmt(r['weight_bits_h'], '.2f')} | "
+            f"{_fmt(r['index_bits_pq'], '.1f')} | {_fmt(r['index_bits_h'], '.2f')} | "
             f"{_fmt(r['rate_pq'], '.1f')}x | {_fmt(r['rate_h'], '.1f')}x |"
         )
     return "\n".join(lines)
