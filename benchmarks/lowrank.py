@@ -40,6 +40,7 @@ from nncompress.stats import count_macs, measure_latency
 OUT = Path(__file__).resolve().parent / "out" / "lowrank"
 log = logging.getLogger("lowrank")
 _BEFORE: dict[str, dict] = {}
+GRAD_CLIP: float | None = None
 
 # (part, baseline, method, rule, layers, finetune epochs)
 EXPERIMENTS = {
@@ -71,12 +72,16 @@ def _latency(model: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str
     }
 
 
-def run_one(splits, name, method, rule, layers, epochs, repeats, train_limit=None) -> dict:
+def run_one(
+    splits, name, method, rule, layers, epochs, repeats, train_limit=None, test_limit=None
+) -> dict:
     path = baseline(name)
     model, sidecar = load_checkpoint(path)
     model.eval()
     shape = splits.input_shape
     test = splits.loader("test", 500)
+    if test_limit:
+        test = _Limited(test, test_limit)
     base_cfg = TrainConfig(**(sidecar.get("extra") or {}).get("train_config", {}))
     if name not in _BEFORE:  # the baseline's numbers, measured once per model
         _BEFORE[name] = {
@@ -94,7 +99,7 @@ def run_one(splits, name, method, rule, layers, epochs, repeats, train_limit=Non
     decompose_s = time.perf_counter() - t0
     acc_no_ft = evaluate(model, test)["accuracy"]
     t0 = time.perf_counter()
-    cfg = base_cfg.replace(epochs=epochs)
+    cfg = base_cfg.replace(epochs=epochs, grad_clip=GRAD_CLIP)
     from nncompress.distill import DistillConfig, distillation_loss
     from nncompress.engine import finetune
 
@@ -138,7 +143,9 @@ def run_one(splits, name, method, rule, layers, epochs, repeats, train_limit=Non
         "finetune_lr": cfg.lr * 0.1,
         "finetune_loss": "distillation T=4 alpha=0.9 from the baseline",
         "augment": cfg.augment,
+        "grad_clip": cfg.grad_clip,
         "train_limit": train_limit,
+        "test_samples": sum(len(y) for _, y in test),
         "before": before,
         "after": after,
         "accuracy_after_decompose_no_finetune": acc_no_ft,
@@ -176,8 +183,8 @@ def markdown(rows: list[dict]) -> str:
         "## Low-rank decomposition on Fashion-MNIST (test split)",
         "",
         "| model | method | params | conv MACs | all MACs | acc. base | acc. no FT | acc. FT "
-        "| loss (pts) | lat. b1 ms | lat. b64 ms | FT epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loss (pts) | lat. b1 ms | lat. b64 ms | FT epochs | test images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, a = r["before"], r["after"]
@@ -195,7 +202,9 @@ def markdown(rows: list[dict]) -> str:
             f"{b['accuracy'] - a['accuracy']:+.2f} | "
             f"{b['latency_ms']['batch_1']:.3f} -> {a['latency_ms']['batch_1']:.3f} | "
             f"{b['latency_ms']['batch_64']:.2f} -> {a['latency_ms']['batch_64']:.2f} | "
-            f"{r['finetune_epochs']}{' (limited)' if r.get('train_limit') else ''} |"
+            f"{r['finetune_epochs']}"
+            f"{' x ' + str(r['train_limit']) + ' batches' if r.get('train_limit') else ''} "
+            f"| {r.get('test_samples', 10000)} |"
         )
     lines += ["", "Ranks per decomposed layer:", ""]
     for r in rows:
@@ -216,14 +225,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=None, help="override fine-tuning epochs")
     parser.add_argument("--train-limit", type=int, default=None, help="batches per epoch cap")
+    parser.add_argument("--methods", default=None, help="only these methods (comma-separated)")
+    parser.add_argument("--grad-clip", type=float, default=None, help="fine-tuning grad clip")
+    parser.add_argument("--test-limit", type=int, default=None, help="test batches (of 500) cap")
     parser.add_argument("--wait-baseline", type=int, default=0, help="seconds to wait for it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
+    global GRAD_CLIP
+    GRAD_CLIP = args.grad_clip
     splits = fashion_mnist()
     for part in args.parts.split(","):
-        rows = []
+        f = RESULTS / f"lowrank_{part}.json"
+        rows = json.loads(f.read_text()) if args.methods and f.is_file() else []
         for name, method, rule, layers, epochs in EXPERIMENTS[part]:
+            if args.methods and method not in args.methods.split(","):
+                continue
+            rows = [r for r in rows if r["method"] != method]
             deadline = time.time() + args.wait_baseline
             from _common import BASELINES
 

@@ -97,10 +97,14 @@ def cp_conv(conv: nn.Conv2d, rank: int, *, n_iter_max: int = 100, seed: int = 0)
     horiz = nn.Conv2d(rank, rank, (1, kw), (1, sw), (0, pw), (1, dw), groups=rank, bias=False)
     last = nn.Conv2d(rank, n, 1, bias=conv.bias is not None)
     with torch.no_grad():
-        first.weight.copy_(a_in.t().reshape(rank, c, 1, 1))  # (R, C, 1, 1)
-        vert.weight.copy_(a_h.t().reshape(rank, 1, kh, 1))  # (R, 1, kh, 1)
-        horiz.weight.copy_(a_w.t().reshape(rank, 1, 1, kw))  # (R, 1, 1, kw)
-        last.weight.copy_((a_out * lam[None, :]).reshape(n, rank, 1, 1))  # (N, R, 1, 1)
+        # Spread each component's weight lambda_r evenly over the four factors: with all of it
+        # on the last 1x1 conv the layers are badly scaled and fine-tuning diverges.
+        root = lam.abs().clamp_min(1e-30) ** 0.25  # (R,)
+        sign = torch.sign(lam) + (lam == 0).to(lam.dtype)  # (R,)
+        first.weight.copy_((a_in * root).t().reshape(rank, c, 1, 1))  # (R, C, 1, 1)
+        vert.weight.copy_((a_h * root).t().reshape(rank, 1, kh, 1))  # (R, 1, kh, 1)
+        horiz.weight.copy_((a_w * root).t().reshape(rank, 1, 1, kw))  # (R, 1, 1, kw)
+        last.weight.copy_((a_out * (sign * root)).reshape(n, rank, 1, 1))  # (N, R, 1, 1)
         if conv.bias is not None:
             last.bias.copy_(conv.bias.detach())
     return nn.Sequential(first, vert, horiz, last).to(device=w.device, dtype=w.dtype)
