@@ -261,3 +261,25 @@ def test_no_pickle_in_checkpoint(tmp_path):
     raw = path.read_bytes()
     assert b"\x80\x04" not in raw[:16] and raw[8:9] == b"{"  # safetensors: u64 + JSON header
     json.loads(sidecar_path(path).read_text())
+
+
+def test_saving_a_parametrized_model_leaves_it_usable(tmp_path):
+    """Regression: folding a deep copy must not strip the original's parametrized class."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from nncompress.engine import load_checkpoint, save_checkpoint
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    parametrize.register_parametrization(model[0], "weight", Half())
+    x = torch.randn(5, 4)
+    before = model(x)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    assert torch.equal(model(x), before)  # the original still works after the save
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    assert torch.equal(loaded(x), before)
+    assert torch.equal(loaded[0].weight, model[0].weight)

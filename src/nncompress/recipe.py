@@ -407,7 +407,7 @@ def _default_model_kwargs(name: str, splits) -> dict[str, Any]:
 
 def _folded(model: nn.Module) -> nn.Module:
     """A copy with parametrizations folded, leaving ``model`` usable (see prune.folded_copy)."""
-    from .prune.magnitude import folded_copy
+    from .engine.modspec import folded_copy
 
     return folded_copy(model)
 

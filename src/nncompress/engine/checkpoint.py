@@ -9,7 +9,6 @@ the tensor data. Loading checks both digests, so a tampered sidecar or weights f
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -27,9 +26,9 @@ from .modspec import (
     SpecError,
     apply_replacements,
     diff_modules,
+    folded_copy,
     module_from_spec,
     module_to_spec,
-    strip_parametrizations,
 )
 
 __all__ = [
@@ -119,7 +118,7 @@ def save_checkpoint(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"path='{path}': a checkpoint must end in .safetensors")
-    plain = strip_parametrizations(copy.deepcopy(model))
+    plain = folded_copy(model)
     model_kwargs = dict(model_kwargs or {})
     try:
         if model_name is not None:

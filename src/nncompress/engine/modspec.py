@@ -11,6 +11,7 @@ and assigned after construction.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -18,7 +19,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpecError", "apply_replacements", "diff_modules", "module_from_spec", "module_to_spec"]
+__all__ = [
+    "SpecError",
+    "apply_replacements",
+    "diff_modules",
+    "folded_copy",
+    "module_from_spec",
+    "module_to_spec",
+    "own_parametrized_class_",
+    "strip_parametrizations",
+]
 
 
 class SpecError(ValueError):
@@ -205,10 +215,36 @@ def apply_replacements(model: nn.Module, replacements: dict[str, Any]) -> nn.Mod
     return model
 
 
+def own_parametrized_class_(m: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    ``torch.nn.utils.parametrize`` injects a ``Parametrized<Cls>`` class that ``copy.deepcopy``
+    shares between the original and its copies, and ``remove_parametrizations`` deletes the
+    weight property from that class, which breaks every other instance sharing it (the
+    original model stops working after a copy is folded). Cloning the class first makes the
+    removal local to this instance.
+    """
+    if not parametrize.is_parametrized(m):
+        return
+    cls = type(m)
+    dct = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(cls.__name__, (cls.__bases__[0],), dct)
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every parametrization folded into plain tensors (pruned
+    weights are zeros, shared weights their centroids), leaving ``model`` untouched."""
+    return strip_parametrizations(copy.deepcopy(model))
+
+
 def strip_parametrizations(model: nn.Module) -> nn.Module:
-    """Remove every parametrization in place, keeping the parametrized (effective) values."""
+    """Remove every parametrization in place, keeping the parametrized (effective) values.
+
+    Safe on deep copies: other models sharing the parametrized class keep working.
+    """
     for m in model.modules():
         if parametrize.is_parametrized(m):
+            own_parametrized_class_(m)
             for pname in list(m.parametrizations.keys()):
                 with torch.no_grad():
                     parametrize.remove_parametrizations(m, pname, leave_parametrized=True)

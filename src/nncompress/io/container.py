@@ -404,9 +404,9 @@ def _frame(payload: bytes) -> bytes:
 
 def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     if isinstance(model_or_state, nn.Module):
-        from ..engine.modspec import strip_parametrizations
+        from ..engine.modspec import folded_copy
 
-        plain = strip_parametrizations(copy.deepcopy(model_or_state))
+        plain = folded_copy(model_or_state)
         return dict(plain.state_dict())
     if not isinstance(model_or_state, Mapping):
         raise ValueError(

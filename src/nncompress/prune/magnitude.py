@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..engine.config import ConfigError
+from ..engine.modspec import folded_copy, own_parametrized_class_
 from ..engine.train import ProgressEvent
 
 __all__ = [
@@ -230,37 +231,6 @@ def apply_mask_(module: nn.Module, mask: torch.Tensor, pname: str = "weight") ->
     return existing
 
 
-def _own_class_(m: nn.Module) -> None:
-    """Give a parametrized module a class of its own.
-
-    ``torch.nn.utils.parametrize`` injects a ``Parametrized<Cls>`` class that ``copy.deepcopy``
-    shares between the original and its copies, and ``remove_parametrizations`` deletes the
-    weight property from that class, which breaks every other instance sharing it (the
-    original model stops working after a copy is folded). Cloning the class first makes the
-    removal local to this instance.
-    """
-    cls = type(m)
-    if not parametrize.is_parametrized(m):
-        return
-    dct = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    m.__class__ = type(cls.__name__, (cls.__bases__[0],), dct)
-
-
-def folded_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every parametrization folded into plain tensors (pruned
-    weights are zeros), leaving ``model`` itself untouched and usable."""
-    import copy
-
-    plain = copy.deepcopy(model)
-    for m in plain.modules():
-        if parametrize.is_parametrized(m):
-            _own_class_(m)
-            for pname in list(m.parametrizations.keys()):
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
-    return plain
-
-
 def pruning_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{module_name: bool mask}`` of every masked weight in ``model``."""
     out = {}
@@ -281,7 +251,7 @@ def remove_pruning_(model: nn.Module) -> int:
         pm = _mask_module(m)
         if pm is None:
             continue
-        _own_class_(m)  # do not break copies of this module that share its class
+        own_parametrized_class_(m)  # do not break copies sharing its class
         plist = m.parametrizations["weight"]
         with torch.no_grad():
             if plist[0] is pm:

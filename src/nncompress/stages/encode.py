@@ -33,7 +33,7 @@ NCZ_NAME = "model.ncz"
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    from ..prune.magnitude import folded_copy
+    from ..engine.modspec import folded_copy
 
     return folded_copy(model)
 
