@@ -37,7 +37,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(STAMP) data
-	$(PY) benchmarks/baselines.py
+	$(PY) -m pip install --quiet -e '.[compare]'
+	cd benchmarks && ../$(PY) baselines.py && ../$(PY) pruning_han.py && ../$(PY) pruning_li.py \
+	  && ../$(PY) deep_compression.py && ../$(PY) coding_throughput.py \
+	  && ../$(PY) linear_quant.py && ../$(PY) lowrank.py && ../$(PY) collect_results.py
 
 clean:
 	rm -rf $(VENV) runs out
