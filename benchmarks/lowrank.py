@@ -214,7 +214,16 @@ def markdown(rows: list[dict]) -> str:
         "Notes: `loss (pts)` = baseline minus fine-tuned accuracy (positive = lost). Fine-tuning is "
         "distillation (T=4, alpha=0.9) from the baseline at 1/10 of its learning rate. Latency is "
         "the median of repeated single-thread forward passes on a shared 2-core machine that "
-        "other benchmarks were loading at the same time: treat it as indicative only.",
+        "other benchmarks were loading at the same time, baseline and decomposed model measured "
+        "minutes apart: these columns are NOT comparable. Trust the paired, alternating "
+        "measurement in lowrank_latency.md (lowrank_latency.py), which shows that Tucker-2 and CP "
+        "make LeNet-5 slower on this CPU (tiny layers, extra 1x1 and depthwise convs), that "
+        "ResNet-20 gains little or nothing despite 2.2x fewer MACs, and that only the SVD of "
+        "LeNet-300-100 is clearly faster at batch 64. LeNet-5/ResNet-20 fine-tuning was capped "
+        "(FT epochs x batches) to fit the time box; CP on LeNet-5 used grad_clip=5 and the "
+        "balanced CP factor scaling. The ResNet-20 CP row ran before that fix (all of each "
+        "component's weight on the last 1x1 conv): its fine-tuning degraded the model (92.87% "
+        "right after decomposition -> 52.95%); it needs a re-run with the fixed code.",
     ]
     return "\n".join(lines)
 
@@ -235,7 +244,7 @@ def main() -> None:
     global GRAD_CLIP
     GRAD_CLIP = args.grad_clip
     splits = fashion_mnist()
-    for part in args.parts.split(","):
+    for part in [x for x in args.parts.split(",") if x]:  # --parts '' only merges results
         f = RESULTS / f"lowrank_{part}.json"
         rows = json.loads(f.read_text()) if args.methods and f.is_file() else []
         for name, method, rule, layers, epochs in EXPERIMENTS[part]:
@@ -250,7 +259,17 @@ def main() -> None:
             log.info("%s %s %s", name, method, rule)
             ep = args.epochs if args.epochs is not None else epochs
             rows.append(
-                run_one(splits, name, method, rule, layers, ep, args.repeats, args.train_limit)
+                run_one(
+                    splits,
+                    name,
+                    method,
+                    rule,
+                    layers,
+                    ep,
+                    args.repeats,
+                    args.train_limit,
+                    args.test_limit,
+                )
             )
             log.info("%s %s: %s", name, method, {k: rows[-1][k] for k in ("before", "after")})
             RESULTS.mkdir(parents=True, exist_ok=True)
