@@ -63,8 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--reduce-range",
-        action="store_true",
-        help="7-bit weights: exact integer kernels on x86 CPUs without VNNI (no saturation)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="7-bit int8 weights: exact integer kernels on x86 CPUs without VNNI, where full "
+        "8-bit weights saturate (default: on; --no-reduce-range for full 8-bit weights)",
     )
     p.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs (default: 1)")
     p.add_argument(

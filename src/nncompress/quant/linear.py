@@ -138,7 +138,7 @@ class PTQConfig:
     per_layer: dict = field(default_factory=dict)
     fold_bn: bool = True
     keep_zeros: bool = True
-    reduce_range: bool = False
+    reduce_range: bool = True
 
     def __post_init__(self) -> None:
         _check(

@@ -65,7 +65,7 @@ class QuantizeStageConfig:
     calibration: int = 512
     keep_first_last: str | None = None
     per_layer: dict = field(default_factory=dict)
-    reduce_range: bool = False
+    reduce_range: bool = True
     qat_epochs: int = 1
     lr_scale: float = 0.1
     lsq: bool = False
