@@ -80,6 +80,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
             "share": {"bits_fc": 4, "per_layer": {"fc3": 5}},
             "encode": {"codec": "ans"},
         },
+        # the shipped recipe with 10 retraining epochs per pruning iteration at half the base lr
+        "recipe, long retraining": {
+            "prune": {"iterations": 3, "epochs": 10, "lr_scale": 0.5},
+            "finetune": {"epochs": 4},
+        },
         "sensitivity-94%+4bit+ans": {
             "prune": {"sparsity": 0.94, "per_layer": {}, "allocate": "sensitivity", "epochs": 4},
             "share": {"bits_fc": 4},
@@ -98,6 +103,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
             "finetune": {"epochs": 0},
         },
         "recipe": {},
+        "recipe, long retraining": {
+            "prune": {"iterations": 3, "epochs": 5, "lr_scale": 0.5},
+            "finetune": {"epochs": 2},
+        },
     },
 }
 
