@@ -8,19 +8,27 @@ and date); this script only concatenates them in a fixed order under a common he
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from _common import RESULTS, ROOT, machine
 
 SECTIONS = [
     ("baselines", "Baselines (Fashion-MNIST)", "benchmarks/baselines.py"),
-    ("pruning_han", "Connection pruning — Han et al. 2015, Table 1 style", "benchmarks/pruning_han.py"),
+    (
+        "pruning_han",
+        "Connection pruning — Han et al. 2015, Table 1 style",
+        "benchmarks/pruning_han.py",
+    ),
     ("pruning_li", "Filter pruning — Li et al. 2017 style", "benchmarks/pruning_li.py"),
-    ("deep_compression", "Deep Compression — pruning + weight sharing + Huffman",
-     "benchmarks/deep_compression.py"),
+    (
+        "deep_compression",
+        "Deep Compression — pruning + weight sharing + Huffman",
+        "benchmarks/deep_compression.py",
+    ),
     ("coding_throughput", "Entropy coder throughput", "benchmarks/coding_throughput.py"),
-    ("linear_quant", "Linear INT8 / INT4 quantization with ONNX Runtime",
-     "benchmarks/linear_quant.py"),
+    (
+        "linear_quant",
+        "Linear INT8 / INT4 quantization with ONNX Runtime",
+        "benchmarks/linear_quant.py",
+    ),
     ("lowrank", "Low-rank decomposition", "benchmarks/lowrank.py"),
 ]
 

@@ -10,6 +10,10 @@ def test_import_runs_nothing_and_exposes_api():
 
 
 def test_cli_models_lists_registry():
-    res = subprocess.run([sys.executable, "-m", "nncompress.cli", "models", "--json"],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "nncompress.cli", "models", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "lenet-300-100" in res.stdout and "266610" in res.stdout
