@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         from .common import console
 
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
 
 
