@@ -133,11 +133,12 @@ def _tiny_pruned_model(seed: int = 0) -> nn.Sequential:
     return model
 
 
-def test_centroid_gradient_is_sum_of_weight_gradients():
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_centroid_gradient_is_sum_or_mean_of_weight_gradients(mode):
     model = _tiny_pruned_model()
     x = torch.randn(8, 1, 8, 8)
     y = torch.randint(0, 5, (8,))
-    report = share_weights_(model, KMeansConfig(bits_conv=3, bits_fc=2))
+    report = share_weights_(model, KMeansConfig(bits_conv=3, bits_fc=2, centroid_grad=mode))
     assert [r.name for r in report.layers] == ["0", "3"]
     assert [r.k for r in report.layers] == [8, 4]
     # reference: the same effective weights as plain leaf tensors
@@ -152,7 +153,11 @@ def test_centroid_gradient_is_sum_of_weight_gradients():
         p = shared_layers(model)[str(i)]
         g = ref[i].weight.grad  # (weight shape)
         expected = torch.zeros(p.k).index_add_(0, p.indices[p.mask], g[p.mask])  # (k,)
+        if mode == "mean":
+            expected = expected / torch.bincount(p.indices[p.mask], minlength=p.k).clamp(min=1)
         torch.testing.assert_close(p.codebook.grad, expected, rtol=1e-5, atol=1e-7)
+        # the forward value is exactly the codebook gathered by index, in both modes
+        assert torch.equal(model[i].weight[p.mask], p.codebook.detach()[p.indices[p.mask]])
         assert model[i].parametrizations.weight.original.grad is None
 
 

@@ -51,6 +51,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INITS = ("linear", "density", "forgy")
+CENTROID_GRADS = ("mean", "sum")
 MAX_BITS = 8
 
 LayerFilter = Callable[[str, nn.Module], bool]
@@ -325,6 +326,7 @@ class KMeansConfig:
     init: str = "linear"
     max_iter: int = 300
     seed: int = 0
+    centroid_grad: str = "mean"
 
     def __post_init__(self) -> None:
         _check(
@@ -340,6 +342,13 @@ class KMeansConfig:
                 f"bits must be an integer in [1, {MAX_BITS}]",
             )
         _check(self.init in INITS, "init", self.init, f"must be one of {INITS}")
+        _check(
+            self.centroid_grad in CENTROID_GRADS,
+            "centroid_grad",
+            self.centroid_grad,
+            f"must be one of {CENTROID_GRADS} ('sum' is the paper's rule, 'mean' divides it "
+            "by the cluster size)",
+        )
         _check(
             isinstance(self.max_iter, int) and self.max_iter >= 1,
             "max_iter",
@@ -358,21 +367,41 @@ class SharedWeight(nn.Module):
 
     ``codebook`` ``(k,)`` is a trainable parameter; ``indices`` (int64, the weight's shape) and
     ``mask`` (bool) are fixed buffers. Indexing a parameter back-propagates by scatter-add, so
-    ``codebook.grad[j] = sum of dL/dW over the unmasked weights with index j`` — Deep
-    Compression's centroid gradient. ``torch.where`` (not a product) keeps pruned entries +0.0.
+    with ``centroid_grad='sum'`` ``codebook.grad[j] = sum of dL/dW over the unmasked weights
+    with index j`` — Deep Compression's centroid gradient, literally. With ``'mean'`` (the
+    default) the gradient is divided by the cluster size, i.e. the average of the weights'
+    gradients (as Stock et al. 2019 update codewords): the summed step is ~1000x a weight's step
+    for clusters of ~1000 weights and made SGD diverge when fine-tuning LeNet-5's centroids at
+    the weights' learning rate (91.84% -> 32.04%, benchmarks/deep_compression.py). The forward
+    value is identical in both modes. ``torch.where`` (not a product) keeps pruned entries +0.0.
     The input (the previous value of the weight) is ignored.
     """
 
-    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> None:
+    def __init__(
+        self,
+        codebook: torch.Tensor,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        centroid_grad: str = "mean",
+    ) -> None:
         super().__init__()
         if indices.shape != mask.shape:
             raise ValueError(f"indices {tuple(indices.shape)} and mask {tuple(mask.shape)} differ")
+        if centroid_grad not in CENTROID_GRADS:
+            raise ValueError(f"centroid_grad={centroid_grad!r}: must be one of {CENTROID_GRADS}")
+        self.centroid_grad = centroid_grad
         self.codebook = nn.Parameter(codebook.detach().clone())  # (k,)
         self.register_buffer("indices", indices.detach().to(torch.int64).clone())  # weight shape
         self.register_buffer("mask", mask.detach().to(torch.bool).clone())  # weight shape
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        shared = self.codebook[self.indices]  # (weight shape)
+        codebook = self.codebook  # (k,)
+        if self.centroid_grad == "mean" and codebook.requires_grad:
+            counts = torch.bincount(self.indices[self.mask], minlength=codebook.numel())  # (k,)
+            scale = 1.0 / counts.clamp(min=1).to(codebook.dtype)  # (k,)
+            # value exactly codebook (x + 0 == x); gradient scaled by 1 / cluster size
+            codebook = codebook.detach() + (codebook - codebook.detach()) * scale
+        shared = codebook[self.indices]  # (weight shape)
         return torch.where(self.mask, shared, torch.zeros((), dtype=shared.dtype))
 
     @property
@@ -433,8 +462,15 @@ def shared_layers(model: nn.Module) -> dict[str, SharedWeight]:
     return out
 
 
-def _install(module: nn.Module, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor):
-    p = SharedWeight(codebook.to(module.weight.dtype), indices, mask).to(module.weight.device)
+def _install(
+    module: nn.Module,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor,
+    centroid_grad: str = "mean",
+):
+    p = SharedWeight(codebook.to(module.weight.dtype), indices, mask, centroid_grad)
+    p = p.to(module.weight.device)
     # Composes after any existing parametrization (e.g. a pruning mask): mask, then codebook.
     parametrize.register_parametrization(module, "weight", p)
     # The stored original no longer influences the output: keep it out of training.
@@ -497,7 +533,7 @@ def share_weights_(
                 indices = torch.zeros(w.shape, dtype=torch.int64)
                 indices[mask.cpu()] = q.labels_
                 inertia = q.inertia_
-            _install(m, codebook, indices, mask)
+            _install(m, codebook, indices, mask, cfg.centroid_grad)
             nnz = int(mask.sum())
             report.layers.append(
                 LayerShareReport(
@@ -524,7 +560,11 @@ def share_weights_(
 
 
 def share_from_values_(
-    model: nn.Module, *, max_values: int = 2**MAX_BITS, filter: LayerFilter | None = None
+    model: nn.Module,
+    *,
+    max_values: int = 2**MAX_BITS,
+    filter: LayerFilter | None = None,
+    centroid_grad: str = "mean",
 ) -> list[str]:
     """Rebuild the shared-weight parametrization from weights that take few distinct values.
 
@@ -547,6 +587,6 @@ def share_from_values_(
             continue
         indices = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
         indices[mask] = inverse
-        _install(m, values, indices, mask)
+        _install(m, values, indices, mask, centroid_grad)
         done.append(name)
     return done
