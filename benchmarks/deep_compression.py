@@ -85,6 +85,25 @@ VARIANTS: dict[str, dict[str, dict]] = {
             "prune": {"iterations": 3, "epochs": 10, "lr_scale": 0.5},
             "finetune": {"epochs": 4},
         },
+        # retraining at the full base lr (cosine within each iteration), 4-bit FC + ANS
+        "full-lr retraining+4bit+ans": {
+            "prune": {"iterations": 3, "epochs": 15, "lr_scale": 1.0},
+            "share": {"bits_fc": 4, "per_layer": {"fc3": 5}},
+            "finetune": {"epochs": 4},
+            "encode": {"codec": "ans"},
+        },
+        # spend the bytes 4-bit + ANS saved on more surviving weights
+        "keep 9/15/50%+full-lr+4bit+ans": {
+            "prune": {
+                "iterations": 3,
+                "epochs": 15,
+                "lr_scale": 1.0,
+                "per_layer": {"fc1": 0.91, "fc2": 0.85, "fc3": 0.5},
+            },
+            "share": {"bits_fc": 4, "per_layer": {"fc3": 5}},
+            "finetune": {"epochs": 4},
+            "encode": {"codec": "ans"},
+        },
         "sensitivity-94%+4bit+ans": {
             "prune": {"sparsity": 0.94, "per_layer": {}, "allocate": "sensitivity", "epochs": 4},
             "share": {"bits_fc": 4},
