@@ -178,7 +178,18 @@ def test_missing_data_folder_exits_2_with_hint(tmp_path, capsys):
 
 
 def test_out_must_be_safetensors(tmp_path, capsys):
-    code = main(
-        ["train", "--model", "lenet-5", "--dataset", "synthetic", "--out", str(tmp_path / "m.pt")]
-    )
-    assert code == 2 and "--out" in _err(capsys)
+    # rejected by the parser, before any data is loaded or trained
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "train",
+                "--model",
+                "lenet-5",
+                "--dataset",
+                "synthetic",
+                "--out",
+                str(tmp_path / "m.pt"),
+            ]
+        )
+    err = _err(capsys)
+    assert exc.value.code == 2 and "--out" in err and "must end in .safetensors" in err

@@ -10,6 +10,7 @@ from .common import (
     add_data_args,
     add_json_arg,
     add_quiet_arg,
+    checkpoint_out,
     dataset_for,
     existing_file,
     out,
@@ -94,7 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="random 2-pixel shifts and horizontal flips of training images",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--out", required=True, type=checkpoint_out, help="output checkpoint (.safetensors)"
+    )
     add_quiet_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -247,8 +250,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment,
         seed=args.seed,
     )
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
     splits = load_dataset(args.dataset, args.data_dir)
     _, metrics = train_model(args.model, splits, cfg, args.out, RichProgress(not args.quiet))
     out.print(

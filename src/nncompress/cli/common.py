@@ -114,6 +114,14 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     out.print(table)
 
 
+def checkpoint_out(value: str) -> Path:
+    """argparse type of ``--out`` checkpoint paths: checked at parse time, before any work."""
+    path = Path(value)
+    if path.suffix != ".safetensors":
+        raise argparse.ArgumentTypeError(f"'{value}' must end in .safetensors")
+    return path
+
+
 def existing_file(value: str) -> Path:
     path = Path(value)
     if not path.is_file():

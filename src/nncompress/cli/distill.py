@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .common import (
     RichProgress,
     add_data_args,
     add_json_arg,
     add_quiet_arg,
+    checkpoint_out,
     dataset_for,
     existing_file,
     out,
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
-        "--out", required=True, type=Path, help="output student checkpoint (.safetensors)"
+        "--out", required=True, type=checkpoint_out, help="output student checkpoint (.safetensors)"
     )
     add_json_arg(p)
     add_quiet_arg(p)
@@ -77,8 +77,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     # validate everything before loading data or training
     if args.student not in MODELS:
         raise ValueError(f"--student={args.student!r}: must be one of {sorted(MODELS)}")
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
     kd = DistillConfig(temperature=args.temperature, alpha=args.alpha, label_free=args.label_free)
     cfg = TrainConfig(
         epochs=args.epochs,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .common import (
     RichProgress,
     add_data_args,
     add_json_arg,
     add_quiet_arg,
+    checkpoint_out,
     dataset_for,
     existing_file,
     out,
@@ -74,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--augment", action="store_true", help="random shifts while fine-tuning")
     p.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size")
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--out", required=True, type=checkpoint_out, help="output checkpoint (.safetensors)"
+    )
     add_data_args(p)
     add_json_arg(p)
     add_quiet_arg(p)
@@ -86,8 +88,6 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from ..lowrank import DecomposeConfig
     from ..stages.decompose import DecomposeStageConfig, decompose_and_finetune
 
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
     dcfg = DecomposeConfig(
         method=args.method,
         rank=args.rank,

@@ -14,6 +14,7 @@ from .common import (
     add_data_args,
     add_json_arg,
     add_quiet_arg,
+    checkpoint_out,
     dataset_for,
     existing_file,
     out,
@@ -209,7 +210,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--remove-dead", action="store_true", help="physically remove dead neurons at the end"
     )
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--out", required=True, type=checkpoint_out, help="output checkpoint (.safetensors)"
+    )
     add_data_args(p)
     add_json_arg(p)
     add_quiet_arg(p)
@@ -273,8 +276,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.method not in METHODS:
         raise ValueError(f"--method={args.method!r}: must be one of {sorted(METHODS)}")
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out={str(args.out)!r}: must end in .safetensors")
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
     progress = RichProgress(not args.quiet)
