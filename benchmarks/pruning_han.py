@@ -6,8 +6,9 @@ For each LeNet (one run, same machine, same data):
 2. Per-layer sparsities from the curves (greedy: smallest held-out loss per removed weight
    first) reaching the overall target (``--target`` x fewer nonzero parameters, biases included).
 3. nncompress: iterative pruning (``--iterations`` prune -> retrain cycles, kept fraction
-   shrinking geometrically, ``--epochs`` retraining epochs each at 1/10 of the baseline's
-   learning rate, L2 as in the baseline), then dead-neuron removal. Test accuracy, nonzeros,
+   shrinking geometrically, ``--epochs`` retraining epochs each at ``--lr-scale`` times the
+   baseline's learning rate (Han: 1/10), L2 as in the baseline; ``--distill T,alpha`` retrains
+   with knowledge distillation from the unpruned baseline), then dead-neuron removal. Test accuracy, nonzeros,
    per-layer kept fractions beside the paper's.
 4. ``torch.nn.utils.prune`` with the same per-layer sparsities (``l1_unstructured``, same
    iterative schedule and retraining budget through the same training loop), and its
@@ -39,6 +40,7 @@ from torch.nn.utils import prune as tprune
 
 from _common import ROOT, baseline, write_result
 from nncompress.data import fashion_mnist
+from nncompress.distill import DistillConfig, distillation_loss
 from nncompress.engine import (
     TrainConfig,
     atomic_write,
@@ -109,6 +111,8 @@ def torch_prune_run(
     train_loader,
     cfg: TrainConfig,
     val_loader,
+    lr_scale: float,
+    loss_fn,
 ) -> nn.Module:
     """torch.nn.utils.prune with our iterative schedule: at iteration i each layer's kept
     fraction is (1 - s) ** (i / iterations); torch's ``amount`` is relative to the still
@@ -128,7 +132,9 @@ def torch_prune_run(
                 pruning_method=tprune.L1Unstructured,
                 amount=1 - k_now / k_prev,
             )
-        finetune(model, train_loader, cfg, lr_scale=0.1, val_loader=val_loader)
+        finetune(
+            model, train_loader, cfg, lr_scale=lr_scale, val_loader=val_loader, loss_fn=loss_fn
+        )
     return model
 
 
@@ -176,6 +182,10 @@ def run_model(name: str, args, splits, publish) -> dict:
 
     # 3: nncompress iterative pruning + dead neurons
     ours = copy.deepcopy(base)
+    loss_fn = None
+    if args.distill:
+        t_kd, a_kd = (float(v) for v in args.distill.split(","))
+        loss_fn = distillation_loss(copy.deepcopy(base).eval(), DistillConfig(t_kd, a_kd))
     t = time.perf_counter()
     its = iterative_prune(
         ours,
@@ -183,8 +193,9 @@ def run_model(name: str, args, splits, publish) -> dict:
         train_loader,
         retrain,
         iterations=args.iterations,
-        lr_scale=0.1,
+        lr_scale=args.lr_scale,
         val_loader=val_loader,
+        loss_fn=loss_fn,
     )
     ours_s = time.perf_counter() - t
     kept = {n: float(m.float().mean()) for n, m in pruning_masks(ours).items()}
@@ -226,7 +237,8 @@ def run_model(name: str, args, splits, publish) -> dict:
         "per_layer_sparsity": per,
         "iterations": args.iterations,
         "retrain_epochs_per_iteration": args.epochs,
-        "retrain_lr": retrain.lr * 0.1,
+        "retrain_lr": retrain.lr * args.lr_scale,
+        "distill": args.distill,
         "train_limit": args.train_limit,
         "ours": {
             "test_accuracy": acc_ours,
@@ -262,7 +274,9 @@ def run_model(name: str, args, splits, publish) -> dict:
     # 4: torch.nn.utils.prune, same sparsities and budget
     tp = copy.deepcopy(base)
     t = time.perf_counter()
-    torch_prune_run(tp, per, None, args.iterations, train_loader, retrain, val_loader)
+    torch_prune_run(
+        tp, per, None, args.iterations, train_loader, retrain, val_loader, args.lr_scale, loss_fn
+    )
     tp_s = time.perf_counter() - t
     acc_tp = evaluate(tp, test_loader)["accuracy"]
     _, nz_tp = nonzeros(tp)
@@ -288,7 +302,17 @@ def run_model(name: str, args, splits, publish) -> dict:
         tg_model = copy.deepcopy(base)
         s_all = 1 - sum((1 - per[n]) * sens.params[n] for n in per) / weights
         t = time.perf_counter()
-        torch_prune_run(tg_model, per, s_all, args.iterations, train_loader, retrain, val_loader)
+        torch_prune_run(
+            tg_model,
+            per,
+            s_all,
+            args.iterations,
+            train_loader,
+            retrain,
+            val_loader,
+            args.lr_scale,
+            loss_fn,
+        )
         res["torch_global"] = {
             "sparsity": s_all,
             "test_accuracy": evaluate(tg_model, test_loader)["accuracy"],
@@ -385,6 +409,11 @@ def markdown(results: dict[str, dict]) -> str:
             f"{r['iterations']} iterations x {r['retrain_epochs_per_iteration']} epochs at lr "
             f"{r['retrain_lr']:g}"
             + (
+                f" with distillation from the baseline (T, alpha = {r['distill']})"
+                if r.get("distill")
+                else ""
+            )
+            + (
                 f" on the first {r['train_limit']:,} training images"
                 if r.get("train_limit")
                 else ""
@@ -403,6 +432,14 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=12.5, help="x fewer nonzero params")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4, help="retraining epochs per iteration")
+    ap.add_argument(
+        "--lr-scale", type=float, default=0.1, help="retraining lr / baseline lr (Han: 0.1)"
+    )
+    ap.add_argument(
+        "--distill",
+        metavar="T,ALPHA",
+        help="retrain with knowledge distillation from the baseline (both ours and torch's)",
+    )
     ap.add_argument("--no-torch-global", dest="torch_global", action="store_false")
     ap.add_argument(
         "--train-limit",

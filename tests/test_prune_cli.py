@@ -141,3 +141,49 @@ def test_stage_config_validation_and_run(digits_data, tmp_path):
     assert kept / total <= 0.1 + 1e-9  # sensitivity allocation reaches the overall target
     assert set(rep["sensitivity"]["per_layer"]) == {"fc1", "fc2", "fc3"}
     assert {"val_accuracy", "test_accuracy", "nonzeros", "params"} <= set(rep)
+
+
+def test_stage_distill_retrains_from_the_unpruned_teacher(digits_data, tmp_path, monkeypatch):
+    import nncompress.stages.prune as stage_mod
+    from nncompress.models import create
+    from nncompress.stages.base import StageContext
+
+    with pytest.raises(ConfigError, match="distill: temperature=0"):
+        PruneStageConfig(sparsity=0.5, distill={"temperature": 0})
+    with pytest.raises(ConfigError, match=r"distill: unknown field\(s\) \['T'\]"):
+        PruneStageConfig(sparsity=0.5, distill={"T": 4})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        PruneStageConfig(sparsity=0.5, distill=4)
+    torch.manual_seed(0)
+    model = create("lenet-300-100", in_features=64, num_classes=10)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {"teachers": [], "calls": 0}
+    real = stage_mod.distillation_loss
+
+    def spy(teacher, cfg):
+        seen["teachers"].append((teacher, cfg))
+        inner = real(teacher, cfg)
+
+        def loss_fn(out, y, x):
+            seen["calls"] += 1
+            return inner(out, y, x)
+
+        return loss_fn
+
+    monkeypatch.setattr(stage_mod, "distillation_loss", spy)
+    cfg = PruneStageConfig.from_dict(
+        {"sparsity": 0.8, "iterations": 2, "epochs": 1, "distill": {"temperature": 3, "alpha": 0.6}}
+    )
+    assert PruneStageConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    ctx = StageContext(
+        model=model, splits=digits_data, model_name="lenet-300-100",
+        model_kwargs={"in_features": 64, "num_classes": 10},
+        train_config=TrainConfig(epochs=1, lr=0.05), out_dir=tmp_path,
+    )  # fmt: skip
+    run_prune_stage(ctx, cfg)
+    [(teacher, kd)] = seen["teachers"]
+    assert (kd.temperature, kd.alpha) == (3, 0.6)
+    assert seen["calls"] > 0  # every retraining step went through the distillation loss
+    assert teacher is not ctx.model and not teacher.training
+    for k, v in teacher.state_dict().items():  # the teacher stayed the unpruned network
+        assert torch.equal(v, dense[k]), k

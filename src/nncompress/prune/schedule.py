@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import Callback, ProgressEvent, evaluate, finetune
+from ..engine.train import Callback, LossFn, ProgressEvent, evaluate, finetune
 from .magnitude import (
     DEFAULT_INCLUDE,
     Filter,
@@ -204,6 +204,7 @@ def iterative_prune(
     adjust_dropout: bool = True,
     filter: Filter | None = None,  # noqa: A002
     callbacks: Sequence[Callback] = (),
+    loss_fn: LossFn | None = None,
     progress: Progress | None = None,
 ) -> list[IterationReport]:
     """Han 2015 prune -> retrain, repeated ``iterations`` times (1 = one-shot + retrain).
@@ -237,6 +238,7 @@ def iterative_prune(
                     lr_scale=lr_scale,
                     val_loader=val_loader,
                     callbacks=callbacks,
+                    loss_fn=loss_fn,
                     progress=progress,
                 )
             finally:
@@ -402,6 +404,7 @@ def agp_prune(
     val_loader: Iterable | None = None,
     adjust_dropout: bool = True,
     filter: Filter | None = None,  # noqa: A002
+    loss_fn: LossFn | None = None,
     progress: Progress | None = None,
 ) -> tuple[AGPCallback, list[dict]]:
     """Fine-tune ``model`` for ``train_config.epochs`` while AGP ramps its sparsity.
@@ -441,6 +444,7 @@ def agp_prune(
             lr_scale=lr_scale,
             val_loader=val_loader,
             callbacks=[cb],
+            loss_fn=loss_fn,
             progress=progress,
         )
     finally:

@@ -9,21 +9,28 @@ Recipe example::
     - {stage: prune, method: magnitude, sparsity: 0.92, allocate: sensitivity,
        iterations: 3, epochs: 4, lr_scale: 0.1, remove_dead: true}
     - {stage: prune, method: agp, sparsity: 0.9, epochs: 5, agp_frequency: 50}
+    - {stage: prune, method: magnitude, sparsity: 0.92, iterations: 3, epochs: 10,
+       lr_scale: 0.5, distill: {temperature: 4, alpha: 0.7}}
 
 ``epochs`` is the number of retraining epochs per iteration (``magnitude``; 0 = one-shot,
 no retraining) or of the whole gradual run (``agp``). ``allocate: sensitivity`` runs a
 sensitivity analysis on the held-out split first and sets per-layer sparsities from it: the
 layers whose accuracy drop stays within ``max_drop`` points, or — without ``max_drop`` — the
-smallest tolerated drop that reaches the overall ``sparsity``.
+smallest tolerated drop that reaches the overall ``sparsity``. ``distill`` retrains with
+knowledge distillation (Hinton 2015) from a frozen copy of the model as it entered the stage
+(the unpruned network) instead of the plain cross-entropy. Retraining reads the training split
+without augmentation.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..distill.losses import DistillConfig, distillation_loss
 from ..engine.config import ConfigError, TrainConfig
 from ..engine.train import evaluate
 from ..prune.magnitude import (
@@ -71,6 +78,8 @@ class PruneStageConfig:
     adjust_dropout : Han's dropout adjustment while retraining.
     agp_frequency, agp_initial_sparsity : AGP's ``dt`` (steps) and ``s_i``.
     remove_dead : physically remove dead neurons at the end.
+    distill : ``{temperature, alpha}`` of :class:`~nncompress.distill.DistillConfig`: retrain
+        with soft targets from the model as it entered the stage (None: cross-entropy).
     """
 
     method: str = "magnitude"
@@ -94,11 +103,14 @@ class PruneStageConfig:
     agp_frequency: int = 100
     agp_initial_sparsity: float = 0.0
     remove_dead: bool = False
+    distill: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "sensitivity_sparsities"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "per_layer", dict(self.per_layer))
+        if self.distill is not None:
+            self.distill_config()  # validates (names the field)
         if self.method not in PRUNE_METHODS:
             raise ConfigError(f"method={self.method!r}: must be one of {PRUNE_METHODS}")
         if self.allocate not in ALLOCATIONS:
@@ -165,6 +177,22 @@ class PruneStageConfig:
             exclude=self.exclude,
         )
 
+    def distill_config(self) -> DistillConfig | None:
+        if self.distill is None:
+            return None
+        if not isinstance(self.distill, dict):
+            raise ConfigError(
+                f"distill={self.distill!r}: must be a mapping like {{temperature: 4, alpha: 0.7}}"
+            )
+        allowed = {f.name for f in dataclasses.fields(DistillConfig)}
+        unknown = sorted(set(self.distill) - allowed)
+        if unknown:
+            raise ConfigError(f"distill: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        try:
+            return DistillConfig(**self.distill)
+        except ConfigError as exc:
+            raise ConfigError(f"distill: {exc}") from None
+
     def retrain_config(self, base: TrainConfig) -> TrainConfig:
         changes: dict[str, Any] = {"epochs": self.epochs}
         if self.l1 is not None:
@@ -221,6 +249,9 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     mc = config.magnitude_config(derived)
     retrain = config.retrain_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
+    kd = config.distill_config()
+    # the teacher: a frozen copy of the model as it entered the stage
+    loss_fn = None if kd is None else distillation_loss(copy.deepcopy(model).eval(), kd)
     if config.method == "magnitude":
         its = iterative_prune(
             model,
@@ -231,6 +262,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
             lr_scale=config.lr_scale,
             val_loader=val_loader if retrain.epochs > 0 else None,
             adjust_dropout=config.adjust_dropout,
+            loss_fn=loss_fn,
             progress=ctx.progress,
         )
         report["iterations"] = [it.to_dict() for it in its]
@@ -256,6 +288,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
             lr_scale=config.lr_scale,
             val_loader=val_loader,
             adjust_dropout=config.adjust_dropout,
+            loss_fn=loss_fn,
             progress=ctx.progress,
         )
         report["agp"] = {"updates": cb.history, "train_history": hist}
