@@ -50,8 +50,18 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
         agp_frequency=args.agp_frequency,
         agp_initial_sparsity=args.agp_initial_sparsity,
         remove_dead=args.remove_dead,
+        distill=_distill(args.distill),
     )
     return run_prune_stage(ctx, cfg)
+
+
+def _distill(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    values = _floats(text, "--distill")
+    if len(values) != 2:
+        raise ValueError(f"--distill={text!r}: expected TEMPERATURE,ALPHA (e.g. 4,0.7)")
+    return {"temperature": values[0], "alpha": values[1]}
 
 
 def _run_filter(args: argparse.Namespace, ctx) -> dict:
@@ -60,7 +70,7 @@ def _run_filter(args: argparse.Namespace, ctx) -> dict:
 
     if args.iterations != 1:
         raise ValueError(f"--iterations={args.iterations}: filter pruning prunes once")
-    for flag in ("q", "sparsity"):
+    for flag in ("q", "sparsity", "distill"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag}: not used by {args.method}; use --ratio or --macs-budget")
     cfg = FilterPruneStageConfig(
@@ -209,6 +219,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--remove-dead", action="store_true", help="physically remove dead neurons at the end"
+    )
+    p.add_argument(
+        "--distill",
+        metavar="T,ALPHA",
+        help="retrain with knowledge distillation from the unpruned model (e.g. 4,0.7)",
     )
     p.add_argument(
         "--out", required=True, type=checkpoint_out, help="output checkpoint (.safetensors)"

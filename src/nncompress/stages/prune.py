@@ -24,7 +24,6 @@ without augmentation.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 from ..distill.losses import DistillConfig, distillation_loss
 from ..engine.config import ConfigError, TrainConfig
+from ..engine.modspec import folded_copy
 from ..engine.train import evaluate
 from ..prune.magnitude import (
     DEFAULT_INCLUDE,
@@ -250,8 +250,8 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     retrain = config.retrain_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
     kd = config.distill_config()
-    # the teacher: a frozen copy of the model as it entered the stage
-    loss_fn = None if kd is None else distillation_loss(copy.deepcopy(model).eval(), kd)
+    # the teacher: a frozen plain copy (masks folded) of the model as it entered the stage
+    loss_fn = None if kd is None else distillation_loss(folded_copy(model).eval(), kd)
     if config.method == "magnitude":
         its = iterative_prune(
             model,
