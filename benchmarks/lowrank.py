@@ -203,7 +203,8 @@ def markdown(rows: list[dict]) -> str:
             f"{b['latency_ms']['batch_1']:.3f} -> {a['latency_ms']['batch_1']:.3f} | "
             f"{b['latency_ms']['batch_64']:.2f} -> {a['latency_ms']['batch_64']:.2f} | "
             f"{r['finetune_epochs']}"
-            f"{' x ' + str(r['train_limit']) + ' batches' if r.get('train_limit') else ''} "
+            f"{' x ' + str(r['train_limit']) + ' batches' if r.get('train_limit') else ''}"
+            f"{', grad clip ' + str(r['grad_clip']) if r.get('grad_clip') else ''} "
             f"| {r.get('test_samples', 10000)} |"
         )
     lines += ["", "Ranks per decomposed layer:", ""]
@@ -219,11 +220,8 @@ def markdown(rows: list[dict]) -> str:
         "measurement in lowrank_latency.md (lowrank_latency.py), which shows that Tucker-2 and CP "
         "make LeNet-5 slower on this CPU (tiny layers, extra 1x1 and depthwise convs), that "
         "ResNet-20 gains little or nothing despite 2.2x fewer MACs, and that only the SVD of "
-        "LeNet-300-100 is clearly faster at batch 64. LeNet-5/ResNet-20 fine-tuning was capped "
-        "(FT epochs x batches) to fit the time box; CP on LeNet-5 used grad_clip=5 and the "
-        "balanced CP factor scaling. The ResNet-20 CP row ran before that fix (all of each "
-        "component's weight on the last 1x1 conv): its fine-tuning degraded the model (92.87% "
-        "right after decomposition -> 52.95%); it needs a re-run with the fixed code.",
+        "LeNet-300-100 is clearly faster at batch 64. `FT epochs` shows any cap on the batches "
+        "per epoch and the gradient-norm clip used while fine-tuning.",
     ]
     return "\n".join(lines)
 

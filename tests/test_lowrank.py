@@ -195,6 +195,9 @@ def test_tt_forward_matches_dense_reconstruction_and_cost():
     assert params == _n_params(tt)
     # contractions: core0 (1*4*5*3) x Z=7, then core1 (3*7*3*1) x P=5
     assert macs == 60 * 7 + 63 * 5
+    # count_macs sees TTLinear layers (one sample of 2 x 28 rows: 2 rows)
+    net = nn.Sequential(tt, nn.ReLU(), nn.Linear(15, 4))
+    assert count_macs(net, (2, 28)) == {"0": (2 * macs, 2 * macs), "2": (2 * 60, 2 * 60)}
 
 
 def test_tt_truncation_error_decreases_with_rank():

@@ -174,6 +174,10 @@ class TTLinear(nn.Module):
             y = y + self.bias
         return y
 
+    def macs_per_row(self) -> int:
+        """Multiply-accumulates of :meth:`forward` for one input row (:func:`tt_cost`)."""
+        return tt_cost(self.in_modes, self.out_modes, self.ranks, False, positions=1)[1]
+
     def full_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` weight the cores represent (for checks and analysis)."""
         eye = torch.eye(self.in_features, device=self.core0.device, dtype=self.core0.dtype)

@@ -82,20 +82,21 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tupl
 
     def hook(name: str):
         def fn(mod: nn.Module, inputs, output) -> None:
-            w = mod.weight
-            if isinstance(mod, nn.Linear):
-                positions = output.numel() // output.shape[-1]
-                dense = positions * w.numel()
+            if hasattr(mod, "macs_per_row"):  # TTLinear: the contractions of its cores
+                dense = nonzero = output.numel() // output.shape[-1] * mod.macs_per_row()
             else:
-                positions = output.numel() // output.shape[1]
+                w = mod.weight
+                channels = output.shape[-1] if isinstance(mod, nn.Linear) else output.shape[1]
+                positions = output.numel() // channels
                 dense = positions * w.numel()
+                nonzero = positions * int(torch.count_nonzero(w))
             prev = out.get(name, (0, 0))
-            out[name] = (prev[0] + dense, prev[1] + positions * int(torch.count_nonzero(w)))
+            out[name] = (prev[0] + dense, prev[1] + nonzero)
 
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, _MAC_TYPES):
+        if isinstance(m, _MAC_TYPES) or hasattr(m, "macs_per_row"):
             hooks.append(m.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
