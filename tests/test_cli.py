@@ -45,6 +45,7 @@ def trained(tmp_path_factory):
         "--grad-clip", "5",
         "--label-smoothing", "0.05",
         "--early-stopping", "3",
+        "--restore-best",
         "--quiet",
         "--out", str(out),
     )  # fmt: skip
@@ -70,6 +71,7 @@ def test_train_writes_checkpoint_with_recipe(trained):
     recipe = side["extra"]["train_config"]
     assert recipe["epochs"] == 2 and recipe["grad_clip"] == 5.0
     assert recipe["label_smoothing"] == 0.05 and recipe["early_stopping"] == 3
+    assert recipe["restore_best"] is True
     assert len(side["history"]) == 2 and "val_loss" in side["history"][0]
     assert side["metrics"]["test_accuracy"] > 50
 
@@ -161,7 +163,8 @@ def test_basic_commands_explain_every_option(command):
 
 def test_train_help_lists_new_options():
     text = _subcommands()["train"].format_help()
-    for opt in ("--early-stopping", "--label-smoothing", "--grad-clip", "--l1", "--augment"):
+    opts = ("--early-stopping", "--restore-best", "--label-smoothing", "--grad-clip", "--l1")
+    for opt in (*opts, "--augment"):
         assert opt in text
 
 

@@ -177,6 +177,46 @@ def test_early_stopping_restores_best_epoch():
         torch.testing.assert_close(v, snapshots[0][k], rtol=0, atol=0)
 
 
+def test_restore_best_keeps_the_starting_weights_when_training_hurts():
+    model = _mlp()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def ascend(out, y, x):
+        return -nn.functional.cross_entropy(out, y)
+
+    loader = _one_batch(32)
+    cfg = TrainConfig(epochs=3, lr=0.5, restore_best=True, **PLAIN)
+    hist = fit(model, loader, cfg, val_loader=loader, loss_fn=ascend)
+    assert hist.best_epoch == 0 and len(hist.epochs) == 3
+    assert max(e["val_accuracy"] for e in hist.epochs) <= hist.start_val_accuracy
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, start[k], rtol=0, atol=0)
+    # without the option the damage stays
+    hurt = _mlp()
+    fit(hurt, loader, cfg.replace(restore_best=False), val_loader=loader, loss_fn=ascend)
+    assert not torch.equal(hurt.state_dict()["1.weight"], start["1.weight"])
+
+
+def test_restore_best_keeps_the_best_epoch():
+    model = _mlp()
+    snapshots = []
+
+    class Snap(Callback):
+        def on_epoch_end(self, model, epoch, metrics):
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    loader = _one_batch(32)
+    cfg = TrainConfig(epochs=6, lr=0.5, restore_best=True, **PLAIN)
+    hist = fit(model, loader, cfg, val_loader=loader, callbacks=[Snap()])
+    accs = [e["val_accuracy"] for e in hist.epochs]
+    assert max(accs) > hist.start_val_accuracy
+    assert hist.best_epoch == accs.index(max(accs)) + 1  # first epoch reaching the best
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[hist.best_epoch - 1][k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="restore_best=True"):
+        fit(_mlp(), loader, TrainConfig(epochs=1, restore_best=True))
+
+
 def test_early_stopping_needs_held_out_split():
     with pytest.raises(ValueError, match="early_stopping=3"):
         fit(_mlp(), _one_batch(), TrainConfig(epochs=1, early_stopping=3))

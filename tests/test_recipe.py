@@ -127,3 +127,10 @@ def test_digest_ignores_fields_at_default_values():
     changed = _base()
     changed["stages"][2] = {"stage": "share", "bits_fc": 3}
     assert load_recipe(changed).digest() != a.digest()
+    # the base training config too (a release adding a TrainConfig field keeps runs resumable)
+    train_explicit = _base()
+    train_explicit["train"] = {**train_explicit.get("train", {}), "restore_best": False}
+    assert load_recipe(train_explicit).digest() == a.digest()
+    train_changed = _base()
+    train_changed["train"] = {**train_changed.get("train", {}), "restore_best": True}
+    assert load_recipe(train_changed).digest() != a.digest()

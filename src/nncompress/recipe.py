@@ -148,6 +148,7 @@ class Recipe:
         """
         d = self.to_dict()
         d.pop("description", None)
+        d["train"] = _without_defaults(self.train, d["train"])
         d["stages"] = [
             _without_defaults(s.config, sd) for s, sd in zip(self.stages, d["stages"], strict=True)
         ]

@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "epoch's weights (default: 0 = off)",
     )
     p.add_argument(
+        "--restore-best",
+        action="store_true",
+        help="end with the weights of the epoch with the best held-out accuracy",
+    )
+    p.add_argument(
         "--augment",
         action="store_true",
         help="random 2-pixel shifts and horizontal flips of training images",
@@ -247,6 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         grad_clip=args.grad_clip,
         early_stopping=args.early_stopping,
+        restore_best=args.restore_best,
         augment=args.augment,
         seed=args.seed,
     )

@@ -28,7 +28,10 @@ class TrainConfig:
     ``l1`` / ``weight_decay`` (L2) are penalties on weights; ``regularization_switch_epoch``
     switches from L1 to L2 at that epoch (Han 2015's L1-then-L2; the L2 strength is
     ``weight_decay`` and the L1 strength ``l1``). ``early_stopping`` is a patience in epochs on
-    the held-out loss (0 disables it).
+    the held-out loss (0 disables it). ``restore_best`` evaluates the held-out split before
+    training and after every epoch and, at the end, restores the weights with the best held-out
+    accuracy — the starting weights included, so fine-tuning never ends worse on held-out data
+    than it began.
     """
 
     epochs: int = 10
@@ -49,6 +52,7 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     early_stopping: int = 0
+    restore_best: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
@@ -79,6 +83,12 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
         _check(self.step_size >= 1, "step_size", self.step_size, "must be >= 1")
         _check(self.early_stopping >= 0, "early_stopping", self.early_stopping, "must be >= 0")
+        _check(
+            isinstance(self.restore_best, bool),
+            "restore_best",
+            self.restore_best,
+            "must be true or false",
+        )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

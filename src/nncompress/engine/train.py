@@ -77,10 +77,16 @@ class Callback:
 
 @dataclass
 class History:
-    """Per-epoch metrics returned by :func:`fit`."""
+    """Per-epoch metrics returned by :func:`fit`.
+
+    ``best_epoch``: the epoch whose weights were restored (early stopping or ``restore_best``;
+    0 = the starting weights). ``start_val_accuracy``: held-out accuracy before training
+    (measured with ``restore_best``).
+    """
 
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
+    start_val_accuracy: float | None = None
     wall_time_s: float = 0.0
 
     @property
@@ -194,6 +200,10 @@ def fit(
             f"early_stopping={cfg.early_stopping}: needs val_loader= (the held-out split); "
             "pass one or set early_stopping=0"
         )
+    if cfg.restore_best and val_loader is None:
+        raise ValueError(
+            "restore_best=True: needs val_loader= (the held-out split); pass one or set it false"
+        )
     seed_everything(cfg.seed)
     device = model_device(model)
     loss_fn = loss_fn or _default_loss(cfg)
@@ -213,6 +223,9 @@ def fit(
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     history, step = History(), 0
     best_loss, best_state, bad_epochs = math.inf, None, 0
+    if cfg.restore_best:  # (accuracy, weights, epoch) of the best held-out accuracy so far
+        history.start_val_accuracy = evaluate(model, val_loader)["accuracy"]
+        best_acc = (history.start_val_accuracy, copy.deepcopy(model.state_dict()), 0)
     start = time.perf_counter()
     for cb in callbacks:
         cb.on_train_begin(model, optimizer)
@@ -277,6 +290,8 @@ def fit(
             log.info("epoch %d: %s", epoch + 1, metrics)
             for cb in callbacks:
                 cb.on_epoch_end(model, epoch, metrics)
+            if cfg.restore_best and metrics["val_accuracy"] > best_acc[0]:
+                best_acc = (metrics["val_accuracy"], copy.deepcopy(model.state_dict()), epoch + 1)
             if cfg.early_stopping and val_loader is not None:
                 if metrics["val_loss"] < best_loss:
                     best_loss, bad_epochs, history.best_epoch = metrics["val_loss"], 0, epoch + 1
@@ -286,7 +301,10 @@ def fit(
                     if bad_epochs >= cfg.early_stopping:
                         log.info("early stopping after epoch %d", epoch + 1)
                         break
-        if best_state is not None:
+        if cfg.restore_best:
+            model.load_state_dict(best_acc[1])
+            history.best_epoch = best_acc[2]
+        elif best_state is not None:
             model.load_state_dict(best_state)
     finally:
         for p in frozen:
