@@ -8,15 +8,16 @@ For each LeNet (one run, same machine, same data):
 3. nncompress: iterative pruning (``--iterations`` prune -> retrain cycles, kept fraction
    shrinking geometrically, ``--epochs`` retraining epochs each at ``--lr-scale`` times the
    baseline's learning rate (Han: 1/10), L2 as in the baseline; ``--distill T,alpha`` retrains
-   with knowledge distillation from the unpruned baseline), then dead-neuron removal. Test accuracy, nonzeros,
-   per-layer kept fractions beside the paper's.
+   with knowledge distillation from the unpruned baseline), then dead-neuron removal. Test
+   accuracy, nonzeros, per-layer kept fractions beside the paper's.
 4. ``torch.nn.utils.prune`` with the same per-layer sparsities (``l1_unstructured``, same
    iterative schedule and retraining budget through the same training loop), and its
-   ``global_unstructured`` at the same overall sparsity: accuracy and ``torch.save`` bytes of
-   the pruned state dict (``weight_orig`` + ``weight_mask``: dense, twice the weights) and after
-   ``prune.remove`` (dense, zeros stored) versus our safetensors checkpoint (also dense fp32 with
-   zeros, but smaller after dead-neuron removal); zstd-compressed sizes show what the zeros are
-   worth to a generic compressor. Sparse index coding is Deep Compression's stage 3 (not here).
+   ``global_unstructured`` at the same overall sparsity (beside ours with global ranking, same
+   schedule): accuracy and ``torch.save`` bytes of the pruned state dict (``weight_orig`` +
+   ``weight_mask``: dense, twice the weights) and after ``prune.remove`` (dense, zeros stored)
+   versus our safetensors checkpoint (also dense fp32 with zeros, but smaller after dead-neuron
+   removal); zstd-compressed sizes show what the zeros are worth to a generic compressor.
+   Sparse index coding is Deep Compression's stage 3 (not here).
 
 Per-model results are cached in out/pruning_han/MODEL.json so models can be run separately;
 every run rewrites results/pruning_han.{json,md} from all cached models.
@@ -313,6 +314,25 @@ def run_model(name: str, args, splits, publish) -> dict:
             args.lr_scale,
             loss_fn,
         )
+        ours_global = copy.deepcopy(base)
+        t = time.perf_counter()
+        iterative_prune(
+            ours_global,
+            MagnitudeConfig(sparsity=s_all, scope="global"),
+            train_loader,
+            retrain,
+            iterations=args.iterations,
+            lr_scale=args.lr_scale,
+            val_loader=val_loader,
+            loss_fn=loss_fn,
+        )
+        res["ours_global"] = {
+            "sparsity": s_all,
+            "test_accuracy": evaluate(ours_global, test_loader)["accuracy"],
+            "nonzeros": nonzeros(ours_global)[1],
+            "wall_s": time.perf_counter() - t,
+            "kept": {n: float(m.float().mean()) for n, m in pruning_masks(ours_global).items()},
+        }
         res["torch_global"] = {
             "sparsity": s_all,
             "test_accuracy": evaluate(tg_model, test_loader)["accuracy"],
@@ -358,6 +378,12 @@ def markdown(results: dict[str, dict]) -> str:
                 for n, k in r["ours"]["kept"].items()
             )
         )
+        if r.get("ours_global"):
+            kept = r["ours_global"]["kept"]
+            lines.append(
+                f"- {name}, global ranking: "
+                + ", ".join(f"{n} {100 * k:.1f}%" for n, k in kept.items())
+            )
     lines += [
         "",
         "Side by side, same per-layer sparsities, same iterative schedule and retraining "
@@ -387,6 +413,12 @@ def markdown(results: dict[str, dict]) -> str:
                 f"| {name} | torch l1_unstructured | | | torch.save after prune.remove (dense) | "
                 f"{t['torch_save_bytes_removed']:,} | {t['torch_save_zstd_bytes_removed']:,} |",
             ]
+        if r.get("ours_global"):
+            g = r["ours_global"]
+            lines.append(
+                f"| {name} | nncompress prune_, global ranking (s={g['sparsity']:.3f}) | "
+                f"{g['test_accuracy']:.2f}% | {g['nonzeros']:,} | | | |"
+            )
         if r.get("torch_global"):
             g = r["torch_global"]
             lines.append(
