@@ -278,7 +278,9 @@ def markdown(rows: list[dict], args) -> str:
     lines += [
         f"Calibration: first {args.calibration} held-out samples. Latency: median, "
         f"{args.threads} thread(s) for both PyTorch and onnxruntime, all variants timed in "
-        f"{args.rounds} interleaved rounds on a shared 2-core machine (load average ~10: noisy). 'sim acc.' is the PyTorch fake-quantized model; 'test acc.' runs the ONNX file "
+        f"{args.rounds} interleaved rounds on a 2-core machine shared with other benchmarks "
+        "(noisy; the LeNet-5 rows under heavier load than the ResNet-20 ones). 'sim acc.' is the "
+        "PyTorch fake-quantized model; 'test acc.' runs the ONNX file "
         "in onnxruntime (integer kernels for int8). '7-bit w' = weights on [-63, 63] "
         "(reduce_range), which avoids the 16-bit saturation of uint8 x int8 kernels on AVX2 CPUs "
         "without VNNI. int4 weights are stored packed (INT4, opset 21) but run as float "
