@@ -144,6 +144,8 @@ def run_model(name: str, args, splits, publish) -> dict:
     base, side = load_checkpoint(path)
     train_cfg = config_from_dict(TrainConfig, side["extra"]["train_config"])
     retrain = train_cfg.replace(epochs=args.epochs)
+    if args.no_augment:
+        retrain = retrain.replace(augment=False)
     test_loader = splits.loader("test", 1000)
     val_loader = splits.loader("val", 1000)
     train_loader = splits.loader(
@@ -172,8 +174,11 @@ def run_model(name: str, args, splits, publish) -> dict:
     # weight sparsity needed for params0 / target nonzeros (biases are kept)
     need = 1 - (params0 / args.target - biases) / weights
     drop, per = sparsities_for_budget(sens, need)
+    if args.per_layer:  # given sparsities instead of the sensitivity allocation
+        per = {k: float(v) for k, v in (item.split("=") for item in args.per_layer.split(","))}
+        drop = None
     log.info(
-        "%s: sensitivity %.0fs, need weight sparsity %.4f: drop %.2f -> %s",
+        "%s: sensitivity %.0fs, need weight sparsity %.4f: drop %s -> %s",
         name,
         sens_s,
         need,
@@ -241,6 +246,7 @@ def run_model(name: str, args, splits, publish) -> dict:
         "retrain_lr": retrain.lr * args.lr_scale,
         "distill": args.distill,
         "train_limit": args.train_limit,
+        "augment": retrain.augment,
         "ours": {
             "test_accuracy": acc_ours,
             "nonzeros": nz1,
@@ -434,9 +440,14 @@ def markdown(results: dict[str, dict]) -> str:
     ]
     for name, r in results.items():
         lines.append(
-            f"- {name}: sensitivity {r['sensitivity']['wall_s']:.0f} s, greedy allocation "
-            f"(predicted one-shot loss {r['sensitivity']['max_drop']:.2f} points) -> per-layer "
-            "sparsity "
+            f"- {name}: sensitivity {r['sensitivity']['wall_s']:.0f} s, "
+            + (
+                f"greedy allocation (predicted one-shot loss {r['sensitivity']['max_drop']:.2f} "
+                "points)"
+                if r["sensitivity"]["max_drop"] is not None
+                else "per-layer sparsities given on the command line"
+            )
+            + " -> per-layer sparsity "
             f"{ {k: round(v, 3) for k, v in r['per_layer_sparsity'].items()} }; "
             f"{r['iterations']} iterations x {r['retrain_epochs_per_iteration']} epochs at lr "
             f"{r['retrain_lr']:g}"
@@ -445,6 +456,7 @@ def markdown(results: dict[str, dict]) -> str:
                 if r.get("distill")
                 else ""
             )
+            + ("" if r.get("augment", True) else ", without augmentation")
             + (
                 f" on the first {r['train_limit']:,} training images"
                 if r.get("train_limit")
@@ -471,6 +483,14 @@ def main() -> None:
         "--distill",
         metavar="T,ALPHA",
         help="retrain with knowledge distillation from the baseline (both ours and torch's)",
+    )
+    ap.add_argument(
+        "--per-layer",
+        metavar="NAME=S,...",
+        help="per-layer sparsities instead of the sensitivity allocation (e.g. the paper's)",
+    )
+    ap.add_argument(
+        "--no-augment", action="store_true", help="retrain without the baseline's augmentation"
     )
     ap.add_argument("--no-torch-global", dest="torch_global", action="store_false")
     ap.add_argument(
