@@ -362,8 +362,9 @@ def markdown(results: dict[str, dict]) -> str:
         "# Connection pruning (Han et al. 2015, Table 1 style) on Fashion-MNIST",
         "",
         "Iterative magnitude pruning with per-layer sparsities derived from a sensitivity "
-        "analysis on the held-out split; accuracy on the 10k test split. Paper numbers are "
-        "MNIST.",
+        "analysis on the held-out split, or given (`--per-layer`, e.g. the paper's): each "
+        "model's settings are listed under the tables. Models may come from separate runs "
+        "(results cached per model); accuracy on the 10k test split. Paper numbers are MNIST.",
         "",
         "| model | baseline acc | pruned acc | Δ (points) | params | nonzeros | fewer | paper |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
