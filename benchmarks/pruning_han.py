@@ -32,6 +32,7 @@ import copy
 import io
 import json
 import logging
+import sys
 import time
 
 import torch
@@ -235,6 +236,7 @@ def run_model(name: str, args, splits, publish) -> dict:
 
     res = {
         "model": name,
+        "command": "python pruning_han.py " + " ".join(sys.argv[1:]),
         "baseline_test_accuracy": acc0,
         "params": params0,
         "sensitivity": {**sens.to_dict(), "wall_s": sens_s, "max_drop": drop},
@@ -458,6 +460,7 @@ def markdown(results: dict[str, dict]) -> str:
                 else ""
             )
             + ("" if r.get("augment", True) else ", without augmentation")
+            + (f" (`{r['command']}`)" if r.get("command") else "")
             + (
                 f" on the first {r['train_limit']:,} training images"
                 if r.get("train_limit")
