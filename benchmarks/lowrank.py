@@ -55,7 +55,9 @@ EXPERIMENTS = {
         ("lenet-5", "cp", {"macs_budget": 0.40}, ["conv2"], 3),
     ],
     "resnet20": [
-        ("resnet-20", "tucker2", {"macs_budget": 0.45}, ["layer*.conv*"], 2),
+        # 48% of the MACs of the decomposed convs: 2.07x fewer conv MACs overall (>= 2x); at 45%
+        # (2.20x) two fine-tuning epochs ended 0.63 points below the baseline
+        ("resnet-20", "tucker2", {"macs_budget": 0.48}, ["layer*.conv*"], 4),
         ("resnet-20", "cp", {"macs_budget": 0.45}, ["layer*.conv*"], 2),
     ],
 }
