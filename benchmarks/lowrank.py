@@ -230,7 +230,7 @@ def markdown(rows: list[dict]) -> str:
         "minutes apart: these columns are NOT comparable. Trust the paired, alternating "
         "measurement in lowrank_latency.md (lowrank_latency.py), which shows that Tucker-2 and CP "
         "make LeNet-5 slower on this CPU (tiny layers, extra 1x1 and depthwise convs), that "
-        "ResNet-20 gains little or nothing despite 2.2x fewer MACs, and that only the SVD of "
+        "ResNet-20 gains little or nothing (Tucker-2) or gets slower (CP) despite 2x fewer MACs, and that only the SVD of "
         "LeNet-300-100 is clearly faster at batch 64. `FT epochs` shows any cap on the batches "
         "per epoch and the gradient-norm clip used while fine-tuning; fine-tuning ends with the "
         "weights of the epoch with the best held-out accuracy (`restore_best`, epoch 0 = right "

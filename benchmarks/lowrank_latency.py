@@ -48,7 +48,7 @@ def main() -> None:
     lines += [
         "",
         "Paired, alternating measurements (7 rounds x 5 runs, medians, 1 thread) on a shared "
-        "2-core machine under heavy load from other benchmarks: indicative only.",
+        "2-core machine (other jobs may use the other core): indicative only.",
     ]
     write_result("lowrank_latency", {"rows": rows}, "\n".join(lines))
 
