@@ -54,9 +54,9 @@ def main() -> None:
         "page. Latency figures are medians of repeated runs after warm-up; on a shared 2-core "
         "machine they carry noise of roughly +-10-20%.\n",
         "Load: the sections dated before 13:15 UTC on 2026-11-23 (baselines, coding throughput, "
-        "the LeNet-5 filter-pruning ablation, INT8/INT4 on LeNet-5, distillation, latency) ran "
+        "the LeNet-5 filter-pruning ablation, INT8/INT4 on LeNet-5, distillation) ran "
         "while up to seven jobs shared the two cores (load average 12-16); the later re-runs "
-        "(connection and filter pruning, Deep Compression, ResNet-20 quantization, low-rank) ran "
+        "(connection and filter pruning, Deep Compression, ResNet-20 quantization, low-rank and its latency) ran "
         "two or three at a time. Wall times are inflated accordingly. Each section states any "
         "budget it cut; targets a run misses are reported as missed.\n",
         f"Last assembled: {m['date']} (torch {m['torch']}, Python {m['python']}).\n",
