@@ -213,6 +213,8 @@ def iterative_prune(
     from their current values with :func:`nncompress.engine.finetune` for
     ``train_config.epochs`` epochs at ``lr_scale * train_config.lr`` (``epochs=0``: no
     retraining, i.e. one-shot pruning). Masks keep pruned weights at exactly zero throughout.
+    ``loss_fn`` replaces the retraining loss (e.g. :func:`nncompress.distill.distillation_loss`
+    from the unpruned model); cross-entropy by default.
     """
     if iterations < 1:
         raise ConfigError(f"iterations={iterations}: must be >= 1")
