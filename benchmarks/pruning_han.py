@@ -193,16 +193,23 @@ def run_model(name: str, args, splits, publish) -> dict:
     if args.distill:
         t_kd, a_kd = (float(v) for v in args.distill.split(","))
         loss_fn = distillation_loss(copy.deepcopy(base).eval(), DistillConfig(t_kd, a_kd))
+
+    def our_prune(model: nn.Module, config: MagnitudeConfig) -> list:
+        """Our iterative schedule with the run's retraining budget (main and global rows)."""
+        return iterative_prune(
+            model,
+            config,
+            train_loader,
+            retrain,
+            iterations=args.iterations,
+            lr_scale=args.lr_scale,
+            val_loader=val_loader,
+            loss_fn=loss_fn,
+        )
+
     t = time.perf_counter()
-    its = iterative_prune(
-        ours,
-        MagnitudeConfig(sparsity=0.0, per_layer={n: {"sparsity": s} for n, s in per.items()}),
-        train_loader,
-        retrain,
-        iterations=args.iterations,
-        lr_scale=args.lr_scale,
-        val_loader=val_loader,
-        loss_fn=loss_fn,
+    its = our_prune(
+        ours, MagnitudeConfig(sparsity=0.0, per_layer={n: {"sparsity": s} for n, s in per.items()})
     )
     ours_s = time.perf_counter() - t
     kept = {n: float(m.float().mean()) for n, m in pruning_masks(ours).items()}
@@ -324,16 +331,7 @@ def run_model(name: str, args, splits, publish) -> dict:
         )
         ours_global = copy.deepcopy(base)
         t = time.perf_counter()
-        iterative_prune(
-            ours_global,
-            MagnitudeConfig(sparsity=s_all, scope="global"),
-            train_loader,
-            retrain,
-            iterations=args.iterations,
-            lr_scale=args.lr_scale,
-            val_loader=val_loader,
-            loss_fn=loss_fn,
-        )
+        our_prune(ours_global, MagnitudeConfig(sparsity=s_all, scope="global"))
         res["ours_global"] = {
             "sparsity": s_all,
             "test_accuracy": evaluate(ours_global, test_loader)["accuracy"],
