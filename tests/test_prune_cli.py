@@ -158,7 +158,7 @@ def test_stage_distill_retrains_from_the_unpruned_teacher(digits_data, tmp_path,
         PruneStageConfig(sparsity=0.5, distill={"temperature": 0})
     with pytest.raises(ConfigError, match=r"distill: unknown field\(s\) \['T'\]"):
         PruneStageConfig(sparsity=0.5, distill={"T": 4})
-    with pytest.raises(ConfigError, match="must be a mapping"):
+    with pytest.raises(ConfigError, match="distill: expected a mapping, got int"):
         PruneStageConfig(sparsity=0.5, distill=4)
     torch.manual_seed(0)
     model = create("lenet-300-100", in_features=64, num_classes=10)

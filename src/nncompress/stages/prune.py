@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..distill.losses import DistillConfig, distillation_loss
-from ..engine.config import ConfigError, TrainConfig
+from ..engine.config import ConfigError, TrainConfig, config_from_dict
 from ..engine.modspec import folded_copy
 from ..engine.train import evaluate
 from ..prune.magnitude import (
@@ -180,18 +180,7 @@ class PruneStageConfig:
     def distill_config(self) -> DistillConfig | None:
         if self.distill is None:
             return None
-        if not isinstance(self.distill, dict):
-            raise ConfigError(
-                f"distill={self.distill!r}: must be a mapping like {{temperature: 4, alpha: 0.7}}"
-            )
-        allowed = {f.name for f in dataclasses.fields(DistillConfig)}
-        unknown = sorted(set(self.distill) - allowed)
-        if unknown:
-            raise ConfigError(f"distill: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-        try:
-            return DistillConfig(**self.distill)
-        except ConfigError as exc:
-            raise ConfigError(f"distill: {exc}") from None
+        return config_from_dict(DistillConfig, self.distill, "distill")
 
     def retrain_config(self, base: TrainConfig) -> TrainConfig:
         changes: dict[str, Any] = {"epochs": self.epochs}
