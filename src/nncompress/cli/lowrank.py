@@ -60,7 +60,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decompose a layer if it saves params even when it costs more MACs (tt)",
     )
+    p.add_argument(
+        "--refit-batches",
+        type=int,
+        default=16,
+        help="training batches for the least-squares refit of each decomposed block's last "
+        "factor to the original layer's response (0: off; default: 16)",
+    )
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (default: 0)")
+    p.add_argument(
+        "--restore-best",
+        action="store_true",
+        help="end fine-tuning on the epoch (0 = before it) with the best held-out accuracy",
+    )
     p.add_argument(
         "--lr", type=float, default=None, help="base learning rate (default: the checkpoint's)"
     )
@@ -103,6 +115,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     stage = DecomposeStageConfig(
         decompose=dcfg,
         layers=tuple(args.layers) if args.layers else None,
+        refit_batches=args.refit_batches,
         finetune_epochs=args.finetune_epochs,
         lr_scale=args.lr_scale,
         distill=not args.no_distill,
@@ -113,6 +126,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     known = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
     tcfg = TrainConfig(**known)
     changes = {"augment": args.augment or tcfg.augment}
+    if args.restore_best:
+        changes["restore_best"] = True
     if args.lr is not None:
         changes["lr"] = args.lr
     if args.batch_size is not None:
@@ -184,6 +199,11 @@ def cmd_decompose(args: argparse.Namespace) -> int:
             out.print(f"{x.name}: skipped ({x.reason})", highlight=False)
     if report.knob is not None:
         out.print(f"budget: global knob {report.knob:.4g}, met: {report.budget_met}")
+    for r in info.get("refit", []):
+        out.print(
+            f"{r['name']}: refit response error {r['error_before']:.4f} -> {r['error_after']:.4f}",
+            highlight=False,
+        )
     tail = f" after {info['finetune_epochs']} fine-tuning epochs" if info["finetune_epochs"] else ""
     out.print(f"test accuracy {before:.2f}% -> {after:.2f}%{tail}  -> {args.out}")
     return 0

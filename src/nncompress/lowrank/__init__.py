@@ -3,11 +3,13 @@
 Layer 1, tensor functions: :func:`truncated_svd`, :func:`tucker2`, :func:`cp_decompose`,
 :func:`evbmf`, :func:`rank_for_energy`; layer builders: :func:`svd_linear`,
 :func:`separable_conv`, :func:`tucker2_conv`, :func:`cp_conv`, :func:`tt_linear`
-(:class:`TTLinear`); model transform: :func:`decompose_` with :class:`DecomposeConfig`.
+(:class:`TTLinear`); model transform: :func:`decompose_` with :class:`DecomposeConfig`;
+data-aware refit of the decomposed layers on real activations: :func:`refit_`.
 """
 
 from .cp import cp_conv, cp_decompose
 from .rank import EVBMFResult, evbmf, rank_for_energy
+from .refit import RefitResult, refit_
 from .separable import separable_conv
 from .svd import svd_linear, truncated_svd
 from .transform import (
@@ -26,6 +28,7 @@ __all__ = [
     "DecomposeReport",
     "EVBMFResult",
     "LayerDecomposition",
+    "RefitResult",
     "TTLinear",
     "cp_conv",
     "cp_decompose",
@@ -33,6 +36,7 @@ __all__ = [
     "evbmf",
     "factorize",
     "rank_for_energy",
+    "refit_",
     "separable_conv",
     "svd_linear",
     "truncated_svd",

@@ -7,11 +7,14 @@ Registered in :data:`nncompress.recipe.STAGES` as ``"decompose"`` ->
 Recipe example::
 
     - {stage: decompose, method: tucker2, vbmf: true, layers: ["layer*.conv*"],
-       finetune_epochs: 3, lr_scale: 0.1, distill: true}
+       refit_batches: 16, finetune_epochs: 3, lr_scale: 0.1, distill: true}
     - {stage: decompose, method: svd, params_budget: 0.25, layers: [fc1, fc2]}
 
 Every :class:`~nncompress.lowrank.DecomposeConfig` field may be given directly; ``layers``
-(names or fnmatch patterns) restricts the layers; ``finetune_epochs`` retrains the whole
+(names or fnmatch patterns) restricts the layers; ``refit_batches`` calibration batches of
+training images (no augmentation) refit the last factor of each decomposed block to the
+original layer's response (:func:`~nncompress.lowrank.refit_`, 0 turns it off);
+``finetune_epochs`` retrains the whole
 decomposed model at ``lr_scale`` times the recipe's learning rate, by distillation from the
 model as it was before this stage (Hinton soft targets, ``temperature``, ``alpha``) when
 ``distill`` is true, else with plain cross-entropy.
@@ -31,6 +34,7 @@ from torch import nn
 from ..data import DataSplits
 from ..engine.config import ConfigError, TrainConfig
 from ..engine.train import ProgressEvent, finetune
+from ..lowrank.refit import refit_
 from ..lowrank.transform import DecomposeConfig, DecomposeReport, decompose_
 from .base import StageContext
 
@@ -42,7 +46,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_STAGE_KEYS = ("layers", "finetune_epochs", "lr_scale", "distill", "temperature", "alpha")
+_STAGE_KEYS = (
+    "layers",
+    "refit_batches",
+    "finetune_epochs",
+    "lr_scale",
+    "distill",
+    "temperature",
+    "alpha",
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,9 @@ class DecomposeStageConfig:
     ----------
     decompose : the method and rank rule.
     layers : layer names or fnmatch patterns to consider (``None``: all the method supports).
+    refit_batches : batches of training images for the data-aware refit of each decomposed
+        block's last factor (:func:`~nncompress.lowrank.refit_`; 0: keep the weight-space
+        factors).
     finetune_epochs : epochs of fine-tuning after decomposition (0: none).
     lr_scale : learning rate of the fine-tuning relative to the recipe's (default 1/10).
     distill : fine-tune by distillation from the pre-decomposition model.
@@ -61,6 +76,7 @@ class DecomposeStageConfig:
 
     decompose: DecomposeConfig
     layers: tuple[str, ...] | None = None
+    refit_batches: int = 16
     finetune_epochs: int = 0
     lr_scale: float = 0.1
     distill: bool = True
@@ -74,6 +90,12 @@ class DecomposeStageConfig:
             if isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers):
                 raise ConfigError(f"layers={self.layers!r}: must be a list of names or patterns")
             object.__setattr__(self, "layers", tuple(self.layers))
+        if (
+            not isinstance(self.refit_batches, int)
+            or isinstance(self.refit_batches, bool)
+            or self.refit_batches < 0
+        ):
+            raise ConfigError(f"refit_batches={self.refit_batches!r}: must be an integer >= 0")
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
             raise ConfigError(f"finetune_epochs={self.finetune_epochs!r}: must be an integer >= 0")
         if not isinstance(self.lr_scale, int | float) or not self.lr_scale > 0:
@@ -111,11 +133,14 @@ def decompose_and_finetune(
 ) -> tuple[DecomposeReport, dict[str, Any]]:
     """Decompose ``model`` in place, then fine-tune it; ``(report, fine-tuning fields)``.
 
-    The teacher for distillation is ``teacher`` if given, else a frozen copy of ``model``
-    taken before decomposition.
+    The refit (``config.refit_batches``) matches the responses of a copy of ``model`` taken
+    before decomposition; the teacher for distillation is ``teacher`` if given, else that copy.
     """
-    if config.finetune_epochs and config.distill and teacher is None:
-        teacher = copy.deepcopy(model).eval()
+    original = None
+    if config.refit_batches or (config.finetune_epochs and config.distill and teacher is None):
+        original = copy.deepcopy(model).eval()
+    if teacher is None:
+        teacher = original
     report = decompose_(
         model,
         config.decompose,
@@ -124,6 +149,17 @@ def decompose_and_finetune(
         progress=progress,
     )
     info: dict[str, Any] = {"finetune_epochs": config.finetune_epochs}
+    if config.refit_batches and report.decomposed:
+        calib = splits.loader("train", train_config.batch_size, seed=train_config.seed)
+        refit = refit_(
+            model,
+            original,
+            calib,
+            report.decomposed,
+            batches=config.refit_batches,
+            progress=progress,
+        )
+        info["refit"] = [x.to_dict() for x in refit]
     if config.finetune_epochs and report.decomposed:
         cfg = train_config.replace(epochs=config.finetune_epochs)
         loss_fn = None
