@@ -7,16 +7,19 @@ minimise instead the error of each layer's *response* on real inputs, and their 
 variant takes the input from the already-approximated network and the target from the
 original one, so that each layer also corrects the error accumulated upstream.
 
-:func:`refit_` does this for the part of a decomposed block that is linear given its input: the
-last factor (the final 1x1 convolution of Tucker-2/CP, the second Linear of SVD, the 1 x k
-convolution of the separable pair). Layers are taken in forward order; for each, the input of
-its last factor is recorded from the current (decomposed, already refitted upstream) model and
-the target is the original layer's output in ``reference`` on the same images, then
+:func:`refit_` does this for the factors of a block that are linear given their input. Layers
+are taken in forward order; for each, the input of the refitted factors is recorded from the
+current (decomposed, already refitted upstream) model and the target is the original layer's
+output in ``reference`` on the same images. The last factor (the final 1x1 convolution of
+Tucker-2/CP, the second Linear of SVD, the 1 x k convolution of the separable pair) is
 
-    W_last = argmin ||Z W^T - Y||^2 + lambda ||W||^2
+    W_last = argmin ||Z W^T - Y||^2 + lambda ||W||^2,
 
-is solved in closed form from the accumulated Gram matrices (float64). Only that factor changes;
-it is replaced only where the refit lowers the measured error on the calibration data.
+solved in closed form from the accumulated Gram matrices (float64). When the last factor is
+pointwise (a matrix ``U`` and bias ``b`` per position) and the factor before it is an ordinary
+convolution or Linear (the Tucker-2 core, the first SVD factor), that factor is refitted
+first, to the targets ``pinv(U) (Y - b)``, and the last one after it. The candidate with the
+lowest response error on the calibration data is kept (the untouched factors included).
 
 The closed-form solve is a few lines of ``torch.linalg.solve`` on a small (rank x rank) system:
 no library offers "least squares of one layer's response through PyTorch hooks", so it is
@@ -47,7 +50,7 @@ class RefitResult:
     ``error = ||Y_hat - Y||_F / ||Y||_F`` with ``Y`` the original layer's output in the reference
     model and ``Y_hat`` the decomposed block's output in the refitted model, both on the
     calibration images. ``applied`` is False where the solve did not lower the error (the
-    factor is then left as it was).
+    factors are then left as they were).
     """
 
     name: str
@@ -121,7 +124,7 @@ def refit_(
     ridge: float = 1e-4,
     progress: Callable[[ProgressEvent], None] | None = None,
 ) -> list[RefitResult]:
-    """Refit the last factor of each decomposed block to the original layer's response.
+    """Refit the last factors of each decomposed block to the original layer's response.
 
     Parameters
     ----------
@@ -132,7 +135,8 @@ def refit_(
         augmentation; the first ``batches`` are used.
     names : the decomposed blocks to refit, e.g. ``report.decomposed`` from
         :func:`~nncompress.lowrank.decompose_`; refitted in the model's forward order. Blocks
-        whose last factor is not a Linear or ungrouped Conv2d (TT) are skipped.
+        whose last factor is not a Linear or ungrouped Conv2d (TT) are skipped. Only the last
+        factor, and the one before it where the last is pointwise, change.
     batches : number of calibration batches (>= 1).
     ridge : Tikhonov weight, relative to the mean diagonal of the Gram matrix (>= 0).
     progress : receives :class:`~nncompress.engine.ProgressEvent` per layer.
@@ -202,6 +206,49 @@ def refit_(
     return results
 
 
+def _pointwise(mod: nn.Module) -> bool:
+    """A Linear, or a 1x1 stride-1 unpadded ungrouped Conv2d: a matrix applied per position."""
+    if isinstance(mod, nn.Linear):
+        return True
+    return (
+        isinstance(mod, nn.Conv2d)
+        and mod.groups == 1
+        and tuple(mod.kernel_size) == (1, 1)
+        and tuple(mod.stride) == (1, 1)
+        and tuple(mod.padding) == (0, 0)
+    )
+
+
+def _core_factor(block: nn.Sequential) -> nn.Module | None:
+    """The factor before a pointwise last factor, when it is a Linear or ungrouped Conv2d."""
+    if len(block) < 2 or not _pointwise(block[-1]):
+        return None
+    core = block[-2]
+    if isinstance(core, nn.Linear) or (isinstance(core, nn.Conv2d) and core.groups == 1):
+        return core
+    return None
+
+
+def _solve(
+    mod: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], ridge: float
+) -> torch.Tensor:
+    """Ridge least squares for ``mod``'s weight (and bias): rows of ``mod``'s inputs -> targets.
+
+    ``targets`` are already rows (samples, out_features). Returns the (in [+1], out) solution.
+    """
+    gram = cross = None
+    for z, tgt in zip(inputs, targets, strict=True):
+        rows = _rows(mod, z).double()  # (S, in)
+        if mod.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        gram = rows.T @ rows if gram is None else gram + rows.T @ rows  # (in, in)
+        cross = rows.T @ tgt if cross is None else cross + rows.T @ tgt  # (in, out)
+    assert gram is not None and cross is not None
+    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, cross)
+
+
 def _refit_one(
     model: nn.Module,
     reference: nn.Module,
@@ -212,48 +259,61 @@ def _refit_one(
     device: torch.device,
     ridge: float,
 ) -> RefitResult:
-    last = _last_factor(block)
+    last, core = _last_factor(block), _core_factor(block)
     assert last is not None
-    bias = last.bias is not None
-    gram = zty = None
-    yy = 0.0
-    samples = 0
+    chain = block[-2:] if core is not None else block[-1:]
+    zs: list[torch.Tensor] = []  # inputs of the refitted part, from the decomposed model
+    ys: list[torch.Tensor] = []  # the original layer's responses
     for x in data:
         x = x.to(device)
-        y = _capture(reference, original, x, "output")  # original response
-        z = _capture(model, last, x, "input")  # input of the last factor, upstream refitted
+        y = _capture(reference, original, x, "output")
+        z = _capture(model, chain[0], x, "input")
         if y is None or z is None:
             raise ValueError(f"refit: layer '{name}' is not reached by the model's forward")
-        rows, tgt = _rows(last, z).double(), _targets(last, y).double()
-        if bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        gram = rows.T @ rows if gram is None else gram + rows.T @ rows
-        zty = rows.T @ tgt if zty is None else zty + rows.T @ tgt
-        yy += float((tgt * tgt).sum())
-        samples += rows.shape[0]
-    assert gram is not None and zty is not None
-    d = gram.shape[0]
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    sol = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device), zty)
-    w_old = _flat_weight(last).double()  # (in, out) incl. bias row
+        zs.append(z)
+        ys.append(y)
+    y_rows = [_targets(last, y).double() for y in ys]  # (S, N) each
+    yy = sum(float((t * t).sum()) for t in y_rows)
 
-    # ||Z W - Y||^2 = tr(W^T G W) - 2 tr(W^T Z^T Y) + ||Y||^2, exact from the accumulated sums
-    def err(w: torch.Tensor) -> float:
-        sq = float((w * (gram @ w)).sum() - 2.0 * (w * zty).sum()) + yy
-        return max(sq, 0.0) ** 0.5 / max(yy, 1e-300) ** 0.5
+    def error() -> float:
+        sq = sum(float(((chain(z) - y) ** 2).sum()) for z, y in zip(zs, ys, strict=True))
+        return (sq / max(yy, 1e-300)) ** 0.5
 
-    before, after = err(w_old), err(sol)
-    applied = after < before
-    if applied:
-        _set_flat_weight(last, sol.to(last.weight.dtype))
+    def fit_last() -> None:
+        mids = [chain[:-1](z) for z in zs] if core is not None else zs
+        _set_flat_weight(last, _solve(last, mids, y_rows, ridge).to(last.weight.dtype))
+
+    old = [p.detach().clone() for p in chain.parameters()]
+    before = error()
+    fit_last()  # candidate 1: the last factor only
+    best, best_state = before, old
+    if (e := error()) < best:
+        best, best_state = e, [p.detach().clone() for p in chain.parameters()]
+    if core is not None:
+        # candidate 2: the factor before it too. With U the last factor's matrix and b its bias,
+        # min ||U core(z) + b - y|| over the core's weights is the least squares fit of
+        # core(z) to pinv(U) (y - b) (U has full column rank), then the last factor again.
+        for p, v in zip(chain.parameters(), old, strict=True):
+            p.copy_(v)
+        u = last.weight.detach().reshape(last.weight.shape[0], -1).double()  # (N, R)
+        b = last.bias.detach().double() if last.bias is not None else 0.0
+        u_pinv_t = torch.linalg.pinv(u).T  # (N, R)
+        t_rows = [(t - b) @ u_pinv_t for t in y_rows]  # (S, R) each
+        _set_flat_weight(core, _solve(core, zs, t_rows, ridge).to(core.weight.dtype))
+        fit_last()
+        if (e := error()) < best:
+            best, best_state = e, [p.detach().clone() for p in chain.parameters()]
+    for p, v in zip(chain.parameters(), best_state, strict=True):
+        p.copy_(v)
+    applied = best < before
     log.info(
         "refit %s: response error %.4f -> %.4f%s",
         name,
         before,
-        after,
-        "" if applied else " (kept the old factor)",
+        best,
+        "" if applied else " (kept the old factors)",
     )
-    return RefitResult(name, before, after if applied else before, applied, samples)
+    return RefitResult(name, before, best, applied, sum(t.shape[0] for t in y_rows))
 
 
 def _flat_weight(mod: nn.Module) -> torch.Tensor:
