@@ -316,3 +316,25 @@ def test_bad_tt_modes_raise_before_work():
     with pytest.raises(ConfigError, match="products must equal"):
         decompose_(model, cfg)
     assert isinstance(model[0], nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "stride,padding,dilation,bias", [(1, 1, 1, True), (2, 0, 1, False), (1, 2, 2, True)]
+)
+def test_tt_conv_full_rank_reproduces_the_conv(stride, padding, dilation, bias):
+    from nncompress.lowrank import tt_conv
+    from nncompress.lowrank.tt import tt_full_ranks
+
+    torch.manual_seed(11)
+    conv = nn.Conv2d(6, 8, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    ins, outs = [9, 2, 3], [1, 2, 4]
+    layer = tt_conv(conv, ins, outs, tt_full_ranks(ins, outs))
+    x = torch.randn(2, 6, 11, 11)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.full_weight(), conv.weight, atol=1e-5, rtol=1e-4)
+    # low rank: fewer parameters, still the conv's output shape
+    small = tt_conv(conv, ins, outs, 2)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in conv.parameters())
+    assert small(x).shape == conv(x).shape
+    with pytest.raises(ValueError, match="groups=2"):
+        tt_conv(nn.Conv2d(4, 4, 3, groups=2), [9, 2, 2], [1, 2, 2], 2)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nncompress.engine import TrainConfig, evaluate, load_checkpoint, save_checkpoint
-from nncompress.lowrank import DecomposeConfig, TTLinear, decompose_
+from nncompress.lowrank import DecomposeConfig, TTConv2d, TTLinear, decompose_
 from nncompress.models import create
 from nncompress.stats import count_macs
 
@@ -87,6 +87,7 @@ def test_decompose_report_and_replacement_structure(lenet5):
         ("lenet-5", DecomposeConfig(method="cp", rank=6, cp_iters=10)),
         ("lenet-5", DecomposeConfig(method="separable", rank=4)),
         ("lenet-300-100", DecomposeConfig(method="tt", rank=6, require_fewer_macs=False)),
+        ("lenet-5", DecomposeConfig(method="tt", rank=4, require_fewer_macs=False)),
     ],
 )
 def test_checkpoint_round_trip_with_load_checkpoint_alone(tmp_path, name, cfg):
@@ -100,8 +101,10 @@ def test_checkpoint_round_trip_with_load_checkpoint_alone(tmp_path, name, cfg):
     loaded, sidecar = load_checkpoint(path)
     assert sidecar["architecture"]["replacements"]
     torch.testing.assert_close(loaded.eval()(x), ref, atol=0, rtol=0)
-    if cfg.method == "tt":
+    if cfg.method == "tt" and name == "lenet-300-100":
         assert isinstance(loaded.fc1, TTLinear)
+    elif cfg.method == "tt":
+        assert isinstance(loaded.conv2, TTConv2d) and isinstance(loaded.fc1, TTLinear)
 
 
 def test_custom_sequential_round_trip(tmp_path):
@@ -293,3 +296,17 @@ def test_recipe_with_decompose_stage(tmp_path):
     ckpt = sorted((tmp_path / "stages").glob("*decompose*.safetensors"))[-1]
     model, _ = load_checkpoint(ckpt)
     assert isinstance(model.fc1, nn.Sequential) and model.fc1[0].out_features == 8
+
+
+def test_tt_conv_in_decompose_counts_macs_and_params():
+    """TT of a conv (Garipov 2016): the report's analytic params/MACs match the model's."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten())
+    shape = (8, 10, 10)
+    report = decompose_(model, DecomposeConfig(method="tt", rank=3), input_shape=shape)
+    (layer,) = report.layers
+    assert layer.status == "decomposed" and isinstance(model[0], TTConv2d), layer.reason
+    assert model[0].tt.in_modes[0] == 9 and model[0].tt.out_modes[0] == 1  # spatial core
+    assert sum(p.numel() for p in model.parameters()) == layer.params_after < layer.params_before
+    assert _macs(model, shape) == layer.macs_after < layer.macs_before
+    assert model(torch.randn(2, *shape)).shape == (2, 16 * 100)

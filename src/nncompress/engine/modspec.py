@@ -101,7 +101,7 @@ _CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 # nncompress's own module types, by dotted path (imported only when a spec names them).
 EXTRA_TYPES: dict[str, str] = {
     "TTLinear": "nncompress.lowrank.tt.TTLinear",
-    "ExitHead": "nncompress.distill.early_exit.ExitHead",
+    "TTConv2d": "nncompress.lowrank.tt.TTConv2d",
 }
 
 

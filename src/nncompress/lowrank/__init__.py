@@ -2,9 +2,10 @@
 
 Layer 1, tensor functions: :func:`truncated_svd`, :func:`tucker2`, :func:`cp_decompose`,
 :func:`evbmf`, :func:`rank_for_energy`; layer builders: :func:`svd_linear`,
-:func:`separable_conv`, :func:`tucker2_conv`, :func:`cp_conv`, :func:`tt_linear`
-(:class:`TTLinear`); model transform: :func:`decompose_` with :class:`DecomposeConfig`;
-data-aware refit of the decomposed layers on real activations: :func:`refit_`.
+:func:`separable_conv`, :func:`tucker2_conv`, :func:`cp_conv`, :func:`tt_linear`,
+:func:`tt_conv` (:class:`TTLinear`, :class:`TTConv2d`); model transform: :func:`decompose_`
+with :class:`DecomposeConfig`; data-aware refit of the decomposed layers on real activations:
+:func:`refit_`.
 """
 
 from .cp import cp_conv, cp_decompose
@@ -19,7 +20,7 @@ from .transform import (
     LayerDecomposition,
     decompose_,
 )
-from .tt import TTLinear, factorize, tt_linear
+from .tt import TTConv2d, TTLinear, factorize, tt_conv, tt_linear
 from .tucker import tucker2, tucker2_conv, tucker2_vbmf_ranks
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "EVBMFResult",
     "LayerDecomposition",
     "RefitResult",
+    "TTConv2d",
     "TTLinear",
     "cp_conv",
     "cp_decompose",
@@ -40,6 +42,7 @@ __all__ = [
     "separable_conv",
     "svd_linear",
     "truncated_svd",
+    "tt_conv",
     "tt_linear",
     "tucker2",
     "tucker2_conv",

@@ -10,6 +10,7 @@ separable   Conv2d k>1   (k_h x 1, r channels) -> (1 x k_w)          (Jaderberg 
 tucker2     Conv2d k>1   1x1 (C->R_in) -> k x k (R_in->R_out) -> 1x1 (Kim et al. 2016)
 cp          Conv2d k>1   1x1 (C->R) -> k_h x 1 dw -> 1 x k_w dw -> 1x1 (Lebedev et al. 2015)
 tt          Linear       TTLinear (tensor-train matrix)              (Novikov et al. 2015)
+tt          Conv2d       TTConv2d (TT-matrix over image patches)     (Garipov et al. 2016)
 ========== ============ ==================================================================
 
 Ranks are chosen per layer by exactly one rule: a fixed ``rank``; ``rank_fraction`` (the
@@ -46,7 +47,7 @@ from .cp import cp_conv, cp_cost
 from .rank import evbmf, rank_for_energy
 from .separable import separable_conv, separable_cost, separable_full_rank, separable_matrix
 from .svd import svd_linear, svd_linear_cost
-from .tt import factorize, tt_cost, tt_full_ranks, tt_linear
+from .tt import factorize, tt_conv, tt_cost, tt_full_ranks, tt_linear
 from .tucker import tucker2_conv, tucker2_cost, tucker2_vbmf_ranks
 
 __all__ = ["METHODS", "DecomposeConfig", "DecomposeReport", "LayerDecomposition", "decompose_"]
@@ -102,7 +103,8 @@ class DecomposeConfig:
     per_layer : ``{name or fnmatch pattern: {key: value}}`` overriding ``method``, the rank rule
         (``rank``/``rank_fraction``/``energy``/``vbmf``), ``min_rank``, ``tt_*``, or
         ``skip: true``.
-    tt_cores : number ``d`` of TT cores when the factorisations are chosen automatically.
+    tt_cores : number ``d`` of TT cores when the factorisations are chosen automatically (for
+        a convolution the first core is the spatial one: ``k_h k_w`` in, 1 out).
     tt_in_modes, tt_out_modes : explicit factorisations of in/out features (usually given per
         layer).
     cp_iters : ALS iterations of the CP decomposition.
@@ -322,10 +324,16 @@ class _Plan:
 
 def _unsupported(method: str, m: nn.Module) -> str | None:
     """Why ``method`` cannot decompose ``m`` (``None`` if it can)."""
-    if method in ("svd", "tt"):
+    if method == "svd" or (method == "tt" and not isinstance(m, nn.Conv2d)):
         return None if isinstance(m, nn.Linear) else "not a Linear layer"
     if not isinstance(m, nn.Conv2d):
         return "not a Conv2d layer"
+    if method == "tt":
+        if m.groups != 1:
+            return f"grouped convolution (groups={m.groups})"
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            return "string padding or non-zero padding mode"
+        return None
     if m.groups != 1:
         return f"grouped convolution (groups={m.groups})"
     if tuple(m.kernel_size) == (1, 1):
@@ -374,7 +382,10 @@ def _cost(p: _Plan, rank: Rank) -> tuple[int, int | None]:
         return tucker2_cost(m, rank, p.in_hw, p.out_hw)
     if method == "cp":
         return cp_cost(m, rank, p.in_hw, p.out_hw)
-    return tt_cost(*p.tt_modes, rank, m.bias is not None, p.positions)
+    positions = p.positions
+    if isinstance(m, nn.Conv2d):
+        positions = None if p.out_hw is None else p.out_hw[0] * p.out_hw[1]
+    return tt_cost(*p.tt_modes, rank, m.bias is not None, positions)
 
 
 def _clamp(p: _Plan, rank: Rank) -> Rank:
@@ -486,6 +497,8 @@ def _build(p: _Plan, rank: Rank) -> nn.Module:
         return tucker2_conv(m, rank)
     if cfg.method == "cp":
         return cp_conv(m, rank, n_iter_max=cfg.cp_iters, seed=cfg.seed)
+    if isinstance(m, nn.Conv2d):
+        return tt_conv(m, *p.tt_modes, rank)
     return tt_linear(m, *p.tt_modes, rank)
 
 
@@ -526,19 +539,27 @@ def _record_geometry(model: nn.Module, plans: list[_Plan], input_shape: tuple[in
 
 
 def _tt_modes(p: _Plan) -> tuple[list[int], list[int]]:
+    """TT modes of the layer's (in x out) matrix; for a conv, in = k_h k_w C (patches)."""
     cfg, m = p.cfg, p.module
+    conv = isinstance(m, nn.Conv2d)
+    n_in = m.weight[0].numel() if conv else m.in_features
+    n_out = m.out_channels if conv else m.out_features
     if cfg.tt_in_modes is not None:
         ins, outs = list(cfg.tt_in_modes), list(cfg.tt_out_modes)
-        if math.prod(ins) != m.in_features or math.prod(outs) != m.out_features:
+        if math.prod(ins) != n_in or math.prod(outs) != n_out:
+            what = "k_h * k_w * in_channels" if conv else "in_features"
             raise _err(
                 "tt_in_modes/tt_out_modes",
                 (ins, outs),
-                f"products must equal in_features={m.in_features} and "
-                f"out_features={m.out_features}",
+                f"products must equal {what}={n_in} and out={n_out}",
                 p.name,
             )
         return ins, outs
-    return factorize(m.in_features, cfg.tt_cores), factorize(m.out_features, cfg.tt_cores)
+    if conv:  # the spatial mode k_h k_w (output mode 1) first, as Garipov et al. 2016
+        spatial = m.kernel_size[0] * m.kernel_size[1]
+        ins = [spatial, *factorize(m.in_channels, cfg.tt_cores - 1)]
+        return ins, [1, *factorize(n_out, cfg.tt_cores - 1)]
+    return factorize(n_in, cfg.tt_cores), factorize(n_out, cfg.tt_cores)
 
 
 def _rel_error(old: nn.Module, new: nn.Module, p: _Plan) -> float | None:
@@ -610,7 +631,7 @@ def decompose_(
             continue
         why = _unsupported(cfg.method, m)
         if why is not None:
-            family = nn.Linear if cfg.method in ("svd", "tt") else nn.Conv2d
+            family = {"svd": nn.Linear, "tt": (nn.Linear, nn.Conv2d)}.get(cfg.method, nn.Conv2d)
             if isinstance(m, family) or filter is not None or cfg is not config:
                 entry = LayerDecomposition(name, type(m).__name__, cfg.method, "skipped", why)
                 skipped.append((entry, _Plan(name, m, cfg)))

@@ -1,5 +1,6 @@
 """Tensor-train (TT-matrix) fully connected layers (Novikov et al., NIPS 2015, "Tensorizing
-Neural Networks").
+Neural Networks") and convolutions (Garipov et al. 2016, "Ultimate tensorization: compressing
+convolutional and FC layers alike").
 
 With ``in = n_1 ... n_d`` and ``out = m_1 ... m_d``, the ``in x out`` matrix ``W^T`` of a
 Linear layer is stored as ``d`` cores ``G_k (r_{k-1}, n_k, m_k, r_k)`` (``r_0 = r_d = 1``):
@@ -10,6 +11,13 @@ Linear layer is stored as ``d`` cores ``G_k (r_{k-1}, n_k, m_k, r_k)`` (``r_0 = 
 ``prod n_k m_k``. The forward pass contracts the input with one core at a time and never forms
 ``W``. The cores are found by TT-SVD (TensorLy's ``tensor_train_matrix``, PyTorch backend set
 locally), exact at the full TT ranks ``r_k = min(prod_{i<=k} n_i m_i, prod_{i>k} n_i m_i)``.
+
+A convolution is a Linear map applied to every image patch: :class:`TTConv2d` stores its
+``(k_h k_w C) x N`` kernel matrix (patches flattened kernel position first, then channel) as a
+TT-matrix whose first core is the spatial one (input mode ``k_h k_w``, output mode 1), as
+Garipov et al. do, and the others factor the channels; it is applied to the patches of
+``F.unfold``. The spatial core first keeps the successive contractions cheap: it reduces the
+``k_h k_w`` patch positions to ``r_1`` before any channel core runs.
 """
 
 from __future__ import annotations
@@ -19,14 +27,17 @@ from collections.abc import Sequence
 
 import tensorly as tl
 import torch
+import torch.nn.functional as F
 from tensorly.decomposition import tensor_train_matrix
 from torch import nn
 
 __all__ = [
+    "TTConv2d",
     "TTLinear",
     "factorize",
     "tt_cost",
     "tt_full_ranks",
+    "tt_conv",
     "tt_linear",
 ]
 
@@ -229,4 +240,127 @@ def tt_linear(
             getattr(layer, f"core{k}").copy_(core)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
+    return layer.to(device=w.device, dtype=w.dtype)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class TTConv2d(nn.Module):
+    """Conv2d whose ``(k_h k_w C) -> N`` kernel matrix is a :class:`TTLinear` over image patches.
+
+    ``forward(x)`` unfolds ``x (B, C, H, W)`` into patches ``(B, L, k_h k_w C)`` (kernel
+    position first, then channel: ``conv.weight.permute(0, 2, 3, 1).reshape(N, -1)``), applies
+    the TT-matrix and folds the result to ``(B, N, H_out, W_out)``. Zero padding only, no
+    groups.
+
+    Parameters
+    ----------
+    in_channels : ``C``; ``prod(in_modes)`` must equal ``C k_h k_w``.
+    kernel_size, stride, padding, dilation : as for ``nn.Conv2d``.
+    in_modes, out_modes, ranks, bias : of the :class:`TTLinear` (``prod(out_modes) = N``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int | Sequence[int],
+        in_modes: Sequence[int],
+        out_modes: Sequence[int],
+        ranks: Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.in_channels = int(in_channels)
+        patch = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if math.prod(int(v) for v in in_modes) != patch:
+            raise ValueError(
+                f"in_modes={list(in_modes)}: product must equal in_channels * k_h * k_w = {patch}"
+            )
+        self.tt = TTLinear(in_modes, out_modes, ranks, bias=bias)
+        self.out_channels = self.tt.out_features
+
+    def spec_kwargs(self) -> dict:
+        """Constructor arguments (JSON-able) for :mod:`nncompress.engine.modspec`."""
+        return {
+            "in_channels": self.in_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            **self.tt.spec_kwargs(),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B,CK,L)
+        k = self.kernel_size[0] * self.kernel_size[1]
+        patches = cols.reshape(b, self.in_channels, k, -1).permute(0, 3, 2, 1)  # (B, L, K, C)
+        y = self.tt(patches.reshape(b, patches.shape[1], -1))  # (B, L, N)
+        return y.transpose(1, 2).reshape(b, self.out_channels, ho, wo)
+
+    def full_weight(self) -> torch.Tensor:
+        """The dense ``(N, C, k_h, k_w)`` kernel the cores represent."""
+        kh, kw = self.kernel_size
+        w = self.tt.full_weight().reshape(self.out_channels, kh, kw, self.in_channels)
+        return w.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+
+
+def tt_conv(
+    conv: nn.Conv2d,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int] | int,
+) -> TTConv2d:
+    """TT-SVD of ``conv``'s kernel matrix ``(N, C k_h k_w)`` into a :class:`TTConv2d`.
+
+    Requires ``groups == 1``, numeric padding and ``padding_mode='zeros'``; ``in_modes`` factor
+    ``k_h k_w C`` (row-major over kernel position then channel, e.g. ``[k_h k_w, c_1, c_2]``),
+    ``out_modes`` factor ``N`` (e.g. ``[1, n_1, n_2]``). At full ranks it reproduces ``conv``.
+    """
+    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(
+            "tt_conv: needs groups=1, numeric padding and padding_mode='zeros'; got "
+            f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+        )
+    n = conv.out_channels
+    w = conv.weight.detach()
+    as_linear = nn.Linear(w[0].numel(), n, bias=conv.bias is not None).to(w.device, w.dtype)
+    with torch.no_grad():
+        as_linear.weight.copy_(w.permute(0, 2, 3, 1).reshape(n, -1))  # (N, kh*kw*C)
+        if conv.bias is not None:
+            as_linear.bias.copy_(conv.bias.detach())
+    tt = tt_linear(as_linear, in_modes, out_modes, ranks)
+    layer = TTConv2d(
+        conv.in_channels,
+        conv.kernel_size,
+        tt.in_modes,
+        tt.out_modes,
+        tt.ranks,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+    )
+    layer.tt = tt
     return layer.to(device=w.device, dtype=w.dtype)
