@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=16,
         help="training batches for the least-squares refit of each decomposed block's last "
-        "factor to the original layer's response (0: off; default: 16)",
+        "factors to the original layer's response (0: off; default: 16)",
     )
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (default: 0)")
     p.add_argument(

@@ -12,12 +12,11 @@ Recipe example::
 
 Every :class:`~nncompress.lowrank.DecomposeConfig` field may be given directly; ``layers``
 (names or fnmatch patterns) restricts the layers; ``refit_batches`` calibration batches of
-training images (no augmentation) refit the last factor of each decomposed block to the
+training images (no augmentation) refit the last factors of each decomposed block to the
 original layer's response (:func:`~nncompress.lowrank.refit_`, 0 turns it off);
-``finetune_epochs`` retrains the whole
-decomposed model at ``lr_scale`` times the recipe's learning rate, by distillation from the
-model as it was before this stage (Hinton soft targets, ``temperature``, ``alpha``) when
-``distill`` is true, else with plain cross-entropy.
+``finetune_epochs`` retrains the whole decomposed model at ``lr_scale`` times the recipe's
+learning rate, by distillation from the model as it was before this stage (Hinton soft
+targets, ``temperature``, ``alpha``) when ``distill`` is true, else with plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ class DecomposeStageConfig:
     decompose : the method and rank rule.
     layers : layer names or fnmatch patterns to consider (``None``: all the method supports).
     refit_batches : batches of training images for the data-aware refit of each decomposed
-        block's last factor (:func:`~nncompress.lowrank.refit_`; 0: keep the weight-space
+        block's last factors (:func:`~nncompress.lowrank.refit_`; 0: keep the weight-space
         factors).
     finetune_epochs : epochs of fine-tuning after decomposition (0: none).
     lr_scale : learning rate of the fine-tuning relative to the recipe's (default 1/10).
