@@ -12,8 +12,9 @@ For each: parameters, conv/linear MACs (nncompress.stats.count_macs), test accur
 after fine-tuning, and CPU latency at batch 1 and 64 (median of repeated runs, one thread).
 
 Run from benchmarks/:  ../.venv/bin/python lowrank.py [--parts lenet300,lenet5,resnet20]
-Each part writes results/lowrank_<part>.json; the last run merges whatever parts exist into
-results/lowrank.{json,md}.
+[--methods tucker2,cp]. Each part writes results/lowrank_<part>.json (with --methods, only
+those rows are replaced, so parts and methods can run in parallel); every run merges whatever
+parts exist into results/lowrank.{json,md} (--parts '' only merges).
 """
 
 from __future__ import annotations
@@ -267,28 +268,34 @@ def markdown(rows: list[dict]) -> str:
         )
     lines += ["", "Ranks per decomposed layer:", ""]
     for r in rows:
-        lines.append(f"- {r['model']} {r['method']}: {_ranks(r)}")
+        dec = [x for x in r["layers_report"] if x["status"] == "decomposed"]
+        pb, pa = sum(x["params_before"] for x in dec), sum(x["params_after"] for x in dec)
+        lines.append(
+            f"- {r['model']} {r['method']} (these layers' params {pb:,} -> {pa:,}): {_ranks(r)}"
+        )
     lines += [
         "",
         "Notes: `loss (pts)` = baseline minus fine-tuned accuracy (positive = lost). `acc. no FT` "
         "is right after the weight-space decomposition; `acc. refit` after `refit_` (each "
-        "block's last factor refitted by least squares to the original layer's response on "
-        "16 x 128 training images, the input taken from the decomposed network: Zhang et al. "
-        "2016's asymmetric reconstruction; `-` = run without it), which is where fine-tuning "
-        "starts. Fine-tuning is "
-        "distillation (T=4, alpha=0.9) from the baseline (LeNets trained at lr 0.05, ResNet-20 at "
-        "0.1), SGD with a cosine schedule "
-        "from the `FT epochs` learning rate. Latency is "
-        "the median of repeated single-thread forward passes on a shared 2-core machine that "
-        "other benchmarks were loading at the same time, baseline and decomposed model measured "
-        "minutes apart: these columns are NOT comparable. Trust the paired, alternating "
-        "measurement in lowrank_latency.md (lowrank_latency.py), which shows that Tucker-2 and CP "
-        "make LeNet-5 slower on this CPU (tiny layers, extra 1x1 and depthwise convs), that "
-        "ResNet-20 gains little or nothing (Tucker-2) or gets slower (CP) despite 2x fewer MACs, and that only the SVD of "
-        "LeNet-300-100 is clearly faster at batch 64. `FT epochs` shows any cap on the batches "
-        "per epoch and the gradient-norm clip used while fine-tuning; fine-tuning ends with the "
-        "weights of the epoch with the best held-out accuracy (`restore_best`, epoch 0 = right "
-        "after decomposing), given after the epoch count as `best epoch k`.",
+        "block's last factor, and the Tucker-2 core, refitted by least squares to the original "
+        "layer's response on 16 x 128 training images, the input taken from the decomposed "
+        "network: Zhang et al. 2016's asymmetric reconstruction; `-` = run without it), which "
+        "is where fine-tuning starts. Fine-tuning is distillation (T=4, alpha=0.9) from the "
+        "baseline (LeNets trained at lr 0.05, ResNet-20 at 0.1), SGD with a cosine schedule from "
+        "the `FT epochs` learning rate; `FT epochs` also gives any cap on the batches per epoch, "
+        "the gradient-norm clip and whether the shift/flip augmentation was off. Fine-tuning "
+        "ends with the weights of the epoch with the best held-out accuracy (`restore_best`; "
+        "epoch 0 = after decomposing and the refit), given as `best epoch k`. `params` counts "
+        "the whole model (the decomposed layers alone: in the list above). The rows come from "
+        "separate runs of `lowrank.py --parts P [--methods M]` (the defaults otherwise), merged "
+        "by the last one. Latency here is the median of repeated single-thread forward passes "
+        "on a shared 2-core machine, baseline and decomposed model measured minutes apart under "
+        "different loads: these columns are NOT comparable. Trust the paired, alternating "
+        "measurement in lowrank_latency.md (lowrank_latency.py): only the SVD of LeNet-300-100 "
+        "is clearly faster (2.2x at batch 64); Tucker-2 and CP do not make LeNet-5 or ResNet-20 "
+        "faster on this CPU despite 2x fewer MACs (tiny layers; the extra 1x1 and depthwise "
+        "convolutions run far below the dense kernels' rate), and TT convolutions (im2col plus "
+        "core contractions) are 2-3x slower.",
     ]
     return "\n".join(lines)
 
@@ -301,7 +308,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override fine-tuning epochs")
     parser.add_argument("--train-limit", type=int, default=None, help="batches per epoch cap")
     parser.add_argument("--methods", default=None, help="only these methods (comma-separated)")
-    parser.add_argument("--grad-clip", type=float, default=None, help="fine-tuning grad clip")
+    parser.add_argument(
+        "--grad-clip", type=float, default=5.0, help="fine-tuning grad-norm clip (default: 5)"
+    )
     parser.add_argument(
         "--no-augment", action="store_true", help="fine-tune without the shift/flip augmentation"
     )
