@@ -332,7 +332,7 @@ def tt_conv(
     out_modes: Sequence[int],
     ranks: Sequence[int] | int,
 ) -> TTConv2d:
-    """TT-SVD of ``conv``'s kernel matrix ``(N, C k_h k_w)`` into a :class:`TTConv2d`.
+    """TT-SVD of ``conv``'s kernel matrix ``(N, k_h k_w C)`` into a :class:`TTConv2d`.
 
     Requires ``groups == 1``, numeric padding and ``padding_mode='zeros'``; ``in_modes`` factor
     ``k_h k_w C`` (row-major over kernel position then channel, e.g. ``[k_h k_w, c_1, c_2]``),
