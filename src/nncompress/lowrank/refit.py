@@ -67,22 +67,28 @@ class _Stop(Exception):
     """Raised by a forward hook once it has what it needs (saves the rest of the forward)."""
 
 
+def _solvable(mod: nn.Module) -> bool:
+    """A Linear, or a Conv2d whose input patches F.unfold reproduces (no groups, zero padding)."""
+    if isinstance(mod, nn.Linear):
+        return True
+    return (
+        isinstance(mod, nn.Conv2d)
+        and mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and not isinstance(mod.padding, str)
+    )
+
+
 def _last_factor(block: nn.Module) -> nn.Module | None:
     if not isinstance(block, nn.Sequential) or len(block) < 2:
         return None
-    last = block[-1]
-    if isinstance(last, nn.Linear) or (isinstance(last, nn.Conv2d) and last.groups == 1):
-        return last
-    return None
+    return block[-1] if _solvable(block[-1]) else None
 
 
 def _rows(mod: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The last factor's input as rows of a design matrix: (samples, in_features)."""
+    """A factor's input as rows of a design matrix: (samples, in_features)."""
     if isinstance(mod, nn.Linear):
         return z.reshape(-1, z.shape[-1])
-    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-        # F.unfold pads with zeros only; pad explicitly for other modes
-        raise ValueError(f"refit: {mod} has padding {mod.padding!r}/{mod.padding_mode}")
     cols = F.unfold(z, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -135,7 +141,7 @@ def refit_(
         augmentation; the first ``batches`` are used.
     names : the decomposed blocks to refit, e.g. ``report.decomposed`` from
         :func:`~nncompress.lowrank.decompose_`; refitted in the model's forward order. Blocks
-        whose last factor is not a Linear or ungrouped Conv2d (TT) are skipped. Only the last
+        whose last factor is not a Linear or an ungrouped zero-padded Conv2d (TT) are skipped. Only the last
         factor, and the one before it where the last is pointwise, change.
     batches : number of calibration batches (>= 1).
     ridge : Tikhonov weight, relative to the mean diagonal of the Gram matrix (>= 0).
@@ -223,10 +229,7 @@ def _core_factor(block: nn.Sequential) -> nn.Module | None:
     """The factor before a pointwise last factor, when it is a Linear or ungrouped Conv2d."""
     if len(block) < 2 or not _pointwise(block[-1]):
         return None
-    core = block[-2]
-    if isinstance(core, nn.Linear) or (isinstance(core, nn.Conv2d) and core.groups == 1):
-        return core
-    return None
+    return block[-2] if _solvable(block[-2]) else None
 
 
 def _solve(
