@@ -141,8 +141,8 @@ def refit_(
         augmentation; the first ``batches`` are used.
     names : the decomposed blocks to refit, e.g. ``report.decomposed`` from
         :func:`~nncompress.lowrank.decompose_`; refitted in the model's forward order. Blocks
-        whose last factor is not a Linear or an ungrouped zero-padded Conv2d (TT) are skipped. Only the last
-        factor, and the one before it where the last is pointwise, change.
+        whose last factor is not a Linear or an ungrouped zero-padded Conv2d (TT) are skipped.
+        Only the last factor, and the one before it where the last is pointwise, change.
     batches : number of calibration batches (>= 1).
     ridge : Tikhonov weight, relative to the mean diagonal of the Gram matrix (>= 0).
     progress : receives :class:`~nncompress.engine.ProgressEvent` per layer.
