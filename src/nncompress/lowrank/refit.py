@@ -214,14 +214,9 @@ def refit_(
 
 def _pointwise(mod: nn.Module) -> bool:
     """A Linear, or a 1x1 stride-1 unpadded ungrouped Conv2d: a matrix applied per position."""
-    if isinstance(mod, nn.Linear):
-        return True
-    return (
-        isinstance(mod, nn.Conv2d)
-        and mod.groups == 1
-        and tuple(mod.kernel_size) == (1, 1)
-        and tuple(mod.stride) == (1, 1)
-        and tuple(mod.padding) == (0, 0)
+    return _solvable(mod) and (
+        isinstance(mod, nn.Linear)
+        or (mod.kernel_size, mod.stride, mod.padding) == ((1, 1), (1, 1), (0, 0))
     )
 
 
