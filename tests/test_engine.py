@@ -156,21 +156,27 @@ def test_grad_clip_bounds_the_update_norm():
     assert delta == pytest.approx(lr * clip, rel=1e-4)
 
 
+class _Snap(Callback):
+    """Records a copy of the weights at the end of every epoch."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def on_epoch_end(self, model, epoch, metrics):
+        self.into.append({k: v.clone() for k, v in model.state_dict().items()})
+
+
 def test_early_stopping_restores_best_epoch():
     # maximising the loss makes the held-out loss grow every epoch: best = epoch 1
     model = _mlp()
     snapshots = []
-
-    class Snap(Callback):
-        def on_epoch_end(self, model, epoch, metrics):
-            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
 
     def ascend(out, y, x):
         return -nn.functional.cross_entropy(out, y)
 
     loader = _one_batch(32)
     cfg = TrainConfig(epochs=20, lr=0.5, early_stopping=2, **PLAIN)
-    hist = fit(model, loader, cfg, val_loader=loader, loss_fn=ascend, callbacks=[Snap()])
+    hist = fit(model, loader, cfg, val_loader=loader, loss_fn=ascend, callbacks=[_Snap(snapshots)])
     assert len(hist.epochs) == 3 and hist.best_epoch == 1
     assert hist.epochs[2]["val_loss"] > hist.epochs[1]["val_loss"] > hist.epochs[0]["val_loss"]
     for k, v in model.state_dict().items():
@@ -201,13 +207,9 @@ def test_restore_best_keeps_the_best_epoch():
     model = _mlp()
     snapshots = []
 
-    class Snap(Callback):
-        def on_epoch_end(self, model, epoch, metrics):
-            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-
     loader = _one_batch(32)
     cfg = TrainConfig(epochs=6, lr=0.5, restore_best=True, **PLAIN)
-    hist = fit(model, loader, cfg, val_loader=loader, callbacks=[Snap()])
+    hist = fit(model, loader, cfg, val_loader=loader, callbacks=[_Snap(snapshots)])
     accs = [e["val_accuracy"] for e in hist.epochs]
     assert max(accs) > hist.start_val_accuracy
     assert hist.best_epoch == accs.index(max(accs)) + 1  # first epoch reaching the best

@@ -314,15 +314,8 @@ def _refit_one(
     return RefitResult(name, before, best, applied, sum(t.shape[0] for t in y_rows))
 
 
-def _flat_weight(mod: nn.Module) -> torch.Tensor:
-    """The factor as the (in_features [+ 1 bias row], out_features) matrix of the solve."""
-    w = mod.weight.detach().reshape(mod.weight.shape[0], -1).T  # (in, out)
-    if mod.bias is not None:
-        w = torch.cat([w, mod.bias.detach()[None, :]], dim=0)
-    return w
-
-
 def _set_flat_weight(mod: nn.Module, w: torch.Tensor) -> None:
+    """Write the (in_features [+ 1 bias row], out_features) solution into the factor."""
     n_in = mod.weight[0].numel()
     mod.weight.copy_(w[:n_in].T.reshape(mod.weight.shape))
     if mod.bias is not None:
