@@ -44,9 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .engine.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-from .engine.train import ProgressEvent, evaluate
+from .core.errors import ConfigError
+from .core.files import atomic_write_text
+from .core.modules import folded_copy
+from .core.progress import Progress, progress_task
+from .engine.checkpoint import load_checkpoint, save_checkpoint
+from .engine.config import TrainConfig, config_from_dict, config_to_dict
+from .engine.train import evaluate
 
 __all__ = [
     "STAGES",
@@ -60,8 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[ProgressEvent], None]
 
 # Explicit registry: stage name -> (module, config class name, run function name).
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -406,13 +408,6 @@ def _default_model_kwargs(name: str, splits) -> dict[str, Any]:
     return kwargs
 
 
-def _folded(model: nn.Module) -> nn.Module:
-    """A copy with parametrizations folded, leaving ``model`` usable (see prune.folded_copy)."""
-    from .engine.modspec import folded_copy
-
-    return folded_copy(model)
-
-
 def weight_stats(model: nn.Module) -> dict[str, Any]:
     """Parameters, nonzeros and an estimate of the values' bytes.
 
@@ -449,18 +444,12 @@ def weight_stats(model: nn.Module) -> dict[str, Any]:
 
 def _dense_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters stored densely in fp32 (the baseline size)."""
-    plain = _folded(model)
+    plain = folded_copy(model)
     return sum(4 * p.numel() for p in plain.parameters())
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    blob = json.dumps(_jsonable(obj), indent=2, sort_keys=True)
-    atomic_write(path, lambda tmp: tmp.write_text(blob + "\n"))
-
-
-def _emit(progress: Progress | None, kind: str, total: int, completed: int = 0, **info) -> None:
-    if progress:
-        progress(ProgressEvent(kind, "recipe", total=total, completed=completed, info=info))
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -609,12 +598,11 @@ def run_recipe(
     )
     stages_dir = out_dir / "stages"
     n = len(recipe.stages)
-    _emit(progress, "start", n, start_index)
-    try:
+    with progress_task(progress, "recipe", n, start_index) as task:
         for i in range(start_index, n):
             spec = recipe.stages[i]
             _, run_fn = entries[i]
-            _emit(progress, "advance", n, i, stage=spec.name)
+            task.advance(i, stage=spec.name)
             log.info("stage %d/%d: %s", i + 1, n, spec.name)
             t0 = time.perf_counter()
             fields = run_fn(ctx, spec.config) or {}
@@ -627,7 +615,7 @@ def run_recipe(
                 run.original_bytes = _dense_bytes(ctx.model)
             ckpt = stages_dir / f"{i + 1:02d}-{spec.name}.safetensors"
             save_checkpoint(
-                _folded(ctx.model),
+                folded_copy(ctx.model),
                 ckpt,
                 model_name=model_name,
                 model_kwargs=model_kwargs,
@@ -659,13 +647,11 @@ def run_recipe(
             }
             _write_json(out_dir / "state.json", run.to_dict())
             log.info("stage %s: accuracy %.2f%%, %.1f s", spec.name, acc, wall)
-        _emit(progress, "advance", n, n)
-    finally:
-        _emit(progress, "end", n, n)
+        task.advance(n)
 
     report = _final_report(recipe, run, ctx, test_loader, out_dir)
     _write_json(out_dir / "report.json", report)
-    atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(report_markdown(report)))
+    atomic_write_text(out_dir / "report.md", report_markdown(report))
     return report
 
 

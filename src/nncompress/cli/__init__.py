@@ -43,19 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from ..data import DataError
-    from ..engine import CheckpointError, ConfigError, SpecError
-
     try:
         return int(args.func(args) or 0)
-    except (
-        DataError,
-        CheckpointError,
-        ConfigError,
-        SpecError,
-        ValueError,
-        FileNotFoundError,
-    ) as exc:
+    # every nncompress input error (ConfigError, CheckpointError, DataError, FormatError...)
+    # is a ValueError
+    except (ValueError, FileNotFoundError) as exc:
         from .common import console
 
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)

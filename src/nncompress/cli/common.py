@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..engine.train import ProgressEvent
+from ..core.progress import ProgressEvent
 
 console = Console(stderr=True)
 out = Console()

@@ -269,8 +269,8 @@ def _base_train_config(sidecar: dict, lr: float | None):
 
 
 def _save(model, path: Path, sidecar: dict, splits, metrics: dict, extra: dict) -> None:
+    from ..core.modules import folded_copy
     from ..engine import save_checkpoint
-    from ..prune import folded_copy
 
     arch = sidecar.get("architecture") or {}
     save_checkpoint(
@@ -353,7 +353,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from ..engine import atomic_write, load_checkpoint
+    from ..core.files import atomic_write_json
+    from ..engine import load_checkpoint
     from ..prune.sensitivity import (
         sensitivity_analysis,
         thresholds_from_sensitivity,
@@ -376,8 +377,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     files = write_sensitivity(res, args.out, title=f"{Path(args.checkpoint).name} sensitivity")
     per = thresholds_from_sensitivity(res, args.max_drop)
     per_path = args.out / "per_layer.json"
-    blob = json.dumps({"max_drop": args.max_drop, "per_layer": per}, indent=2)
-    atomic_write(per_path, lambda tmp: tmp.write_text(blob))
+    atomic_write_json(per_path, {"max_drop": args.max_drop, "per_layer": per}, indent=2)
     if args.json:
         print_json(
             {**res.to_dict(), "per_layer": per, "files": {k: str(v) for k, v in files.items()}}

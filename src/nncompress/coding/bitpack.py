@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import NncompressError
+
 __all__ = [
     "ByteReader",
     "CodingError",
@@ -28,7 +30,7 @@ MAX_WIDTH = 32
 _CHUNK = 1 << 20  # values per chunk while packing/unpacking (bounds temporary memory)
 
 
-class CodingError(ValueError):
+class CodingError(NncompressError, ValueError):
     """A coded stream is malformed (truncated, inconsistent, or with absurd sizes)."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import NncompressError
+
 __all__ = ["DataError", "read_idx", "write_idx"]
 
 _DTYPES: dict[int, np.dtype] = {
@@ -27,7 +29,7 @@ _CODES = {v.newbyteorder(">") if v.itemsize > 1 else v: k for k, v in _DTYPES.it
 _MAX_ELEMENTS = 1 << 31  # refuse absurd headers before allocating anything
 
 
-class DataError(ValueError):
+class DataError(NncompressError, ValueError):
     """A data file is missing, truncated or not what it claims to be."""
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .modspec import (
-    SpecError,
-    apply_replacements,
-    diff_modules,
-    folded_copy,
-    module_from_spec,
-    module_to_spec,
-)
+from ..core.errors import CheckpointError, SpecError
+from ..core.files import atomic_write
+from ..core.modules import folded_copy
+from .modspec import apply_replacements, diff_modules, module_from_spec, module_to_spec
 
 __all__ = [
     "CheckpointError",
-    "atomic_write",
     "load_checkpoint",
     "read_sidecar",
     "save_checkpoint",
@@ -41,31 +33,6 @@ __all__ = [
 ]
 
 FORMAT = "nncompress-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, inconsistent or has been tampered with."""
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    Either the complete new file appears or the old one is left untouched. The new file gets
-    the permissions of an ordinary new file (0666 minus the umask), not mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sidecar_path(path: str | Path) -> Path:

@@ -6,19 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.errors import ConfigError
+from ..core.validate import check as _check
+
 __all__ = ["ConfigError", "TrainConfig", "config_from_dict", "config_to_dict"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
-
-
-class ConfigError(ValueError):
-    """A configuration field has a value that is not allowed."""
-
-
-def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field}={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)

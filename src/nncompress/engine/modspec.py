@@ -11,13 +11,14 @@ and assigned after construction.
 
 from __future__ import annotations
 
-import copy
 import importlib
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from ..core.errors import SpecError
+from ..core.modules import folded_copy, own_parametrized_class_, strip_parametrizations
 
 __all__ = [
     "SpecError",
@@ -29,10 +30,6 @@ __all__ = [
     "own_parametrized_class_",
     "strip_parametrizations",
 ]
-
-
-class SpecError(ValueError):
-    """A module cannot be described as a spec, or a spec is invalid."""
 
 
 def _conv_kwargs(m: nn.Module) -> dict[str, Any]:
@@ -212,40 +209,4 @@ def apply_replacements(model: nn.Module, replacements: dict[str, Any]) -> nn.Mod
             delattr(parent, attr)
         else:
             setattr(parent, attr, module_from_spec(spec, qual))
-    return model
-
-
-def own_parametrized_class_(m: nn.Module) -> None:
-    """Give a parametrized module a class of its own.
-
-    ``torch.nn.utils.parametrize`` injects a ``Parametrized<Cls>`` class that ``copy.deepcopy``
-    shares between the original and its copies, and ``remove_parametrizations`` deletes the
-    weight property from that class, which breaks every other instance sharing it (the
-    original model stops working after a copy is folded). Cloning the class first makes the
-    removal local to this instance.
-    """
-    if not parametrize.is_parametrized(m):
-        return
-    cls = type(m)
-    dct = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    m.__class__ = type(cls.__name__, (cls.__bases__[0],), dct)
-
-
-def folded_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every parametrization folded into plain tensors (pruned
-    weights are zeros, shared weights their centroids), leaving ``model`` untouched."""
-    return strip_parametrizations(copy.deepcopy(model))
-
-
-def strip_parametrizations(model: nn.Module) -> nn.Module:
-    """Remove every parametrization in place, keeping the parametrized (effective) values.
-
-    Safe on deep copies: other models sharing the parametrized class keep working.
-    """
-    for m in model.modules():
-        if parametrize.is_parametrized(m):
-            own_parametrized_class_(m)
-            for pname in list(m.parametrizations.keys()):
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
     return model

@@ -19,11 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.modules import model_device
+from ..core.progress import Progress, ProgressEvent, progress_task
 from .config import TrainConfig
 
 __all__ = [
     "Callback",
+    "EarlyStopping",
     "History",
+    "L1ThenL2",
+    "RestoreBest",
     "ProgressEvent",
     "evaluate",
     "finetune",
@@ -35,18 +40,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Callable[["ProgressEvent"], None]
-
-
-@dataclass
-class ProgressEvent:
-    """What a long loop reports: ``kind`` in {'start', 'advance', 'end'}, ``task`` its name."""
-
-    kind: str
-    task: str
-    total: int | None = None
-    completed: int = 0
-    info: dict = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -56,19 +49,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for an empty model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 class Callback:
-    """Hooks into :func:`fit`. Override what you need; every hook gets the model."""
+    """Hooks into :func:`fit`. Override what you need; every hook gets the model.
+
+    ``on_loss`` may add terms to the training loss (it returns the new loss); setting
+    ``stop_training = True`` in ``on_epoch_end`` ends training after that epoch.
+    """
+
+    stop_training: bool = False
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_epoch_begin(self, model: nn.Module, epoch: int) -> None: ...
+    def on_loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
     def on_after_backward(self, model: nn.Module, step: int) -> None: ...
     def on_step_end(self, model: nn.Module, step: int) -> None: ...
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None: ...
@@ -153,26 +147,117 @@ def evaluate(
     device = model_device(model)
     correct, total, loss_sum = 0, 0, 0.0
     n = len(loader) if hasattr(loader, "__len__") else None
-    if progress:
-        progress(ProgressEvent("start", "evaluate", total=n))
-    try:
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-            if progress:
-                progress(ProgressEvent("advance", "evaluate", total=n, completed=i + 1))
-    finally:
-        model.train(was_training)
-        if progress:
-            progress(ProgressEvent("end", "evaluate"))
+    with progress_task(progress, "evaluate", n) as task:
+        try:
+            for i, (x, y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                correct += int((out.argmax(1) == y).sum())
+                total += len(y)
+                task.advance(i + 1)
+        finally:
+            model.train(was_training)
     if total == 0:
         raise ValueError("evaluate: the loader yielded no samples")
     return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total}
+
+
+class L1ThenL2(Callback):
+    """L1 penalty ``loss + l1 * sum |W|`` on the weights (2+ dims), switched to L2 (weight
+    decay) at ``switch_epoch`` (Han 2015's L1-then-L2; ``None``: L1 throughout)."""
+
+    def __init__(self, l1: float, weight_decay: float, switch_epoch: int | None) -> None:
+        self.l1, self.weight_decay, self.switch_epoch = l1, weight_decay, switch_epoch
+        self.active = l1 > 0
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def on_epoch_begin(self, model: nn.Module, epoch: int) -> None:
+        if self.switch_epoch is not None and epoch == self.switch_epoch:
+            self.active = False  # L1 then L2 (Han 2015)
+            self.optimizer.param_groups[0]["weight_decay"] = self.weight_decay
+
+    def on_loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return loss
+        return loss + self.l1 * sum(p.abs().sum() for p in _weight_params(model))
+
+
+class EarlyStopping(Callback):
+    """Stop after ``patience`` epochs without a lower held-out loss; at the end, put back the
+    weights of the best epoch (unless ``restore`` is false) and record it as
+    ``history.best_epoch``."""
+
+    def __init__(self, patience: int, history: History, restore: bool = True) -> None:
+        self.patience, self.history, self.restore = patience, history, restore
+        self.best_loss, self.best_state, self.bad_epochs = math.inf, None, 0
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None:
+        if metrics["val_loss"] < self.best_loss:
+            self.best_loss, self.bad_epochs = metrics["val_loss"], 0
+            self.history.best_epoch = epoch + 1
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= self.patience:
+                log.info("early stopping after epoch %d", epoch + 1)
+                self.stop_training = True
+
+    def on_train_end(self, model: nn.Module) -> None:
+        if self.restore and self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+class RestoreBest(Callback):
+    """Evaluate the held-out split before training and after every epoch; at the end, restore
+    the weights with the best held-out accuracy (the starting weights included, so training
+    never ends worse on held-out data than it began)."""
+
+    def __init__(self, val_loader: Iterable, history: History) -> None:
+        self.val_loader, self.history = val_loader, history
+        self.best: tuple[float, dict, int] | None = None  # (accuracy, weights, epoch)
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        acc = evaluate(model, self.val_loader)["accuracy"]
+        self.history.start_val_accuracy = acc
+        self.best = (acc, copy.deepcopy(model.state_dict()), 0)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None:
+        if metrics["val_accuracy"] > self.best[0]:
+            self.best = (metrics["val_accuracy"], copy.deepcopy(model.state_dict()), epoch + 1)
+
+    def on_train_end(self, model: nn.Module) -> None:
+        model.load_state_dict(self.best[1])
+        self.history.best_epoch = self.best[2]
+
+
+def _builtin_callbacks(cfg: TrainConfig, val_loader: Iterable | None, history: History):
+    """The callbacks a :class:`TrainConfig` asks for (regularisation, early stopping,
+    restore-best), in the order they must run after the user's."""
+    out: list[Callback] = []
+    if cfg.l1 > 0 or cfg.regularization_switch_epoch is not None:
+        out.append(L1ThenL2(cfg.l1, cfg.weight_decay, cfg.regularization_switch_epoch))
+    if cfg.early_stopping:
+        out.append(EarlyStopping(cfg.early_stopping, history, restore=not cfg.restore_best))
+    if cfg.restore_best:
+        out.append(RestoreBest(val_loader, history))
+    return out
+
+
+def _freeze_others(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list:
+    """Turn off ``requires_grad`` of the trainable parameters not in ``params``; returns them."""
+    if params is None:
+        return []
+    trainable = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 def fit(
@@ -187,6 +272,10 @@ def fit(
     params: Iterable[torch.Tensor] | None = None,
 ) -> History:
     """Train ``model`` in place and return its :class:`History`.
+
+    The config's L1-then-L2 regularisation, early stopping and restore-best run as the
+    callbacks :class:`L1ThenL2`, :class:`EarlyStopping` and :class:`RestoreBest`, after the
+    caller's ``callbacks``.
 
     Parameters
     ----------
@@ -207,111 +296,70 @@ def fit(
     seed_everything(cfg.seed)
     device = model_device(model)
     loss_fn = loss_fn or _default_loss(cfg)
-    if params is not None:
-        params = list(params)
-        trainable = {id(p) for p in params}
-        frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-    else:
-        frozen = []
-    l1_on = cfg.l1 > 0
-    l2 = cfg.weight_decay if (cfg.regularization_switch_epoch is None or not l1_on) else 0.0
+    frozen = _freeze_others(model, params)
+    # L1 then L2: no weight decay while the L1 penalty is on
+    l2 = 0.0 if (cfg.l1 > 0 and cfg.regularization_switch_epoch is not None) else cfg.weight_decay
     optimizer = _make_optimizer(model, cfg, l2)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = len(train_loader)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     history, step = History(), 0
-    best_loss, best_state, bad_epochs = math.inf, None, 0
-    if cfg.restore_best:  # (accuracy, weights, epoch) of the best held-out accuracy so far
-        history.start_val_accuracy = evaluate(model, val_loader)["accuracy"]
-        best_acc = (history.start_val_accuracy, copy.deepcopy(model.state_dict()), 0)
+    builtins = _builtin_callbacks(cfg, val_loader, history)
+    callbacks = [*callbacks, *builtins]
     start = time.perf_counter()
     for cb in callbacks:
         cb.on_train_begin(model, optimizer)
-    if progress:
-        progress(ProgressEvent("start", "train", total=total_steps))
-    try:
-        for epoch in range(cfg.epochs):
-            if (
-                cfg.regularization_switch_epoch is not None
-                and epoch == cfg.regularization_switch_epoch
-            ):
-                l1_on = False  # L1 then L2 (Han 2015)
-                optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
-            model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in train_loader:
-                factor = _lr_factor(cfg, step, total_steps, steps_per_epoch)
-                for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                    g["lr"] = lr * factor
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss = loss_fn(out, y, x)
-                if l1_on:
-                    loss = loss + cfg.l1 * sum(p.abs().sum() for p in _weight_params(model))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+    with progress_task(progress, "train", total_steps) as task:
+        try:
+            for epoch in range(cfg.epochs):
                 for cb in callbacks:
-                    cb.on_after_backward(model, step)
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                    cb.on_epoch_begin(model, epoch)
+                model.train()
+                loss_sum, correct, seen = 0.0, 0, 0
+                for x, y in train_loader:
+                    factor = _lr_factor(cfg, step, total_steps, steps_per_epoch)
+                    for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                        g["lr"] = lr * factor
+                    x, y = x.to(device), y.to(device)
+                    out = model(x)
+                    loss = loss_fn(out, y, x)
+                    for cb in callbacks:
+                        loss = cb.on_loss(model, loss)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for cb in callbacks:
+                        cb.on_after_backward(model, step)
+                    if cfg.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    for cb in callbacks:
+                        cb.on_step_end(model, step)
+                    step += 1
+                    loss_sum += float(loss.detach()) * len(y)
+                    correct += int((out.detach().argmax(1) == y).sum())
+                    seen += len(y)
+                    acc = 100.0 * correct / seen
+                    task.advance(step, epoch=epoch + 1, loss=loss_sum / seen, acc=acc)
+                metrics = {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / max(1, seen),
+                    "train_accuracy": 100.0 * correct / max(1, seen),
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+                if val_loader is not None:
+                    val = evaluate(model, val_loader)
+                    metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+                history.epochs.append(metrics)
+                log.info("epoch %d: %s", epoch + 1, metrics)
                 for cb in callbacks:
-                    cb.on_step_end(model, step)
-                step += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((out.detach().argmax(1) == y).sum())
-                seen += len(y)
-                if progress:
-                    progress(
-                        ProgressEvent(
-                            "advance",
-                            "train",
-                            total=total_steps,
-                            completed=step,
-                            info={
-                                "epoch": epoch + 1,
-                                "loss": loss_sum / seen,
-                                "acc": 100.0 * correct / seen,
-                            },
-                        )
-                    )
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(1, seen),
-                "train_accuracy": 100.0 * correct / max(1, seen),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            if val_loader is not None:
-                val = evaluate(model, val_loader)
-                metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-            history.epochs.append(metrics)
-            log.info("epoch %d: %s", epoch + 1, metrics)
-            for cb in callbacks:
-                cb.on_epoch_end(model, epoch, metrics)
-            if cfg.restore_best and metrics["val_accuracy"] > best_acc[0]:
-                best_acc = (metrics["val_accuracy"], copy.deepcopy(model.state_dict()), epoch + 1)
-            if cfg.early_stopping and val_loader is not None:
-                if metrics["val_loss"] < best_loss:
-                    best_loss, bad_epochs, history.best_epoch = metrics["val_loss"], 0, epoch + 1
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.early_stopping:
-                        log.info("early stopping after epoch %d", epoch + 1)
-                        break
-        if cfg.restore_best:
-            model.load_state_dict(best_acc[1])
-            history.best_epoch = best_acc[2]
-        elif best_state is not None:
-            model.load_state_dict(best_state)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        if progress:
-            progress(ProgressEvent("end", "train"))
-    for cb in callbacks:
+                    cb.on_epoch_end(model, epoch, metrics)
+                if any(cb.stop_training for cb in callbacks):
+                    break
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    # the built-in callbacks (restoring the best weights) end first, then the caller's
+    for cb in [*builtins, *callbacks[: len(callbacks) - len(builtins)]]:
         cb.on_train_end(model)
     history.wall_time_s = time.perf_counter() - start
     return history

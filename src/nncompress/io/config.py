@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..coding.sparse import MAX_INDEX_BITS
-from ..engine.config import ConfigError
+from ..core.errors import ConfigError
+from ..core.validate import check as _check
+from ..core.validate import is_int as _is_int
 
 __all__ = ["CODECS", "EncodeConfig", "SCHEMES"]
 
@@ -17,15 +19,6 @@ ORDERS = ("auto", "C", "F")
 LAYOUTS = ("auto", "sparse", "dense")
 DTYPES = ("fp32", "fp16")
 MAX_CODEBOOK_BITS = 16
-
-
-def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}={value!r}: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)

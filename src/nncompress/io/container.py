@@ -40,7 +40,7 @@ import logging
 import math
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +54,10 @@ from ..coding.bitpack import ByteReader, CodingError, pack_bits, write_uvarint
 from ..coding.entropy import empirical_entropy
 from ..coding.huffman import HuffmanStream, huffman_decode, huffman_encode
 from ..coding.sparse import MAX_INDEX_BITS, relative_index_decode, relative_index_encode
-from ..engine.checkpoint import atomic_write
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent
+from ..core.errors import ConfigError
+from ..core.files import atomic_write
+from ..core.modules import folded_copy
+from ..core.progress import Progress, progress_task
 from .config import EncodeConfig, check_overrides, match_override
 from .errors import FormatError
 from .report import EncodeReport, StreamReport, TensorReport
@@ -404,8 +405,6 @@ def _frame(payload: bytes) -> bytes:
 
 def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     if isinstance(model_or_state, nn.Module):
-        from ..engine.modspec import folded_copy
-
         plain = folded_copy(model_or_state)
         return dict(plain.state_dict())
     if not isinstance(model_or_state, Mapping):
@@ -419,12 +418,27 @@ def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     return dict(model_or_state)
 
 
+def _placed(name: str, t: torch.Tensor, config: EncodeConfig, first: int):
+    """The best candidate of one tensor and its header entry, with section references
+    shifted to start at section ``first``."""
+    cand = _best_candidate(name, t, config)
+    entry = copy.deepcopy(cand.entry)
+    for key in ("data", "codebook"):
+        if key in entry:
+            entry[key] += first
+    for key in ("codes", "index"):
+        if key in entry:
+            entry[key]["sec"] += first
+    log.debug("encoded %s: %s, %d bytes", name, entry["scheme"], cand.nbytes)
+    return entry, cand
+
+
 def encode_state_dict(
     state: Mapping[str, torch.Tensor] | nn.Module,
     config: EncodeConfig | None = None,
     metadata: dict[str, Any] | None = None,
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[bytes, EncodeReport]:
     """Encode a state dict (or a model's, parametrizations folded) into ``.ncz`` bytes.
 
@@ -447,25 +461,14 @@ def encode_state_dict(
         if t.dim() > MAX_NDIM:
             raise ValueError(f"tensor '{name}': {t.dim()} dims, at most {MAX_NDIM} supported")
     meta_payload = _canonical_json(metadata, "metadata")
-    if progress:
-        progress(ProgressEvent("start", "encode", total=len(names)))
     entries, sections, reports = [], [], []
-    for i, name in enumerate(names):
-        cand = _best_candidate(name, sd[name], config)
-        first = 2 + len(sections)
-        entry = copy.deepcopy(cand.entry)
-        for key in ("data", "codebook"):
-            if key in entry:
-                entry[key] += first
-        for key in ("codes", "index"):
-            if key in entry:
-                entry[key]["sec"] += first
-        entries.append(entry)
-        sections += cand.sections
-        reports.append(cand.report)
-        log.debug("encoded %s: %s, %d bytes", name, entry["scheme"], cand.nbytes)
-        if progress:
-            progress(ProgressEvent("advance", "encode", total=len(names), completed=i + 1))
+    with progress_task(progress, "encode", len(names)) as task:
+        for name in names:
+            entry, cand = _placed(name, sd[name], config, 2 + len(sections))
+            entries.append(entry)
+            sections += cand.sections
+            reports.append(cand.report)
+            task.advance()
     header = {"format": "nncompress-ncz", "tensors": entries}
     head_payload = _canonical_json(header, "header")
     frames = [_frame(head_payload), _frame(meta_payload)] + [_frame(s) for s in sections]
@@ -479,8 +482,6 @@ def encode_state_dict(
         total_bytes=len(data),
         config=config.to_dict(),
     )
-    if progress:
-        progress(ProgressEvent("end", "encode", total=len(names), completed=len(names)))
     return data, report
 
 
@@ -490,7 +491,7 @@ def save_compressed(
     config: EncodeConfig | None = None,
     metadata: dict[str, Any] | None = None,
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> EncodeReport:
     """Encode a model or state dict and write it atomically to ``path`` (``.ncz``)."""
     data, report = encode_state_dict(model_or_state, config, metadata, progress=progress)

@@ -29,14 +29,15 @@ written here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.train import ProgressEvent
+from ..core.modules import model_device
+from ..core.progress import Progress, progress_task
 
 __all__ = ["RefitResult", "refit_"]
 
@@ -128,7 +129,7 @@ def refit_(
     *,
     batches: int = 8,
     ridge: float = 1e-4,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[RefitResult]:
     """Refit the last factors of each decomposed block to the original layer's response.
 
@@ -172,43 +173,22 @@ def refit_(
             break
     if not data:
         raise ValueError("loader: no calibration batches")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     was_training, ref_training = model.training, reference.training
     model.eval()
     reference.eval()
     results: list[RefitResult] = []
-    if progress:
-        progress(ProgressEvent("start", "refit", total=len(todo)))
-    try:
-        with torch.no_grad():
-            for i, name in enumerate(todo):
-                results.append(
-                    _refit_one(
-                        model,
-                        reference,
-                        modules[name],
-                        ref_modules[name],
-                        name,
-                        data,
-                        device,
-                        ridge,
-                    )
+    with progress_task(progress, "refit", len(todo)) as task, torch.no_grad():
+        try:
+            for name in todo:
+                r = _refit_one(
+                    model, reference, modules[name], ref_modules[name], name, data, device, ridge
                 )
-                if progress:
-                    progress(
-                        ProgressEvent(
-                            "advance",
-                            "refit",
-                            total=len(todo),
-                            completed=i + 1,
-                            info={"layer": name},
-                        )
-                    )
-    finally:
-        model.train(was_training)
-        reference.train(ref_training)
-        if progress:
-            progress(ProgressEvent("end", "refit"))
+                results.append(r)
+                task.advance(layer=name)
+        finally:
+            model.train(was_training)
+            reference.train(ref_training)
     return results
 
 

@@ -31,18 +31,19 @@ them as structural replacements and :func:`nncompress.engine.load_checkpoint` re
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent
+from ..core.errors import ConfigError
+from ..core.modules import set_submodule
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector, Selectable, name_matches
+from ..core.validate import config_error as _err
 from .cp import cp_conv, cp_cost
 from .rank import evbmf, rank_for_energy
 from .separable import separable_conv, separable_cost, separable_full_rank, separable_matrix
@@ -71,13 +72,6 @@ _LAYER_KEYS = (
 )
 
 Rank = int | tuple[int, int] | list[int]
-Filter = Callable[[str, nn.Module], bool] | Sequence[str] | None
-Progress = Callable[[ProgressEvent], None] | None
-
-
-def _err(field_: str, value: Any, allowed: str, where: str = "") -> ConfigError:
-    loc = f" for layer '{where}'" if where else ""
-    return ConfigError(f"{field_}={value!r}{loc}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +211,7 @@ class DecomposeConfig:
     def for_layer(self, name: str) -> DecomposeConfig | None:
         """The config that applies to layer ``name`` (``None`` when it is marked ``skip``)."""
         for pattern, over in self.per_layer.items():
-            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            if name_matches(name, pattern):
                 return None if over.get("skip", False) else self._layer_config(over, pattern)
         return self
 
@@ -502,15 +496,6 @@ def _build(p: _Plan, rank: Rank) -> nn.Module:
     return tt_linear(m, *p.tt_modes, rank)
 
 
-def _select(model: nn.Module, filter: Filter) -> Callable[[str, nn.Module], bool]:
-    if filter is None:
-        return lambda name, m: True
-    if callable(filter):
-        return filter
-    patterns = [filter] if isinstance(filter, str) else list(filter)
-    return lambda name, m: any(name == q or fnmatch.fnmatchcase(name, q) for q in patterns)
-
-
 def _record_geometry(model: nn.Module, plans: list[_Plan], input_shape: tuple[int, ...]) -> None:
     by_module = {id(p.module): p for p in plans}
     hooks = []
@@ -580,19 +565,43 @@ def _rel_error(old: nn.Module, new: nn.Module, p: _Plan) -> float | None:
         return float((got - ref).norm() / signal.norm().clamp_min(1e-30))
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+def _replace_layer(
+    model: nn.Module, p: _Plan, rank: Rank, was_training: bool
+) -> LayerDecomposition:
+    """Decompose one planned layer at ``rank`` if that saves (else report why not)."""
+    (pb, mb), (ok, (pa, ma)) = _orig_cost(p), _helps(p, rank)
+    entry = LayerDecomposition(
+        name=p.name,
+        type=type(p.module).__name__,
+        method=p.cfg.method,
+        status="decomposed" if ok else "skipped",
+        rank=list(rank) if isinstance(rank, tuple | list) else [int(rank)],
+        full_rank=_full_rank(p),
+        params_before=pb,
+        params_after=pa if ok else pb,
+        macs_before=mb,
+        macs_after=ma if ok else mb,
+    )
+    if ok:
+        new = _build(p, rank)
+        new.train(was_training)
+        entry.rel_error = _rel_error(p.module, new, p)
+        set_submodule(model, p.name, new)
+        log.info("%s: %s rank %s, params %d -> %d", p.name, p.cfg.method, rank, pb, pa)
+    else:
+        entry.reason = f"no reduction at rank {entry.rank}: params {pb} -> {pa}" + (
+            f", MACs {mb} -> {ma}" if mb is not None else ""
+        )
+    return entry
 
 
 def decompose_(
     model: nn.Module,
     config: DecomposeConfig,
     *,
-    filter: Filter = None,
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     input_shape: tuple[int, ...] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> DecomposeReport:
     """Replace the model's Linear/Conv2d layers by low-rank factorisations, in place.
 
@@ -600,8 +609,9 @@ def decompose_(
     ----------
     model : the network (its ``training`` flag is restored).
     config : method and rank rule, see :class:`DecomposeConfig`.
-    filter : which layers to consider: ``callable(name, module) -> bool``, or layer names /
-        fnmatch patterns; default all layers the method supports.
+    filter : which layers to consider: a :class:`~nncompress.core.LayerSelector`, a
+        ``callable(name, module) -> bool``, or layer names / fnmatch patterns; default all
+        layers the method supports.
     input_shape : one sample's shape (e.g. ``(1, 28, 28)``); enables MAC counts, the relative
         output error per layer and ``macs_budget``.
     progress : receives :class:`~nncompress.engine.ProgressEvent` per decomposed layer.
@@ -616,7 +626,7 @@ def decompose_(
         raise TypeError(f"config must be a DecomposeConfig, got {type(config).__name__}")
     if config.macs_budget is not None and input_shape is None:
         raise _err("macs_budget", config.macs_budget, "needs input_shape to count MACs")
-    select = _select(model, filter)
+    select = LayerSelector.coerce(filter)
     plans: list[_Plan] = []
     skipped: list[tuple[LayerDecomposition, _Plan]] = []
     for name, m in model.named_modules():
@@ -676,49 +686,14 @@ def decompose_(
 
     # ---- decompose
     report: list[LayerDecomposition] = [entry for entry, _ in skipped]
-    if progress:
-        progress(ProgressEvent("start", "decompose", total=len(plans)))
     was_training = model.training
-    try:
-        for i, (p, rank) in enumerate(zip(plans, ranks, strict=True)):
-            (pb, mb), (ok, (pa, ma)) = _orig_cost(p), _helps(p, rank)
-            entry = LayerDecomposition(
-                name=p.name,
-                type=type(p.module).__name__,
-                method=p.cfg.method,
-                status="decomposed" if ok else "skipped",
-                rank=list(rank) if isinstance(rank, tuple | list) else [int(rank)],
-                full_rank=_full_rank(p),
-                params_before=pb,
-                params_after=pa if ok else pb,
-                macs_before=mb,
-                macs_after=ma if ok else mb,
-            )
-            if ok:
-                new = _build(p, rank)
-                new.train(was_training)
-                entry.rel_error = _rel_error(p.module, new, p)
-                _set_submodule(model, p.name, new)
-                log.info("%s: %s rank %s, params %d -> %d", p.name, p.cfg.method, rank, pb, pa)
-            else:
-                entry.reason = f"no reduction at rank {entry.rank}: params {pb} -> {pa}" + (
-                    f", MACs {mb} -> {ma}" if mb is not None else ""
-                )
-            report.append(entry)
-            if progress:
-                progress(
-                    ProgressEvent(
-                        "advance",
-                        "decompose",
-                        total=len(plans),
-                        completed=i + 1,
-                        info={"layer": p.name},
-                    )
-                )
-    finally:
-        model.train(was_training)
-        if progress:
-            progress(ProgressEvent("end", "decompose"))
+    with progress_task(progress, "decompose", len(plans)) as task:
+        try:
+            for p, rank in zip(plans, ranks, strict=True):
+                report.append(_replace_layer(model, p, rank, was_training))
+                task.advance(layer=p.name)
+        finally:
+            model.train(was_training)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.sort(key=lambda x: order.get(x.name, len(order)))
     return DecomposeReport(report, config.to_dict(), knob, budget_met)

@@ -37,7 +37,9 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .magnitude import folded_copy, masks_from_zeros_, pruning_masks, remove_pruning_
+from ..core.errors import NncompressError
+from ..core.modules import folded_copy
+from .magnitude import masks_from_zeros_, pruning_masks, remove_pruning_
 from .thin import remove_channels_
 
 __all__ = ["DeadNeuronError", "Edge", "find_dead_neurons", "neuron_edges", "remove_dead_neurons_"]
@@ -62,7 +64,7 @@ _PASS_FUNCS = {F.dropout, torch.flatten, F.max_pool2d, F.avg_pool2d, operator.ge
 _PASS_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
 
 
-class DeadNeuronError(RuntimeError):
+class DeadNeuronError(NncompressError, RuntimeError):
     """Removing the detected neurons changed the model's output (should never happen)."""
 
 

@@ -48,6 +48,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from ..core.errors import NncompressError
+
 __all__ = [
     "ChannelGroup",
     "DependencyGraph",
@@ -59,7 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class GraphError(ValueError):
+class GraphError(NncompressError, ValueError):
     """The model cannot be analysed, or a pruning plan is inconsistent with its couplings."""
 
 

@@ -19,10 +19,9 @@ zeros. Pruning a pruned layer again only grows its mask (new mask AND old mask).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +29,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..engine.config import ConfigError
-from ..engine.modspec import folded_copy, own_parametrized_class_
-from ..engine.train import ProgressEvent
+from ..core.errors import ConfigError
+from ..core.modules import folded_copy, own_parametrized_class_
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector, Selectable
+from ..core.validate import config_error
 
 __all__ = [
     "LayerPruning",
@@ -53,8 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Filter = Callable[[str, nn.Module], bool]
-Progress = Callable[[ProgressEvent], None]
+#: what ``filter=`` accepts (a LayerSelector, a predicate, names/globs): kept for old imports
+Filter = Selectable
 
 #: module types pruned by default (names, so configs stay JSON-able)
 DEFAULT_INCLUDE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -104,8 +105,7 @@ def threshold_mask(w: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def _check_sparsity(s: float, where: str = "") -> None:
     if not (isinstance(s, int | float) and 0.0 <= s < 1.0):
-        loc = f" for layer '{where}'" if where else ""
-        raise ConfigError(f"sparsity={s!r}{loc}: must be in [0, 1)")
+        raise config_error("sparsity", s, "must be in [0, 1)", where)
 
 
 def magnitude_mask(
@@ -326,6 +326,11 @@ class MagnitudeConfig:
                 f"include={list(self.include)!r}: unknown types {bad}; allowed: {sorted(_TYPES)}"
             )
 
+    @property
+    def default_rule(self) -> tuple[str, float]:
+        """The rule of layers without an override: ``('q', q)`` or ``('sparsity', s)``."""
+        return ("q", self.q) if self.q is not None else ("sparsity", self.sparsity)
+
     def layer_rule(self, name: str) -> tuple[str, float] | None:
         """``('q', x)`` or ``('sparsity', x)`` for an overridden layer, else ``None``."""
         if name not in self.per_layer:
@@ -342,8 +347,13 @@ class MagnitudeConfig:
         if kind == "sparsity":
             _check_sparsity(val, name)
         elif not (isinstance(val, int | float) and math.isfinite(val) and val >= 0):
-            raise ConfigError(f"q={val!r} for layer '{name}': must be a finite number >= 0")
+            raise config_error("q", val, "must be a finite number >= 0", name)
         return kind, float(val)
+
+    @property
+    def selector(self) -> LayerSelector:
+        """The layers this config prunes (``include`` types, minus ``exclude`` names)."""
+        return layer_selector(self.include, self.exclude)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -382,29 +392,26 @@ class LayerPruning:
         }
 
 
+def layer_selector(
+    include: Iterable[str] = DEFAULT_INCLUDE,
+    exclude: Iterable[str] = (),
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
+) -> LayerSelector:
+    """The :class:`~nncompress.core.LayerSelector` of the prunable types ``include``, minus the
+    ``exclude`` names/globs, and ``filter``."""
+    return LayerSelector(types=tuple(_TYPES[t] for t in include), exclude=tuple(exclude)) & filter
+
+
 def prunable_layers(
     model: nn.Module,
     include: Iterable[str] = DEFAULT_INCLUDE,
     exclude: Iterable[str] = (),
-    filter: Filter | None = None,  # noqa: A002 - torchao-style keyword
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
 ) -> dict[str, nn.Module]:
     """Modules whose ``weight`` would be pruned: type in ``include``, name not matching any
-    ``exclude`` pattern, and ``filter(name, module)`` true."""
-    types = tuple(_TYPES[t] for t in include)
-    exclude = tuple(exclude)
-    out = {}
-    for name, m in model.named_modules():
-        base = parametrize.type_before_parametrizations(m)
-        if not (isinstance(m, types) or issubclass(base, types)):
-            continue
-        if not hasattr(m, "weight") or getattr(m, "weight", None) is None:
-            continue
-        if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-            continue
-        if filter is not None and not filter(name, m):
-            continue
-        out[name] = m
-    return out
+    ``exclude`` pattern, and selected by ``filter`` (see :class:`~nncompress.core.LayerSelector`)."""
+    chosen = layer_selector(include, exclude, filter).select(model)
+    return {n: m for n, m in chosen.items() if getattr(m, "weight", None) is not None}
 
 
 def _smallest_kept(w: torch.Tensor, mask: torch.Tensor) -> float:
@@ -412,11 +419,47 @@ def _smallest_kept(w: torch.Tensor, mask: torch.Tensor) -> float:
     return float(kept.min()) if kept.numel() else math.inf
 
 
+def _prune_layer(
+    m: nn.Module, name: str, rule: tuple[str, float], old: torch.Tensor | None
+) -> LayerPruning:
+    """Prune one layer by its own rule: ``('q', q)`` or ``('sparsity', s)``."""
+    kind, val = rule
+    w = m.weight  # effective (already masked) weight
+    if kind == "q":
+        t = magnitude_threshold(w, val, old)
+        mask = threshold_mask(w, t)
+        if old is not None:
+            mask &= old
+    else:
+        mask = magnitude_mask(w, val, old)
+        t = _smallest_kept(w, mask)
+    apply_mask_(m, mask)
+    return LayerPruning(name, w.numel(), int(mask.sum()), t, f"{kind}={val:g}")
+
+
+def _prune_global(
+    layers: dict[str, nn.Module],
+    names: list[str],
+    sparsity: float,
+    old_masks: dict[str, torch.Tensor],
+    report: dict[str, LayerPruning],
+) -> None:
+    """Prune ``names`` together: one magnitude ranking over all their weights."""
+    weights = {n: layers[n].weight for n in names}
+    masks = global_masks(weights, sparsity, {n: old_masks[n] for n in names if n in old_masks})
+    cut = min((_smallest_kept(weights[n], masks[n]) for n in names), default=0.0)
+    for n in names:
+        apply_mask_(layers[n], masks[n])
+        report[n] = LayerPruning(
+            n, weights[n].numel(), int(masks[n].sum()), cut, f"global sparsity={sparsity:g}"
+        )
+
+
 def prune_(
     model: nn.Module,
     config: MagnitudeConfig,
     *,
-    filter: Filter | None = None,  # noqa: A002 - torchao-style keyword
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
 ) -> dict[str, LayerPruning]:
     """Prune ``model`` in place by weight magnitude (Han 2015) and return a per-layer report.
@@ -440,47 +483,16 @@ def prune_(
     report: dict[str, LayerPruning] = {}
     old_masks = pruning_masks(model)
     global_names = []
-    if progress:
-        progress(ProgressEvent("start", "prune", total=len(layers)))
-    for i, (name, m) in enumerate(layers.items()):
-        rule = config.layer_rule(name)
-        if rule is None and config.scope == "global":
-            global_names.append(name)
-            continue
-        if rule is None:
-            rule = ("q", config.q) if config.q is not None else ("sparsity", config.sparsity)
-        kind, val = rule
-        w = m.weight  # effective (already masked) weight
-        old = old_masks.get(name)
-        if kind == "q":
-            t = magnitude_threshold(w, val, old)
-            mask = threshold_mask(w, t)
-            if old is not None:
-                mask &= old
-        else:
-            mask = magnitude_mask(w, val, old)
-            t = _smallest_kept(w, mask)
-        apply_mask_(m, mask)
-        report[name] = LayerPruning(name, w.numel(), int(mask.sum()), t, f"{kind}={val:g}")
-        if progress:
-            progress(ProgressEvent("advance", "prune", total=len(layers), completed=i + 1))
-    if global_names:
-        weights = {n: layers[n].weight for n in global_names}
-        masks = global_masks(
-            weights, config.sparsity, {n: old_masks[n] for n in global_names if n in old_masks}
-        )
-        cut = min((_smallest_kept(weights[n], masks[n]) for n in global_names), default=0.0)
-        for n in global_names:
-            apply_mask_(layers[n], masks[n])
-            report[n] = LayerPruning(
-                n,
-                weights[n].numel(),
-                int(masks[n].sum()),
-                cut,
-                f"global sparsity={config.sparsity:g}",
-            )
-    if progress:
-        progress(ProgressEvent("end", "prune"))
+    with progress_task(progress, "prune", len(layers)) as task:
+        for i, (name, m) in enumerate(layers.items()):
+            rule = config.layer_rule(name)
+            if rule is None and config.scope == "global":
+                global_names.append(name)
+                continue
+            report[name] = _prune_layer(m, name, rule or config.default_rule, old_masks.get(name))
+            task.advance(i + 1)
+        if global_names:
+            _prune_global(layers, global_names, config.sparsity, old_masks, report)
     report = {n: report[n] for n in layers}
     log.info(
         "pruned %d layers: %s",
@@ -494,7 +506,7 @@ def masks_from_zeros_(
     model: nn.Module,
     include: Iterable[str] = DEFAULT_INCLUDE,
     exclude: Iterable[str] = (),
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
 ) -> dict[str, int]:
     """Re-create masks from exact zeros (e.g. after loading a pruned checkpoint, or when a
     recipe resumes): every selected layer with at least one zero weight gets ``mask = w != 0``.

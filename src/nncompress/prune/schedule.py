@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import Callback, LossFn, ProgressEvent, evaluate, finetune
+from ..core.errors import ConfigError
+from ..core.progress import Progress
+from ..core.select import Selectable
+from ..engine.config import TrainConfig
+from ..engine.train import Callback, LossFn, evaluate, finetune
 from .magnitude import (
     DEFAULT_INCLUDE,
-    Filter,
     LayerPruning,
     MagnitudeConfig,
     prunable_layers,
@@ -42,7 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Progress = Callable[[ProgressEvent], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def iterative_prune(
     lr_scale: float = 0.1,
     val_loader: Iterable | None = None,
     adjust_dropout: bool = True,
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
     callbacks: Sequence[Callback] = (),
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
@@ -364,7 +365,7 @@ class AGPCallback(Callback):
     def __init__(
         self,
         config: AGPConfig,
-        filter: Filter | None = None,  # noqa: A002
+        filter: Selectable = None,  # noqa: A002
         dropout: DropoutAdjuster | None = None,
     ) -> None:
         if config.end_step is None:
@@ -405,7 +406,7 @@ def agp_prune(
     lr_scale: float = 0.1,
     val_loader: Iterable | None = None,
     adjust_dropout: bool = True,
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
 ) -> tuple[AGPCallback, list[dict]]:

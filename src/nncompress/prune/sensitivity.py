@@ -10,10 +10,9 @@ the tolerance that reaches an overall sparsity target.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.checkpoint import atomic_write
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent, evaluate
-from .magnitude import (
-    DEFAULT_INCLUDE,
-    Filter,
-    _check_sparsity,
-    folded_copy,
-    magnitude_mask,
-    prunable_layers,
-)
+from ..core.errors import ConfigError
+from ..core.files import atomic_write, atomic_write_json
+from ..core.modules import folded_copy
+from ..core.progress import Progress, progress_task
+from ..core.select import Selectable
+from ..engine.train import evaluate
+from .magnitude import DEFAULT_INCLUDE, _check_sparsity, magnitude_mask, prunable_layers
 
 __all__ = [
     "DEFAULT_SPARSITIES",
@@ -44,7 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Progress = Callable[[ProgressEvent], None]
 
 #: default grid 0.1, 0.2, ..., 0.9, 0.95
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -103,7 +97,7 @@ def sensitivity_analysis(
     *,
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = (),
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
     max_batches: int | None = None,
     progress: Progress | None = None,
 ) -> SensitivityResult:
@@ -121,11 +115,9 @@ def sensitivity_analysis(
             f"no prunable layer matched include={list(include)} exclude={list(exclude)}"
         )
     total = len(layers) * len(grid) + 1
-    if progress:
-        progress(ProgressEvent("start", "sensitivity", total=total))
-    try:
+    with progress_task(progress, "sensitivity", total) as task:
         base = evaluate(work, val_loader, max_batches=max_batches)
-        done = 1
+        task.completed = 1
         curves: dict[str, list[float]] = {}
         for name, m in layers.items():
             original = m.weight.detach().clone()  # (layer weight shape)
@@ -135,23 +127,10 @@ def sensitivity_analysis(
                 mask = magnitude_mask(original, s, nonzero)
                 m.weight.copy_(original * mask)
                 accs.append(evaluate(work, val_loader, max_batches=max_batches)["accuracy"])
-                done += 1
-                if progress:
-                    progress(
-                        ProgressEvent(
-                            "advance",
-                            "sensitivity",
-                            total=total,
-                            completed=done,
-                            info={"layer": name, "sparsity": s},
-                        )
-                    )
+                task.advance(layer=name, sparsity=s)
             m.weight.copy_(original)
             curves[name] = accs
             log.info("sensitivity %s: %s", name, dict(zip(grid, accs, strict=True)))
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "sensitivity"))
     return SensitivityResult(
         sparsities=grid,
         curves=curves,
@@ -319,7 +298,6 @@ def write_sensitivity(
     """Write ``sensitivity.json`` and ``sensitivity.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
     js = out_dir / "sensitivity.json"
-    blob = json.dumps(result.to_dict(), indent=2, sort_keys=True)
-    atomic_write(js, lambda tmp: tmp.write_text(blob))
+    atomic_write_json(js, result.to_dict(), indent=2, sort_keys=True)
     png = plot_sensitivity(result, out_dir / "sensitivity.png", title)
     return {"json": js, "png": png}

@@ -29,10 +29,9 @@ network; the paper's "prune once and retrain").
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent
+from ..core.errors import ConfigError
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector
+from ..core.validate import check as _check
 from .graph import ChannelGroup, DependencyGraph, LayerCut, build_dependency_graph
 from .thin import apply_cuts_
 
@@ -73,11 +74,6 @@ def filter_norms(weight: torch.Tensor, p: int = 1) -> torch.Tensor:
         raise ValueError(f"p={p}: must be 1 or 2")
     flat = weight.detach().reshape(weight.shape[0], -1)  # (C_out, C_in*k_h*k_w)
     return flat.abs().sum(1) if p == 1 else flat.pow(2).sum(1).sqrt()  # (C_out,)
-
-
-def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +166,12 @@ class FilterPruneConfig:
             _check(isinstance(pat, str), "exclude", pat, "must be fnmatch patterns (strings)")
         _check(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
 
+    @property
+    def selector(self) -> LayerSelector:
+        """The producers this config may prune (a group is skipped when any producer is
+        excluded)."""
+        return LayerSelector(exclude=self.exclude)
+
     def replace(self, **changes: Any) -> FilterPruneConfig:
         return dataclasses.replace(self, **changes)
 
@@ -243,8 +245,9 @@ def group_scores(
     return out
 
 
-def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(p, pat) for p in group.producers for pat in patterns)
+def _excluded(group: ChannelGroup, selector: LayerSelector) -> bool:
+    """A group is left alone when the selector rejects any of its producers."""
+    return not all(selector.matches_name(p) for p in group.producers)
 
 
 def _n_remove(group: ChannelGroup, ratio: float, min_channels: int) -> int:
@@ -260,7 +263,7 @@ def _choose(
     per_group: dict[int, float] | None,
 ) -> dict[int, list[int]]:
     removed: dict[int, list[int]] = {}
-    active = [g for g in graph.groups if g.num_prunable and not _excluded(g, config.exclude)]
+    active = [g for g in graph.groups if g.num_prunable and not _excluded(g, config.selector)]
     if config.scope == "layer" or per_group is not None:
         for g in active:
             r = per_group.get(g.index) if per_group is not None else ratio
@@ -313,7 +316,7 @@ def plan_filters(
     example_input: torch.Tensor,
     *,
     graph: DependencyGraph | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> FilterPlan:
     """Choose the channels to remove (nothing is changed). See :func:`prune_filters_`."""
     graph = graph or build_dependency_graph(model, example_input)
@@ -359,19 +362,15 @@ def plan_filters(
             f"(keeping min_channels={config.min_channels}, exclude={list(config.exclude)}) "
             f"keeps {best.macs_after / macs_before:.3f} of the MACs"
         )
-    if progress:
-        progress(ProgressEvent("start", "macs-bisection", total=_BISECT_STEPS))
-    for step in range(_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        trial = evaluate(mid)
-        if trial.macs_after <= target:
-            hi, best = mid, trial
-        else:
-            lo = mid
-        if progress:
-            progress(ProgressEvent("advance", "macs-bisection", _BISECT_STEPS, step + 1))
-    if progress:
-        progress(ProgressEvent("end", "macs-bisection"))
+    with progress_task(progress, "macs-bisection", _BISECT_STEPS) as task:
+        for _ in range(_BISECT_STEPS):
+            mid = 0.5 * (lo + hi)
+            trial = evaluate(mid)
+            if trial.macs_after <= target:
+                hi, best = mid, trial
+            else:
+                lo = mid
+            task.advance()
     log.info(
         "macs_budget=%.3f: ratio %.4f keeps %.4f of the MACs",
         config.macs_budget,
@@ -386,7 +385,7 @@ def prune_filters_(
     config: FilterPruneConfig,
     example_input: torch.Tensor,
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> FilterPruneReport:
     """Score filters, choose the channels to remove and thin ``model`` in place.
 

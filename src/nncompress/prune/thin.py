@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.modules import plain_type as _plain_type
+from ..core.modules import set_submodule
 from .graph import DependencyGraph, GraphError, LayerCut, build_dependency_graph
 
 __all__ = ["ThinReport", "remove_channels_", "thin_module"]
@@ -84,13 +86,6 @@ def _param(new: torch.Tensor | None, old: nn.Parameter | None) -> nn.Parameter |
     if new is None or old is None:
         return None
     return nn.Parameter(_like(new.detach().clone(), old), requires_grad=old.requires_grad)
-
-
-def _plain_type(module: nn.Module) -> type[nn.Module]:
-    """The module's class without torch's injected ``Parametrized<Cls>`` wrapper."""
-    if parametrize.is_parametrized(module):
-        return parametrize.type_before_parametrizations(module)
-    return type(module)
 
 
 def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
@@ -178,12 +173,6 @@ def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
     return new
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _numel(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -216,7 +205,7 @@ def apply_cuts_(
             "params_before": _numel(old),
             "params_after": _numel(new),
         }
-        _set_module(model, name, new)
+        set_submodule(model, name, new)
         report.layers.append(row)
     report.params_after = _numel(model)
     return report

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +30,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent
+from ..core.errors import ConfigError
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector, Selectable
+from ..core.validate import check as _check
 
 __all__ = [
     "INITS",
@@ -54,8 +55,10 @@ INITS = ("linear", "density", "forgy")
 CENTROID_GRADS = ("mean", "sum")
 MAX_BITS = 8
 
-LayerFilter = Callable[[str, nn.Module], bool]
-Progress = Callable[[ProgressEvent], None]
+#: what ``filter=`` accepts (a LayerSelector, a predicate, names/globs): kept for old imports
+LayerFilter = Selectable
+#: the layer types weight sharing applies to
+SHAREABLE = LayerSelector(types=(nn.Linear, nn.modules.conv._ConvNd))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,11 +306,6 @@ def sharing_compression_rate(n: int, k: int, weight_bits: int = 32) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _check(cond: bool, field_: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_}={value!r}: {allowed}")
-
-
 def _valid_bits(b: Any) -> bool:
     return isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS
 
@@ -430,25 +428,8 @@ class ShareReport:
         return {"layers": [vars(r) for r in self.layers]}
 
 
-def _default_filter(name: str, module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
-
-
-def _type_before(m: nn.Module) -> type:
-    return parametrize.type_before_parametrizations(m)
-
-
-def _candidates(model: nn.Module, filter: LayerFilter | None) -> list[tuple[str, nn.Module]]:
-    filt = filter or _default_filter
-    out = []
-    for name, m in model.named_modules():
-        base = _type_before(m)
-        if not issubclass(base, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
-        if not filt(name, m):
-            continue
-        out.append((name, m))
-    return out
+def _candidates(model: nn.Module, filter: Selectable) -> list[tuple[str, nn.Module]]:
+    return list((SHAREABLE & filter).select(model).items())
 
 
 def shared_layers(model: nn.Module) -> dict[str, SharedWeight]:
@@ -478,11 +459,44 @@ def _install(
     return p
 
 
+def _share_layer(name: str, m: nn.Module, cfg: KMeansConfig) -> LayerShareReport:
+    """Cluster one layer's surviving weights and install its :class:`SharedWeight`."""
+    bits = cfg.bits_for(name, m)
+    with torch.no_grad():
+        w = m.weight.detach()  # effective weight (after any pruning mask)
+    mask = w != 0  # the mask wins: zeros are pruned, not a cluster
+    survivors = w[mask]  # (nnz,)
+    k = 2**bits
+    if survivors.numel() == 0:
+        codebook = torch.zeros(k, dtype=w.dtype)
+        indices = torch.zeros_like(w, dtype=torch.int64)
+        inertia = 0.0
+    else:
+        q = KMeansQuantizer(bits, cfg.init, cfg.max_iter, random_state=cfg.seed)
+        q.fit(survivors)
+        codebook = q.codebook_
+        indices = torch.zeros(w.shape, dtype=torch.int64)
+        indices[mask.cpu()] = q.labels_
+        inertia = q.inertia_
+    _install(m, codebook, indices, mask, cfg.centroid_grad)
+    nnz = int(mask.sum())
+    log.info("shared %s: %d weights -> %d values (%d bits)", name, nnz, k, bits)
+    return LayerShareReport(
+        name=name,
+        n_weights=w.numel(),
+        n_nonzero=nnz,
+        bits=bits,
+        k=k,
+        inertia=inertia,
+        compression_rate=sharing_compression_rate(max(nnz, 1), k),
+    )
+
+
 def share_weights_(
     model: nn.Module,
     config: KMeansConfig | None = None,
     *,
-    filter: LayerFilter | None = None,
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
 ) -> ShareReport:
     """Replace the weights of each selected layer by shared values, in place.
@@ -496,7 +510,8 @@ def share_weights_(
 
     Parameters
     ----------
-    filter : ``filter(name, module) -> bool`` chooses layers (default: every Linear/Conv).
+    filter : which layers (a :class:`~nncompress.core.LayerSelector`, a predicate
+        ``(name, module) -> bool`` or names/globs), among the Linear/Conv layers (default: all).
     """
     cfg = config or KMeansConfig()
     layers = _candidates(model, filter)
@@ -509,53 +524,13 @@ def share_weights_(
         )
     already = shared_layers(model)
     report = ShareReport()
-    if progress:
-        progress(ProgressEvent("start", "share", total=len(layers)))
-    try:
+    with progress_task(progress, "share", len(layers)) as task:
         for i, (name, m) in enumerate(layers):
             if name in already:
                 log.info("layer %s is already shared: skipped", name)
                 continue
-            bits = cfg.bits_for(name, m)
-            with torch.no_grad():
-                w = m.weight.detach()  # effective weight (after any pruning mask)
-            mask = w != 0  # the mask wins: zeros are pruned, not a cluster
-            survivors = w[mask]  # (nnz,)
-            k = 2**bits
-            if survivors.numel() == 0:
-                codebook = torch.zeros(k, dtype=w.dtype)
-                indices = torch.zeros_like(w, dtype=torch.int64)
-                inertia = 0.0
-            else:
-                q = KMeansQuantizer(bits, cfg.init, cfg.max_iter, random_state=cfg.seed)
-                q.fit(survivors)
-                codebook = q.codebook_
-                indices = torch.zeros(w.shape, dtype=torch.int64)
-                indices[mask.cpu()] = q.labels_
-                inertia = q.inertia_
-            _install(m, codebook, indices, mask, cfg.centroid_grad)
-            nnz = int(mask.sum())
-            report.layers.append(
-                LayerShareReport(
-                    name=name,
-                    n_weights=w.numel(),
-                    n_nonzero=nnz,
-                    bits=bits,
-                    k=k,
-                    inertia=inertia,
-                    compression_rate=sharing_compression_rate(max(nnz, 1), k),
-                )
-            )
-            log.info("shared %s: %d weights -> %d values (%d bits)", name, nnz, k, bits)
-            if progress:
-                progress(
-                    ProgressEvent(
-                        "advance", "share", total=len(layers), completed=i + 1, info={"layer": name}
-                    )
-                )
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "share"))
+            report.layers.append(_share_layer(name, m, cfg))
+            task.advance(i + 1, layer=name)
     return report
 
 
@@ -563,7 +538,7 @@ def share_from_values_(
     model: nn.Module,
     *,
     max_values: int = 2**MAX_BITS,
-    filter: LayerFilter | None = None,
+    filter: Selectable = None,  # noqa: A002
     centroid_grad: str = "mean",
 ) -> list[str]:
     """Rebuild the shared-weight parametrization from weights that take few distinct values.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -41,9 +41,10 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..engine.config import ConfigError
-from ..engine.modspec import strip_parametrizations
-from ..engine.train import ProgressEvent, model_device
+from ..core.errors import ConfigError
+from ..core.modules import model_device, set_submodule, strip_parametrizations
+from ..core.progress import Progress, progress_task
+from ..core.validate import check as _check
 from .observers import OBSERVERS, Observer, make_observer
 from .primitives import QParams, affine_qparams, fake_quantize, lsq_fake_quantize
 
@@ -66,7 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Progress = Callable[[ProgressEvent], None]
 
 WEIGHT_DTYPES = ("int8", "int4", "fp32")
 ACT_DTYPES = ("int8", "uint8")
@@ -75,11 +75,6 @@ QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def _check(cond: bool, field_: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_}={value!r}: {allowed}")
 
 
 def _check_layer_entry(name: str, entry: Any) -> None:
@@ -364,12 +359,6 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
-
-
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BatchNorm that directly follows a convolution into it, in place.
@@ -395,7 +384,7 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         new_bias = (bias - bn.running_mean) * factor + beta  # (C_out,)
         conv.bias = nn.Parameter(new_bias.detach().clone())
-        _set_module(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     log.info("folded %d Conv-BatchNorm pairs", len(pairs))
     return pairs
 
@@ -661,23 +650,19 @@ def calibrate(
     gm.eval()
     device = model_device(gm)
     seen, n = 0, (len(loader) if hasattr(loader, "__len__") else None)
-    if progress:
-        progress(ProgressEvent("start", "calibrate", total=n))
-    try:
-        for i, batch in enumerate(loader):
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            if max_samples is not None:
-                x = x[: max(0, max_samples - seen)]
-                if len(x) == 0:
-                    break
-            gm(x.to(device))
-            seen += len(x)
-            if progress:
-                progress(ProgressEvent("advance", "calibrate", total=n, completed=i + 1))
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "calibrate"))
-        gm.train(was)
+    with progress_task(progress, "calibrate", n) as task:
+        try:
+            for i, batch in enumerate(loader):
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                if max_samples is not None:
+                    x = x[: max(0, max_samples - seen)]
+                    if len(x) == 0:
+                        break
+                gm(x.to(device))
+                seen += len(x)
+                task.advance(i + 1)
+        finally:
+            gm.train(was)
     if seen == 0:
         raise ValueError("calibrate: the calibration loader yielded no samples")
     wants_lsq = any(isinstance(m, WeightFakeQuant) and m.lsq for m in gm.modules())

@@ -37,8 +37,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..engine.checkpoint import atomic_write
-from ..engine.modspec import strip_parametrizations
+from ..core.errors import NncompressError
+from ..core.files import atomic_write
+from ..core.modules import strip_parametrizations
+from ..core.progress import progress_task
 from .linear import ActivationQuantizer, WeightFakeQuant, fold_batchnorm
 from .primitives import QParams, pack_int4, quantize_affine
 
@@ -64,7 +66,7 @@ _ONNX_DTYPE = {
 _NP_DTYPE = {"int8": np.int8, "uint8": np.uint8}
 
 
-class ExportError(ValueError):
+class ExportError(NncompressError, ValueError):
     """The model contains an operation the ONNX exporter does not support."""
 
 
@@ -504,8 +506,6 @@ def evaluate_onnx(
     progress: Any = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of an ONNX model over ``(x, y)`` batches."""
-    from ..engine.train import ProgressEvent
-
     sess = (
         make_session(path_or_session, threads)
         if isinstance(path_or_session, str | Path)
@@ -514,22 +514,14 @@ def evaluate_onnx(
     in_name = sess.get_inputs()[0].name
     correct, total, loss_sum = 0, 0, 0.0
     n = len(loader) if hasattr(loader, "__len__") else None
-    if progress:
-        progress(ProgressEvent("start", "evaluate (onnxruntime)", total=n))
-    try:
+    with progress_task(progress, "evaluate (onnxruntime)", n) as task:
         for i, (x, y) in enumerate(loader):
             logits = sess.run(None, {in_name: x.numpy().astype(np.float32)})[0]
             out = torch.from_numpy(logits)
             loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
-            if progress:
-                progress(
-                    ProgressEvent("advance", "evaluate (onnxruntime)", total=n, completed=i + 1)
-                )
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "evaluate (onnxruntime)"))
+            task.advance(i + 1)
     if total == 0:
         raise ValueError("evaluate_onnx: the loader yielded no samples")
     return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total}

@@ -9,15 +9,14 @@ one file per family, so ``prune/`` never imports ``quant/`` and the other way ro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
+from ..core.progress import Progress
 from ..data import DataSplits
 from ..engine.config import TrainConfig
-from ..engine.train import ProgressEvent
 
 __all__ = ["StageContext"]
 
@@ -48,4 +47,4 @@ class StageContext:
     out_dir: Path
     teacher: nn.Module | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
-    progress: Callable[[ProgressEvent], None] | None = None
+    progress: Progress | None = None

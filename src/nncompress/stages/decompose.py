@@ -24,15 +24,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from ..core.errors import ConfigError
+from ..core.progress import Progress
 from ..data import DataSplits
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import ProgressEvent, finetune
+from ..engine.config import TrainConfig
+from ..engine.train import finetune
 from ..lowrank.refit import refit_
 from ..lowrank.transform import DecomposeConfig, DecomposeReport, decompose_
 from .base import StageContext
@@ -128,7 +129,7 @@ def decompose_and_finetune(
     train_config: TrainConfig,
     *,
     teacher: nn.Module | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[DecomposeReport, dict[str, Any]]:
     """Decompose ``model`` in place, then fine-tune it; ``(report, fine-tuning fields)``.
 

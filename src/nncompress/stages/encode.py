@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.modules import folded_copy
 from ..io import EncodeConfig, round_for_storage_, save_compressed
 from ..io.checkpoint import checkpoint_metadata, model_from_metadata
 from .base import StageContext
@@ -30,12 +31,6 @@ __all__ = ["EncodeStageConfig", "decode_to_model", "layer_table", "run_encode_st
 EncodeStageConfig = EncodeConfig
 
 NCZ_NAME = "model.ncz"
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    from ..engine.modspec import folded_copy
-
-    return folded_copy(model)
 
 
 def _metadata(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
@@ -61,7 +56,7 @@ def _metadata(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
 
 
 def run_encode_stage(ctx: StageContext, config: EncodeConfig) -> dict[str, Any]:
-    plain = _plain_copy(ctx.model)
+    plain = folded_copy(ctx.model)
     changes = round_for_storage_(plain, config)
     path = Path(ctx.out_dir) / NCZ_NAME
     report = save_compressed(plain, path, config, _metadata(ctx, plain), progress=ctx.progress)

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import evaluate, finetune, model_device
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..engine.config import TrainConfig
+from ..engine.train import evaluate, finetune
 from ..prune.structured import FilterPruneConfig, prune_filters_
 from .base import StageContext
 

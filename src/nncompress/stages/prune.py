@@ -29,9 +29,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.errors import ConfigError
+from ..core.modules import folded_copy
 from ..distill.losses import DistillConfig, distillation_loss
-from ..engine.config import ConfigError, TrainConfig, config_from_dict
-from ..engine.modspec import folded_copy
+from ..engine.config import TrainConfig, config_from_dict
 from ..engine.train import evaluate
 from ..prune.magnitude import (
     DEFAULT_INCLUDE,

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.config import ConfigError
+from ..core.validate import check as _check
 from ..engine.train import evaluate
 from ..quant.linear import (
     ACT_DTYPES,
@@ -33,11 +33,6 @@ from .base import StageContext
 __all__ = ["QuantizeStageConfig", "run_quantize_stage"]
 
 log = logging.getLogger(__name__)
-
-
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.select import LayerSelector
 from ..quant.kmeans import KMeansConfig, share_weights_
 from .base import StageContext
 
@@ -25,8 +25,6 @@ class ShareStageConfig(KMeansConfig):
 
 
 def run_share_stage(ctx: StageContext, config: ShareStageConfig) -> dict[str, Any]:
-    def keep(name: str, module) -> bool:
-        return not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
-
-    report = share_weights_(ctx.model, config, filter=keep, progress=ctx.progress)
+    select = LayerSelector(exclude=config.exclude)
+    report = share_weights_(ctx.model, config, filter=select, progress=ctx.progress)
     return report.to_dict()

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.config import ConfigError, TrainConfig
+from ..core.errors import ConfigError
+from ..engine.config import TrainConfig
 from ..engine.train import fit
 from .base import StageContext
 
