@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from .core.progress import Progress, progress_task
 from .engine.checkpoint import load_checkpoint, save_checkpoint
 from .engine.config import TrainConfig, config_from_dict, config_to_dict
 from .engine.train import evaluate
+from .stages.registry import STAGES, stage_entry
 
 __all__ = [
     "STAGES",
@@ -64,26 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Explicit registry: stage name -> (module, config class name, run function name).
-STAGES: dict[str, tuple[str, str, str]] = {
-    "train": ("nncompress.stages.train", "TrainStageConfig", "run_train_stage"),
-    "prune": ("nncompress.stages.prune", "PruneStageConfig", "run_prune_stage"),
-    "filter_prune": (
-        "nncompress.stages.filter_prune",
-        "FilterPruneStageConfig",
-        "run_filter_prune_stage",
-    ),
-    "share": ("nncompress.stages.share", "ShareStageConfig", "run_share_stage"),
-    "finetune": ("nncompress.stages.finetune", "FinetuneStageConfig", "run_finetune_stage"),
-    "encode": ("nncompress.stages.encode", "EncodeStageConfig", "run_encode_stage"),
-    "quantize": ("nncompress.stages.quantize", "QuantizeStageConfig", "run_quantize_stage"),
-    "decompose": ("nncompress.stages.decompose", "DecomposeStageConfig", "run_decompose_stage"),
-}
-
-# Stages after which a resumed run must rebuild parametrizations from the loaded weights.
-_MASKING_STAGES = ("prune",)
-_SHARING_STAGES = ("share",)
 
 _TOP_LEVEL = ("name", "description", "model", "data", "baseline", "train", "quick", "stages")
 STATE_FORMAT = "nncompress-run/1"
@@ -106,9 +85,7 @@ class StageSpec:
     config: Any
 
     def to_dict(self) -> dict[str, Any]:
-        cfg = self.config
-        data = cfg.to_dict() if hasattr(cfg, "to_dict") else config_to_dict(cfg)
-        return {"stage": self.name, **_jsonable(data)}
+        return {"stage": self.name, **_jsonable(self.config.to_dict())}
 
 
 @dataclass(frozen=True)
@@ -150,22 +127,28 @@ class Recipe:
         """
         d = self.to_dict()
         d.pop("description", None)
-        d["train"] = _without_defaults(self.train, d["train"])
+        d["train"] = _without_defaults(_config_defaults(self.train), d["train"])
         d["stages"] = [
-            _without_defaults(s.config, sd) for s, sd in zip(self.stages, d["stages"], strict=True)
+            _without_defaults(s.config.defaults(), sd)
+            for s, sd in zip(self.stages, d["stages"], strict=True)
         ]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _without_defaults(config: Any, data: dict[str, Any]) -> dict[str, Any]:
-    defaults = {}
-    if dataclasses.is_dataclass(config):
-        for f in dataclasses.fields(config):
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = _jsonable(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults[f.name] = _jsonable(f.default_factory())
+def _without_defaults(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    defaults = {k: _jsonable(v) for k, v in defaults.items()}
     return {k: v for k, v in data.items() if k not in defaults or defaults[k] != v}
+
+
+def _config_defaults(config: Any) -> dict[str, Any]:
+    """Default of every field of a config dataclass."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -187,36 +170,11 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def stage_entry(name: str) -> tuple[type, Callable[..., dict]]:
-    """Import a registered stage: ``(config class, run function)``.
-
-    Raises :class:`ConfigError` with a clear message for an unknown name or a stage whose
-    module is not available (not written yet, or a missing optional dependency).
-    """
-    if name not in STAGES:
-        raise ConfigError(f"stage={name!r}: unknown stage; must be one of {sorted(STAGES)}")
-    module_name, cfg_name, run_name = STAGES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"stage={name!r}: its module {module_name} is not available ({exc})"
-        ) from exc
-    try:
-        return getattr(module, cfg_name), getattr(module, run_name)
-    except AttributeError as exc:
-        raise ConfigError(
-            f"stage={name!r}: {module_name} does not define {cfg_name} and {run_name}"
-        ) from exc
-
-
 def _build_config(cls: type, data: dict[str, Any]) -> Any:
-    if hasattr(cls, "from_dict"):
-        try:
-            return cls.from_dict(data)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from None
-    return config_from_dict(cls, data)
+    try:
+        return cls.from_dict(data)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _name_and_kwargs(value: Any, what: str, errors: list[str]) -> tuple[str | None, dict]:
@@ -365,29 +323,13 @@ def load_recipe(
     )
 
 
-def _cap_epochs(config: Any, cap: int) -> Any:
-    """``config`` with every integer field named ``epochs`` / ``*_epochs`` capped at ``cap``."""
-    if hasattr(config, "overrides") and isinstance(config.overrides, dict):
-        ov = dict(config.overrides)
-        if isinstance(ov.get("epochs"), int):
-            ov["epochs"] = min(ov["epochs"], cap)
-        config = dataclasses.replace(config, overrides=ov)
-    changes = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
-        if (f.name == "epochs" or f.name.endswith("_epochs")) and isinstance(v, int):
-            if not isinstance(v, bool) and v > cap:
-                changes[f.name] = cap
-    return dataclasses.replace(config, **changes) if changes else config
-
-
 def quick_recipe(recipe: Recipe) -> Recipe:
     """The recipe with every epoch count capped at ``recipe.quick_epochs`` (``--quick``)."""
     cap = recipe.quick_epochs
     return dataclasses.replace(
         recipe,
-        train=_cap_epochs(recipe.train, cap),
-        stages=tuple(StageSpec(s.name, _cap_epochs(s.config, cap)) for s in recipe.stages),
+        train=recipe.train.replace(epochs=min(recipe.train.epochs, cap)),
+        stages=tuple(StageSpec(s.name, s.config.capped(cap)) for s in recipe.stages),
     )
 
 
@@ -571,15 +513,8 @@ def run_recipe(
     if start_index:
         last = run.finished[-1]
         model, _ = load_checkpoint(out_dir / last["checkpoint"])
-        done = [e["name"] for e in run.finished]
-        if any(n in _MASKING_STAGES for n in done):
-            from .prune.magnitude import masks_from_zeros_
-
-            masks_from_zeros_(model)
-        if any(n in _SHARING_STAGES for n in done):
-            from .quant.kmeans import share_from_values_
-
-            share_from_values_(model)
+        for spec in recipe.stages[:start_index]:  # each stage rebuilds what it left on the model
+            spec.config.resume_(model)
         log.info("resuming %s after stage %d (%s)", out_dir, start_index, last["name"])
     else:
         run.original_bytes = _dense_bytes(model)

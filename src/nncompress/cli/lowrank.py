@@ -97,10 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     from ..engine import TrainConfig, evaluate, load_checkpoint, save_checkpoint
-    from ..lowrank import DecomposeConfig
     from ..stages.decompose import DecomposeStageConfig, decompose_and_finetune
 
-    dcfg = DecomposeConfig(
+    # the same stage config a recipe's {stage: decompose, ...} builds
+    stage = DecomposeStageConfig(
         method=args.method,
         rank=args.rank,
         energy=args.energy,
@@ -111,9 +111,6 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         min_rank=args.min_rank,
         tt_cores=args.tt_cores,
         require_fewer_macs=not args.allow_more_macs,
-    )
-    stage = DecomposeStageConfig(
-        decompose=dcfg,
         layers=tuple(args.layers) if args.layers else None,
         refit_batches=args.refit_batches,
         finetune_epochs=args.finetune_epochs,

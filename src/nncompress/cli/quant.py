@@ -138,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "checkpoint_bytes": args.checkpoint.stat().st_size,
         "compression": fp32_bytes / rep["onnx_bytes"],
         "layers": rep["layers"],
-        "config": {k: v for k, v in cfg.__dict__.items()},
+        "config": cfg.to_dict(),
     }
     if args.json:
         print_json(res)

@@ -23,12 +23,16 @@ from torch import nn
 from ..core.modules import folded_copy
 from ..io import EncodeConfig, round_for_storage_, save_compressed
 from ..io.checkpoint import checkpoint_metadata, model_from_metadata
-from .base import StageContext
+from .base import StageConfig, StageContext, stage_config
 
 __all__ = ["EncodeStageConfig", "decode_to_model", "layer_table", "run_encode_stage"]
 
-# The stage's options are exactly the container's (codec, index bits, fp16 codebooks...).
-EncodeStageConfig = EncodeConfig
+
+@stage_config(EncodeConfig)
+class EncodeStageConfig(StageConfig):
+    """The stage's options are exactly the container's :class:`~nncompress.io.EncodeConfig`
+    (codec, index bits, fp16 codebooks...)."""
+
 
 NCZ_NAME = "model.ncz"
 
@@ -55,11 +59,12 @@ def _metadata(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
     return checkpoint_metadata(sidecar)
 
 
-def run_encode_stage(ctx: StageContext, config: EncodeConfig) -> dict[str, Any]:
+def run_encode_stage(ctx: StageContext, config: EncodeStageConfig) -> dict[str, Any]:
+    encode = config.algorithm if isinstance(config, StageConfig) else config
     plain = folded_copy(ctx.model)
-    changes = round_for_storage_(plain, config)
+    changes = round_for_storage_(plain, encode)
     path = Path(ctx.out_dir) / NCZ_NAME
-    report = save_compressed(plain, path, config, _metadata(ctx, plain), progress=ctx.progress)
+    report = save_compressed(plain, path, encode, _metadata(ctx, plain), progress=ctx.progress)
     ctx.model = plain
     ctx.artifacts["ncz"] = path
     out = report.to_dict()

@@ -17,84 +17,34 @@ recipe's base learning rate, with the base config's other settings (augmentation
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError
 from ..core.modules import model_device
-from ..engine.config import TrainConfig
 from ..engine.train import evaluate, finetune
 from ..prune.structured import FilterPruneConfig, prune_filters_
-from .base import StageContext
+from .base import RetrainKeys, StageConfig, StageContext, stage_config
 
 __all__ = ["FilterPruneStageConfig", "run_filter_prune_stage"]
 
 
-@dataclass(frozen=True)
-class FilterPruneStageConfig:
+@stage_config(
+    FilterPruneConfig,
+    retrain=RetrainKeys({"epochs": 0, "lr_scale": 0.1, "augment": None}),
+)
+class FilterPruneStageConfig(StageConfig):
     """Configuration of the ``filter_prune`` stage.
 
     Attributes
     ----------
-    criterion, ratio, per_layer, macs_budget, scope, min_channels, exclude, seed : as in
+    criterion, ratio, per_layer, macs_budget, scope, min_channels, exclude, seed : the
         :class:`~nncompress.prune.FilterPruneConfig` (exactly one of ratio / per_layer /
         macs_budget).
-    epochs : retraining epochs after pruning (0: none).
-    lr_scale : retraining learning rate = lr_scale * the base config's lr.
-    augment : data augmentation while retraining (None: the base config's setting).
+    epochs, lr_scale, augment : the :class:`~nncompress.stages.base.RetrainSpec`: retraining
+        epochs after pruning (0: none) at ``lr_scale`` times the base rate, with data
+        augmentation ``augment`` (None: the base config's setting).
     """
-
-    criterion: str = "l1"
-    ratio: float | None = None
-    per_layer: dict[str, float] | None = None
-    macs_budget: float | None = None
-    scope: str = "layer"
-    min_channels: int = 1
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
-    epochs: int = 0
-    lr_scale: float = 0.1
-    augment: bool | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "exclude",
-            (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude),
-        )
-        self.prune_config()  # validates the pruning fields
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ConfigError(f"epochs={self.epochs!r}: must be an integer >= 0")
-        if not (isinstance(self.lr_scale, (int, float)) and self.lr_scale > 0):
-            raise ConfigError(f"lr_scale={self.lr_scale!r}: must be > 0")
-        if self.augment is not None and not isinstance(self.augment, bool):
-            raise ConfigError(f"augment={self.augment!r}: must be true, false or null")
-
-    def prune_config(self) -> FilterPruneConfig:
-        return FilterPruneConfig(
-            criterion=self.criterion,
-            ratio=self.ratio,
-            per_layer=self.per_layer,
-            macs_budget=self.macs_budget,
-            scope=self.scope,
-            min_channels=self.min_channels,
-            exclude=self.exclude,
-            seed=self.seed,
-        )
-
-    def retrain_config(self, base: TrainConfig) -> TrainConfig:
-        changes: dict[str, Any] = {"epochs": self.epochs}
-        if self.augment is not None:
-            changes["augment"] = self.augment
-        return base.replace(**changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["exclude"] = list(self.exclude)
-        return d
 
 
 def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) -> dict[str, Any]:
@@ -106,13 +56,13 @@ def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) ->
     model, splits = ctx.model, ctx.splits
     x, _ = next(iter(splits.loader("val", 2)))
     x = x.to(model_device(model))
-    report = prune_filters_(model, config.prune_config(), x, progress=ctx.progress)
+    report = prune_filters_(model, config.algorithm, x, progress=ctx.progress)
     test_loader = splits.loader("test", 512)
     out: dict[str, Any] = report.to_dict()
     out["test_accuracy_pruned"] = evaluate(model, test_loader)["accuracy"]
     val_loader = splits.loader("val", 512)
     if config.epochs > 0:
-        cfg = config.retrain_config(ctx.train_config)
+        cfg = config.retrain.train_config(ctx.train_config)
         history = finetune(
             model,
             splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
