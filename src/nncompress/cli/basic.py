@@ -179,15 +179,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _model_kwargs(name: str, splits) -> dict:
-    shape = splits.input_shape
-    kwargs: dict = {"num_classes": splits.num_classes}
-    if name == "lenet-300-100":
-        kwargs["in_features"] = int(__import__("math").prod(shape))
-    elif name in ("lenet-5", "vgg-small"):
-        kwargs.update(in_channels=shape[0], image_size=shape[-1])
-    else:
-        kwargs["in_channels"] = shape[0]
-    return kwargs
+    from ..models import default_kwargs
+
+    return default_kwargs(name, splits.input_shape, splits.num_classes)
 
 
 def train_model(name: str, splits, cfg, out_path: Path, progress=None, *, channels_last=False):

@@ -73,8 +73,9 @@ def run_encode_stage(ctx: StageContext, config: EncodeStageConfig) -> dict[str, 
     return out
 
 
-def decode_to_model(path: str | Path, model_name: str | None, model_kwargs: dict) -> nn.Module:
-    """A fresh model filled from a ``.ncz`` file (architecture from the file's metadata)."""
+def decode_to_model(path: str | Path) -> nn.Module:
+    """A fresh model filled from a ``.ncz`` file (architecture from the file's metadata), in
+    eval mode."""
     from ..io import decode_file
 
     state, metadata = decode_file(path)
