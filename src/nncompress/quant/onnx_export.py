@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import operator
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -39,9 +38,11 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import NncompressError
 from ..core.files import atomic_write
-from ..core.modules import strip_parametrizations
+from ..core.fx import TraceError, op_kind, trace
+from ..core.modules import strip_parametrizations_
 from ..core.progress import progress_task
-from .linear import ActivationQuantizer, WeightFakeQuant, fold_batchnorm
+from .fakequant import ActivationQuantizer, WeightFakeQuant
+from .fold import fold_batchnorm_
 from .primitives import QParams, pack_int4, quantize_affine
 
 __all__ = [
@@ -303,13 +304,12 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     model = copy.deepcopy(model).eval()
-    fold_batchnorm(model)
-    strip_parametrizations(model)
+    fold_batchnorm_(model)
+    strip_parametrizations_(model)
     try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:
-        raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
-    return gm
+        return trace(model)
+    except TraceError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def export_onnx(
@@ -397,12 +397,7 @@ def export_onnx(
 
 def _relu_absorbed(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
     """A ReLU whose only user is a converted quantizer with ``zero_point == qmin``."""
-    is_relu = (
-        (node.op == "call_module" and isinstance(mods.get(node.target), nn.ReLU))
-        or (node.op == "call_function" and node.target in (torch.relu, nn.functional.relu))
-        or (node.op == "call_method" and node.target == "relu")
-    )
-    if not is_relu or len(node.users) != 1:
+    if op_kind(node, mods) != "relu" or len(node.users) != 1:
         return False
     user = next(iter(node.users))
     q = mods.get(user.target) if user.op == "call_module" else None
@@ -413,35 +408,32 @@ def _relu_absorbed(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
 
 
 def _function_node(b: _Builder, node: fx.Node, env: dict) -> Any:
-    t = node.target
-    args = node.args
-    if node.op == "call_method" and t == "size":
+    kind, t, args = op_kind(node, {}), node.target, node.args
+    if kind == "shape":
         return None  # only used by view/reshape(x.size(0), -1)
-    if t in (torch.flatten, "flatten"):
+    if kind == "flatten":
         start = _arg(node, 1, "start_dim", 0)
         end = _arg(node, 2, "end_dim", -1)
         if end != -1:
             raise ExportError(f"{node.name}: flatten(end_dim={end}) not supported")
         x = b.use(env[args[0]])
         return b.requant(x, b.node("Flatten", [x], node.name, axis=start), node.name)
-    if t in ("view", "reshape") or t is torch.reshape:
-        shape = list(args[1:]) if t in ("view", "reshape") else list(args[1])
+    if kind == "reshape":
+        shape = list(args[1:]) if node.op == "call_method" else list(args[1])
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = list(shape[0])
         if len(shape) == 2 and shape[1] == -1:
             x = b.use(env[args[0]])
             return b.requant(x, b.node("Flatten", [x], node.name, axis=1), node.name)
         raise ExportError(f"{node.name}: {t} to shape {shape} not supported (only (N, -1))")
-    if t in (torch.relu, nn.functional.relu, "relu"):
+    if kind == "relu":
         x = b.use(env[args[0]])
         return b.requant(x, b.node("Relu", [x], node.name), node.name)
-    if t in (operator.add, torch.add, operator.iadd, "add", "__add__"):
+    if kind == "add":
         if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
             raise ExportError(f"{node.name}: add is supported between two tensors only")
         return b.node("Add", [b.use(env[args[0]]), b.use(env[args[1]])], node.name)
-    if t in ("contiguous",):
-        return env[args[0]]
-    if t is nn.functional.dropout:
+    if kind in ("identity", "dropout"):
         return env[args[0]]
     raise ExportError(
         f"{node.name}: function/method {getattr(t, '__name__', t)!r} is not supported by the "

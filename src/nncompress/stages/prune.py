@@ -40,7 +40,7 @@ from ..prune.magnitude import (
     prunable_layers,
     pruning_masks,
 )
-from ..prune.schedule import AGPConfig, agp_prune, iterative_prune
+from ..prune.schedule import AGPConfig, agp_prune_, iterative_prune_
 from ..prune.sensitivity import (
     DEFAULT_SPARSITIES,
     sensitivity_analysis,
@@ -209,7 +209,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     # the teacher: a frozen plain copy (masks folded) of the model as it entered the stage
     loss_fn = None if kd is None else distillation_loss(folded_copy(model).eval(), kd)
     if config.method == "magnitude":
-        its = iterative_prune(
+        its = iterative_prune_(
             model,
             mc,
             train_loader,
@@ -236,7 +236,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
             include=mc.include,
             exclude=mc.exclude,
         )
-        cb, hist = agp_prune(
+        cb, hist = agp_prune_(
             model,
             agp,
             train_loader,
