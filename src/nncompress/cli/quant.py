@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .common import (
+    CheckpointJob,
     RichProgress,
     add_data_args,
     add_json_arg,
@@ -85,9 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..engine import TrainConfig, config_from_dict, evaluate, load_checkpoint
     from ..quant.onnx_export import export_onnx
-    from ..stages.base import StageContext
     from ..stages.quantize import QuantizeStageConfig, run_quantize_stage
 
     if args.out.suffix != ".onnx":
@@ -107,22 +106,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         out=args.out.name,
         threads=args.threads,
     )
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
-    progress = RichProgress(not args.quiet and not args.json)
-    train_cfg = (sidecar.get("extra") or {}).get("train_config")
-    tcfg = config_from_dict(TrainConfig, train_cfg) if train_cfg else TrainConfig()
-    before = evaluate(model, splits.loader("test", 500), progress=progress)["accuracy"]
-    arch = sidecar.get("architecture") or {}
-    ctx = StageContext(
-        model=model,
-        splits=splits,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs") or {},
-        train_config=tcfg,
-        out_dir=args.out.parent if str(args.out.parent) else Path("."),
-        progress=progress,
-    )
+    job = CheckpointJob(args, bars=not args.quiet and not args.json)
+    model, splits = job.model, job.splits
+    before = job.accuracy(batch=500)
+    out_dir = args.out.parent if str(args.out.parent) else Path(".")
+    ctx = job.context(out_dir)
     rep = run_quantize_stage(ctx, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", tuple(splits.input_shape))

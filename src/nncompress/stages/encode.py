@@ -38,18 +38,10 @@ NCZ_NAME = "model.ncz"
 
 
 def _metadata(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
-    from ..engine.modspec import diff_modules, module_to_spec
-    from ..models import create
-
-    if ctx.model_name is not None:
-        arch = {
-            "model": ctx.model_name,
-            "kwargs": dict(ctx.model_kwargs),
-            "replacements": diff_modules(model, create(ctx.model_name, **ctx.model_kwargs)),
-        }
-    else:
-        arch = {"model": None, "spec": module_to_spec(model)}
     from .. import __version__
+    from ..engine.modspec import describe_architecture
+
+    arch = describe_architecture(model, model_name=ctx.model_name, model_kwargs=ctx.model_kwargs)
 
     sidecar = {
         "architecture": arch,
