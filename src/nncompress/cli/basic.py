@@ -20,6 +20,14 @@ from .common import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_models(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_stats(sub)
+    _add_demo(sub)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list the reference models",
@@ -28,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_models)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a reference model and save a checkpoint",
@@ -106,6 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="accuracy and loss of a checkpoint on the test split",
@@ -124,6 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats",
         help="params, nonzeros, MACs, bytes and latency per layer",
@@ -146,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_stats)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: run the flagship example end to end",

@@ -121,6 +121,11 @@ def parse_per_layer(text: str | None) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_prune(sub)
+    _add_sensitivity(sub)
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
         help="prune a checkpoint (connection pruning: magnitude, agp)",
@@ -213,6 +218,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_prune)
 
+
+def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sensitivity",
         help="per-layer pruning sensitivity curves (JSON + PNG)",

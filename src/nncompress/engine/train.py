@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,6 +261,60 @@ def _freeze_others(model: nn.Module, params: Iterable[torch.Tensor] | None) -> l
     return frozen
 
 
+@dataclass
+class _Loop:
+    """What every step of :func:`fit` needs."""
+
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    callbacks: list[Callback]
+    loss_fn: LossFn
+    device: torch.device
+    total_steps: int
+    task: Any
+
+
+def _train_epoch(
+    model: nn.Module, loader: Iterable, loop: _Loop, epoch: int, step: int
+) -> tuple[dict, int]:
+    """One pass over ``loader``; returns the epoch's training metrics and the next step."""
+    cfg, optimizer, callbacks = loop.cfg, loop.optimizer, loop.callbacks
+    steps_per_epoch = len(loader)
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        factor = _lr_factor(cfg, step, loop.total_steps, steps_per_epoch)
+        for g, lr in zip(optimizer.param_groups, loop.base_lrs, strict=True):
+            g["lr"] = lr * factor
+        x, y = x.to(loop.device), y.to(loop.device)
+        out = model(x)
+        loss = loop.loss_fn(out, y, x)
+        for cb in callbacks:
+            loss = cb.on_loss(model, loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for cb in callbacks:
+            cb.on_after_backward(model, step)
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for cb in callbacks:
+            cb.on_step_end(model, step)
+        step += 1
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((out.detach().argmax(1) == y).sum())
+        seen += len(y)
+        loop.task.advance(step, epoch=epoch + 1, loss=loss_sum / seen, acc=100.0 * correct / seen)
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(1, seen),
+        "train_accuracy": 100.0 * correct / max(1, seen),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+    return metrics, step
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable,
@@ -310,42 +365,12 @@ def fit(
     for cb in callbacks:
         cb.on_train_begin(model, optimizer)
     with progress_task(progress, "train", total_steps) as task:
+        loop = _Loop(cfg, optimizer, base_lrs, callbacks, loss_fn, device, total_steps, task)
         try:
             for epoch in range(cfg.epochs):
                 for cb in callbacks:
                     cb.on_epoch_begin(model, epoch)
-                model.train()
-                loss_sum, correct, seen = 0.0, 0, 0
-                for x, y in train_loader:
-                    factor = _lr_factor(cfg, step, total_steps, steps_per_epoch)
-                    for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                        g["lr"] = lr * factor
-                    x, y = x.to(device), y.to(device)
-                    out = model(x)
-                    loss = loss_fn(out, y, x)
-                    for cb in callbacks:
-                        loss = cb.on_loss(model, loss)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for cb in callbacks:
-                        cb.on_after_backward(model, step)
-                    if cfg.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    for cb in callbacks:
-                        cb.on_step_end(model, step)
-                    step += 1
-                    loss_sum += float(loss.detach()) * len(y)
-                    correct += int((out.detach().argmax(1) == y).sum())
-                    seen += len(y)
-                    acc = 100.0 * correct / seen
-                    task.advance(step, epoch=epoch + 1, loss=loss_sum / seen, acc=acc)
-                metrics = {
-                    "epoch": epoch + 1,
-                    "train_loss": loss_sum / max(1, seen),
-                    "train_accuracy": 100.0 * correct / max(1, seen),
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
+                metrics, step = _train_epoch(model, train_loader, loop, epoch, step)
                 if val_loader is not None:
                     val = evaluate(model, val_loader)
                     metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])

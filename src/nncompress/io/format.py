@@ -124,6 +124,10 @@ def _encode_stream(
     return used, data, rep
 
 
+# entropy-coded stream codecs: (stream class with from_bytes, decoder)
+_ENTROPY_DECODERS = {"huffman": (HuffmanStream, huffman_decode), "ans": (AnsStream, ans_decode)}
+
+
 def _decode_stream(
     codec: str, data: memoryview, n: int, alphabet: int, what: str
 ) -> tuple[np.ndarray, int]:
@@ -141,22 +145,15 @@ def _decode_stream(
             sym = r.packed(n, width, "raw symbols")
             r.expect_end("raw stream")
             payload = n * width
-        elif codec == "huffman":
-            hs = HuffmanStream.from_bytes(data, max_symbols=n)
-            if hs.n != n or hs.alphabet_size > alphabet:
+        elif codec in _ENTROPY_DECODERS:
+            stream_type, decode = _ENTROPY_DECODERS[codec]
+            st = stream_type.from_bytes(data, max_symbols=n)
+            if st.n != n or st.alphabet_size > alphabet:
                 raise CodingError(
-                    f"huffman stream has {hs.n} symbols over {hs.alphabet_size} values; expected "
+                    f"{codec} stream has {st.n} symbols over {st.alphabet_size} values; expected "
                     f"{n} symbols below {alphabet}"
                 )
-            sym, payload = huffman_decode(hs), hs.payload_bits
-        elif codec == "ans":
-            a = AnsStream.from_bytes(data, max_symbols=n)
-            if a.n != n or a.alphabet_size > alphabet:
-                raise CodingError(
-                    f"ans stream has {a.n} symbols over {a.alphabet_size} values; expected "
-                    f"{n} symbols below {alphabet}"
-                )
-            sym, payload = ans_decode(a), a.payload_bits
+            sym, payload = decode(st), st.payload_bits
         else:
             raise CodingError(f"codec={codec!r}: must be one of raw, huffman, ans")
     except CodingError as exc:

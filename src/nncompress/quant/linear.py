@@ -92,6 +92,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _plain_copy(model: nn.Module, config: PTQConfig) -> nn.Module:
+    """A copy of ``model`` in eval mode, BatchNorm folded (or just parametrizations folded)."""
+    out = copy.deepcopy(model)
+    out.eval()
+    if config.fold_bn:
+        fold_batchnorm_(out)
+    else:
+        strip_parametrizations_(out)
+    return out
+
+
 def prepare(
     model: nn.Module, config: PTQConfig | None = None, *, qat: bool = False
 ) -> fx.GraphModule:
@@ -104,12 +115,7 @@ def prepare(
     """
     config = config or PTQConfig()
     was_training = model.training
-    model = copy.deepcopy(model)
-    model.eval()
-    if config.fold_bn:
-        fold_batchnorm_(model)
-    else:
-        strip_parametrizations_(model)
+    model = _plain_copy(model, config)
     gm = trace(model)  # TraceError (a ValueError) names the module that failed
     graph = gm.graph
     mods = dict(gm.named_modules())
@@ -289,12 +295,7 @@ def quantized_float_model(gm: nn.Module, model: nn.Module, config: PTQConfig) ->
     Every quantized weight is exactly ``scale * q`` (the dequantized integer weight), so the copy
     can be saved as an ordinary checkpoint; activations are not quantized in it.
     """
-    out = copy.deepcopy(model)
-    out.eval()
-    if config.fold_bn:
-        fold_batchnorm_(out)
-    else:
-        strip_parametrizations_(out)
+    out = _plain_copy(model, config)
     mods = dict(gm.named_modules())
     for name, mod in out.named_modules():
         src = mods.get(name)

@@ -37,6 +37,7 @@ from ..core.validate import check, is_int, is_number
 from ..data import DataSplits
 from ..distill.losses import DistillConfig
 from ..engine.config import TrainConfig, config_from_dict
+from ..engine.train import History, finetune
 
 __all__ = [
     "RetrainKeys",
@@ -135,6 +136,30 @@ class RetrainSpec:
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
         return base.replace(**changes)
+
+    def run(
+        self,
+        model: nn.Module,
+        splits: DataSplits,
+        base: TrainConfig,
+        *,
+        loss_fn: Callable | None = None,
+        val_loader: Any = None,
+        progress: Progress | None = None,
+    ) -> History:
+        """Retrain ``model`` in place: :meth:`train_config` epochs on the train split (with the
+        config's augmentation) at ``lr_scale`` times its rate, validating on the held-out split;
+        ``loss_fn`` replaces the cross-entropy (e.g. distillation)."""
+        cfg = self.train_config(base)
+        return finetune(
+            model,
+            splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
+            cfg,
+            lr_scale=self.lr_scale,
+            loss_fn=loss_fn,
+            val_loader=val_loader if val_loader is not None else splits.loader("val", 512),
+            progress=progress,
+        )
 
 
 @dataclass(frozen=True)

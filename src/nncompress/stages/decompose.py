@@ -33,7 +33,6 @@ from ..core.validate import check, is_int
 from ..data import DataSplits
 from ..distill import DistillConfig, distillation_loss
 from ..engine.config import TrainConfig
-from ..engine.train import finetune
 from ..lowrank.refit import refit_
 from ..lowrank.transform import DecomposeConfig, DecomposeReport, decompose_
 from .base import RetrainKeys, RetrainSpec, StageConfig, StageContext, stage_config
@@ -145,14 +144,8 @@ def decompose_and_finetune(
             for p in teacher.parameters():
                 p.requires_grad_(False)
             loss_fn = distillation_loss(teacher, kd)
-        history = finetune(
-            model,
-            splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
-            cfg,
-            lr_scale=config.lr_scale,
-            loss_fn=loss_fn,
-            val_loader=splits.loader("val", 512),
-            progress=progress,
+        history = config.retrain.run(
+            model, splits, train_config, loss_fn=loss_fn, progress=progress
         )
         info.update(
             finetune_loss="distillation" if config.distill else "cross-entropy",

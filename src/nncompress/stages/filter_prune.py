@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..core.modules import model_device
-from ..engine.train import evaluate, finetune
+from ..engine.train import evaluate
 from ..prune.structured import FilterPruneConfig, prune_filters_
 from .base import RetrainKeys, StageConfig, StageContext, stage_config
 
@@ -62,14 +62,8 @@ def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) ->
     out["test_accuracy_pruned"] = evaluate(model, test_loader)["accuracy"]
     val_loader = splits.loader("val", 512)
     if config.epochs > 0:
-        cfg = config.retrain.train_config(ctx.train_config)
-        history = finetune(
-            model,
-            splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
-            cfg,
-            lr_scale=config.lr_scale,
-            val_loader=val_loader,
-            progress=ctx.progress,
+        history = config.retrain.run(
+            model, splits, ctx.train_config, val_loader=val_loader, progress=ctx.progress
         )
         out["retrain"] = {"epochs": config.epochs, "wall_s": history.wall_time_s}
     with torch.no_grad():

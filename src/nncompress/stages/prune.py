@@ -167,6 +167,46 @@ def _nonzeros(model) -> tuple[int, int]:
     return params, nz
 
 
+def _allocate(model, config: PruneStageConfig, val_loader, progress) -> tuple[dict, dict]:
+    """Per-layer sparsities from a sensitivity analysis on the held-out split (as per-layer
+    overrides), and the report of the analysis."""
+    sens = sensitivity_analysis(
+        model,
+        val_loader,
+        config.sensitivity_sparsities,
+        include=config.include,
+        exclude=config.exclude,
+        max_batches=config.sensitivity_batches,
+        progress=progress,
+    )
+    if config.max_drop is not None:
+        per = thresholds_from_sensitivity(sens, config.max_drop)
+        info = {"max_drop": config.max_drop}
+    else:
+        # greedy allocation reaching the overall sparsity; its predicted (additive) loss
+        loss, per = sparsities_for_budget(sens, config.sparsity)  # type: ignore[arg-type]
+        info = {"predicted_drop": loss}
+    derived = {n: {"sparsity": s} for n, s in per.items()}
+    return derived, {**info, "per_layer": per, **sens.to_dict()}
+
+
+def _agp_config(config: PruneStageConfig, mc: MagnitudeConfig) -> AGPConfig:
+    """The AGP ramp to the magnitude config's (final) sparsities."""
+    rules = {n: mc.layer_rule(n) for n in mc.per_layer}
+    bad = sorted(n for n, r in rules.items() if r is not None and r[0] != "sparsity")
+    if bad:
+        raise ConfigError(f"per_layer {bad}: method='agp' takes final sparsities, not q")
+    return AGPConfig(
+        sparsity=mc.sparsity,  # type: ignore[arg-type]
+        initial_sparsity=config.agp_initial_sparsity,
+        frequency=config.agp_frequency,
+        scope=mc.scope,
+        per_layer={n: mc.layer_rule(n)[1] for n in mc.per_layer},  # type: ignore[index]
+        include=mc.include,
+        exclude=mc.exclude,
+    )
+
+
 def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, Any]:
     """Prune ``ctx.model`` in place; returns accuracy (val and test), nonzeros and per-layer
     kept fractions, plus per-iteration details."""
@@ -184,24 +224,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     report: dict[str, Any] = {"method": config.method}
     derived: dict[str, Any] = {}
     if config.allocate == "sensitivity":
-        sens = sensitivity_analysis(
-            model,
-            val_loader,
-            config.sensitivity_sparsities,
-            include=config.include,
-            exclude=config.exclude,
-            max_batches=config.sensitivity_batches,
-            progress=ctx.progress,
-        )
-        if config.max_drop is not None:
-            per = thresholds_from_sensitivity(sens, config.max_drop)
-            info = {"max_drop": config.max_drop}
-        else:
-            # greedy allocation reaching the overall sparsity; its predicted (additive) loss
-            loss, per = sparsities_for_budget(sens, config.sparsity)  # type: ignore[arg-type]
-            info = {"predicted_drop": loss}
-        derived = {n: {"sparsity": s} for n, s in per.items()}
-        report["sensitivity"] = {**info, "per_layer": per, **sens.to_dict()}
+        derived, report["sensitivity"] = _allocate(model, config, val_loader, ctx.progress)
     mc = config.magnitude_config(derived)
     retrain = config.retrain.train_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
@@ -223,19 +246,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
         )
         report["iterations"] = [it.to_dict() for it in its]
     else:
-        rules = {n: mc.layer_rule(n) for n in mc.per_layer}
-        bad = sorted(n for n, r in rules.items() if r is not None and r[0] != "sparsity")
-        if bad:
-            raise ConfigError(f"per_layer {bad}: method='agp' takes final sparsities, not q")
-        agp = AGPConfig(
-            sparsity=mc.sparsity,  # type: ignore[arg-type]
-            initial_sparsity=config.agp_initial_sparsity,
-            frequency=config.agp_frequency,
-            scope=mc.scope,
-            per_layer={n: mc.layer_rule(n)[1] for n in mc.per_layer},  # type: ignore[index]
-            include=mc.include,
-            exclude=mc.exclude,
-        )
+        agp = _agp_config(config, mc)
         cb, hist = agp_prune_(
             model,
             agp,
@@ -253,14 +264,13 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
 
         x, _ = next(iter(splits.loader("val", 64)))
         report["dead_neurons"] = remove_dead_neurons_(model, x)
-    masks = pruning_masks(model)
     report["layers"] = {
         n: {
             "params": int(m.numel()),
             "kept": int(m.sum()),
             "kept_fraction": float(m.float().mean()),
         }
-        for n, m in masks.items()
+        for n, m in pruning_masks(model).items()
     }
     params, nz = _nonzeros(model)
     report.update(
