@@ -289,13 +289,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
     res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
+    return print_accuracy(args, res)
+
+
+def print_accuracy(args: argparse.Namespace, res: dict, runtime: str | None = None) -> int:
+    """Print (or ``--json``) the result of ``nncompress eval``."""
     res["split"] = args.split
+    if runtime:
+        res["runtime"] = runtime
     if args.json:
         print_json(res)
     else:
+        where = f", {runtime}" if runtime else ""
         out.print(
             f"{args.split} accuracy {res['accuracy']:.2f}%  loss {res['loss']:.4f}  "
-            f"({res['samples']} samples)"
+            f"({res['samples']} samples{where})"
         )
     return 0
 

@@ -161,11 +161,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_onnx(args: argparse.Namespace) -> int:
-    """``nncompress eval model.onnx``: accuracy of the ONNX model run by onnxruntime."""
+    """``nncompress eval model.onnx``: accuracy of the ONNX model run by onnxruntime (called
+    by ``cmd_eval``, which checked ``--split``)."""
     from ..quant.onnx_export import evaluate_onnx, onnx_metadata
+    from .basic import print_accuracy
 
-    if args.split not in ("test", "val"):
-        raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
     meta = onnx_metadata(args.checkpoint)
     if not isinstance(meta.get("dataset"), dict):
         raise ValueError(
@@ -176,16 +176,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> int:
     res = evaluate_onnx(
         args.checkpoint, splits.loader(args.split, 500), progress=RichProgress(not args.quiet)
     )
-    res["split"] = args.split
-    res["runtime"] = "onnxruntime"
-    if args.json:
-        print_json(res)
-    else:
-        out.print(
-            f"{args.split} accuracy {res['accuracy']:.2f}%  loss {res['loss']:.4f}  "
-            f"({res['samples']} samples, onnxruntime)"
-        )
-    return 0
+    return print_accuracy(args, res, "onnxruntime")
 
 
 def cmd_stats_onnx(args: argparse.Namespace, batches: tuple[int, ...]) -> int:

@@ -23,7 +23,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import SpecError
-from ..core.modules import folded_copy, own_parametrized_class_, strip_parametrizations
+from ..core.modules import (
+    folded_copy,
+    own_parametrized_class_,
+    set_submodule,
+    strip_parametrizations,
+)
 
 __all__ = [
     "SpecError",
@@ -252,7 +257,7 @@ def apply_replacements(model: nn.Module, replacements: dict[str, Any]) -> nn.Mod
         if spec is None:
             delattr(parent, attr)
         else:
-            setattr(parent, attr, module_from_spec(spec, qual))
+            set_submodule(model, qual, module_from_spec(spec, qual))
     return model
 
 

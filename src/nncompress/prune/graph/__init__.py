@@ -11,7 +11,7 @@ indices. This module finds those couplings for an arbitrary model.
 
 How it works
 ------------
-The model is traced with :func:`torch.fx.symbolic_trace` and shapes are propagated with one
+The model is traced with :func:`nncompress.core.fx.trace` and shapes are propagated with one
 example input. Every channel that a Conv/Linear layer produces gets a fresh *atom* (one per
 output filter). Atoms then flow through the graph:
 
