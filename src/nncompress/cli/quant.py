@@ -19,6 +19,7 @@ from .common import (
     print_json,
     print_table,
 )
+from .pq import add_pq_args, cmd_quantize_pq
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "after (onnxruntime), file sizes and each layer's precision.",
     )
     p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
-    p.add_argument("--method", default="ptq", choices=["ptq", "qat"], help="default: ptq")
+    p.add_argument(
+        "--method",
+        default="ptq",
+        choices=["ptq", "qat", "pq"],
+        help="ptq / qat: integer ONNX model (default: ptq); pq: product quantization "
+        "(Stock et al. 2020) into a .ncz file",
+    )
     p.add_argument("--weights", default="int8", choices=["int8", "int4"], help="default: int8")
     p.add_argument(
         "--activations",
@@ -54,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="activation range estimator (default: minmax; QAT uses moving averages)",
     )
     p.add_argument(
-        "--calibration", type=int, default=512, help="held-out samples to calibrate (default 512)"
+        "--calibration",
+        type=int,
+        default=None,
+        help="ptq/qat: held-out samples to calibrate (default 512); pq: training images for "
+        "the activations and the codeword fine-tuning (default 4096)",
     )
     p.add_argument(
         "--keep-first-last",
@@ -78,7 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lsq", action="store_true", help="QAT with learned step sizes (LSQ)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
-    p.add_argument("--out", required=True, type=Path, help="output ONNX model (.onnx)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output ONNX model (.onnx), or .ncz with pq"
+    )
+    add_pq_args(p)
     add_data_args(p)
     add_json_arg(p)
     add_quiet_arg(p)
@@ -89,8 +103,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..quant.onnx_export import export_onnx
     from ..stages.quantize import QuantizeStageConfig, run_quantize_stage
 
+    if args.method == "pq":
+        if args.out.suffix != ".ncz":
+            raise ValueError(f"--out={str(args.out)!r}: must end in .ncz with --method pq")
+        args.calibration = 4096 if args.calibration is None else args.calibration
+        return cmd_quantize_pq(args)
     if args.out.suffix != ".onnx":
         raise ValueError(f"--out={str(args.out)!r}: must end in .onnx")
+    args.calibration = 512 if args.calibration is None else args.calibration
     cfg = QuantizeStageConfig(
         method=args.method,
         weights=args.weights,

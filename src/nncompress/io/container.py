@@ -9,7 +9,7 @@ from .decode import (
     inspect_file,
     load_compressed,
 )
-from .encode import encode_state_dict, round_for_storage_, save_compressed
+from .encode import encode_state_dict, pq_block_hints, round_for_storage_, save_compressed
 from .format import DEFAULT_MAX_ELEMENTS, MAGIC, VERSION
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "inspect_bytes",
     "inspect_file",
     "load_compressed",
+    "pq_block_hints",
     "round_for_storage_",
     "save_compressed",
 ]

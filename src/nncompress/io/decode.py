@@ -32,6 +32,7 @@ from .format import (
     _split_sections,
     _stream_report,
 )
+from .pq_scheme import PQ_MAX_D, PQ_MAX_K, pq_table
 from .report import EncodeReport, TensorReport
 
 __all__ = [
@@ -100,7 +101,28 @@ def _check_codebook(e: dict, dtype: str, numel: int, n_sections: int, where: str
     return refs
 
 
-_ENTRY_CHECKS = {"dense": _check_dense, "codebook": _check_codebook}
+def _check_pq(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """Fields of a ``pq`` entry (docs/format.md); returns its section references."""
+    if dtype not in _CODEBOOK_DTYPES:
+        raise _fail(f"{where}: pq scheme for dtype {dtype}")
+    d = _req_int(e, "d", 1, PQ_MAX_D, where)
+    if numel == 0 or numel % d:
+        raise _fail(f"{where}: d={d} does not divide the {numel} elements")
+    _req_int(e, "k", 1, PQ_MAX_K, where)
+    _req(e, "zero", bool, where)
+    cb = _req(e, "cb", str, where)
+    if cb not in ("float16", dtype):
+        raise _fail(f"{where}: codebook dtype {cb!r} not valid for {dtype}")
+    ref = _req(e, "codes", dict, where)
+    if _req(ref, "codec", str, f"{where} codes") not in ("raw", "huffman", "ans"):
+        raise _fail(f"{where}: codes codec={ref['codec']!r} unknown")
+    return [
+        _req_int(e, "codebook", 2, n_sections - 1, where),
+        _req_int(ref, "sec", 2, n_sections - 1, f"{where} codes"),
+    ]
+
+
+_ENTRY_CHECKS = {"dense": _check_dense, "codebook": _check_codebook, "pq": _check_pq}
 
 
 def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: int) -> list[dict]:
@@ -137,7 +159,7 @@ def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: i
             )
         scheme = _req(e, "scheme", str, where)
         if scheme not in _ENTRY_CHECKS:
-            raise _fail(f"{where}: scheme={scheme!r} must be 'dense' or 'codebook'")
+            raise _fail(f"{where}: scheme={scheme!r} must be one of {sorted(_ENTRY_CHECKS)}")
         refs = _ENTRY_CHECKS[scheme](e, dtype, numel, n_sections, where)
         for r in refs:
             if r in used:
@@ -301,7 +323,50 @@ def _decode_codebook(e: dict, secs: list[memoryview], with_report: bool):
     return t, rep
 
 
-_DECODERS = {"dense": _decode_dense, "codebook": _decode_codebook}
+def _decode_pq(e: dict, secs: list[memoryview], with_report: bool):
+    """A ``pq`` entry: ``table[codes]`` reshaped, the table being the codebook plus an all-zero
+    row when ``zero``."""
+    name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
+    numel = math.prod(shape)
+    d, k, zero, cb = e["d"], e["k"], e["zero"], e["cb"]
+    where = f"tensor '{name}'"
+    cb_data = secs[e["codebook"]]
+    if len(cb_data) != k * d * _STORE_BYTES[cb]:
+        raise _fail(f"{where}: codebook has {len(cb_data)} bytes, expected {k} x {d} x {cb}")
+    codebook = np.frombuffer(cb_data, dtype="<f2" if cb == "float16" else "<f4")
+    codebook = codebook.astype(_CODEBOOK_DTYPES[dtype][0]).reshape(k, d)  # (k, d)
+    ref = e["codes"]
+    alphabet = k + int(zero)
+    codes, payload = _decode_stream(
+        ref["codec"], secs[ref["sec"]], numel // d, alphabet, f"{where} codes"
+    )
+    arr = pq_table(codebook, zero)[codes].reshape(shape)  # (numel/d, d) -> shape
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[dtype])
+    rep = None
+    if with_report:
+        rep = TensorReport(
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            scheme="pq",
+            layout=None,
+            numel=numel,
+            nonzeros=int(np.count_nonzero(arr)),
+            total_bytes=len(cb_data) + len(secs[ref["sec"]]) + 2 * _FRAME.size,
+            codebook_size=k,
+            codebook_dtype=cb,
+            codebook_bits=8 * len(cb_data),
+            weight_bits_pq=int(codes.size) * _raw_width(alphabet),
+            weight_bits=8 * len(secs[ref["sec"]]),
+            streams=(
+                _stream_report("codes", ref["codec"], codes, alphabet, secs, ref["sec"], payload),
+            ),
+            block_size=d,
+        )
+    return t, rep
+
+
+_DECODERS = {"dense": _decode_dense, "codebook": _decode_codebook, "pq": _decode_pq}
 
 
 def decode_entry(
@@ -335,6 +400,13 @@ def _decode_checked(
     header = _inflate(secs[0], "header")
     metadata = _inflate(secs[1], "metadata")
     entries = _check_header(header, len(secs), max_elements, len(data))
+    minor = _PREFIX.unpack_from(data, 0)[2]
+    needed = 1 if any(e["scheme"] == "pq" for e in entries) else 0
+    if minor != needed:  # like ZIP's "version needed to extract": exactly what the file uses
+        raise _fail(
+            f"format version 1.{minor} does not match the file's contents, which need 1.{needed} "
+            "(1.1 exactly when a tensor uses the pq scheme)"
+        )
     state: dict[str, torch.Tensor] = {}
     reports = []
     for e in entries:

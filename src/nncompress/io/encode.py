@@ -33,9 +33,10 @@ from .format import (
     _frame,
     _raw_width,
 )
+from .pq_scheme import PQ_MAX_K, find_subvector_codebook, fp16_exact, pq_table
 from .report import EncodeReport, TensorReport
 
-__all__ = ["encode_state_dict", "round_for_storage_", "save_compressed"]
+__all__ = ["encode_state_dict", "pq_block_hints", "round_for_storage_", "save_compressed"]
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +232,122 @@ def _index_bits_for(name: str, t: torch.Tensor, config: EncodeConfig) -> list[in
     return [config.index_bits_conv if t.dim() >= 3 else config.index_bits_fc]
 
 
-def _best_candidate(name: str, t: torch.Tensor, config: EncodeConfig) -> _Candidate:
+def _pq_block_sizes(name: str, t: torch.Tensor, config: EncodeConfig, hint: int | None):
+    """Block sizes to try for the pq scheme, and whether the scheme is forced."""
+    override = match_override(config.pq_block_size, name)
+    if t.dim() < 2 and name not in config.pq_block_size:
+        return [], False  # a module-name key means the module's weights, not its bias
+    if override is not None:
+        return [int(override)], True
+    ds = set(config.pq_block_sizes) | ({hint} if hint else set())
+    return sorted(d for d in ds if t.numel() % d == 0 and t.numel() // d >= 2), False
+
+
+def _pq_candidate(name: str, arr: np.ndarray, d: int, config: EncodeConfig, forced: bool):
+    """The pq scheme with block size ``d``, or ``None`` if it cannot reproduce ``arr``."""
+    dtype = arr.dtype.name
+    found = find_subvector_codebook(
+        arr, d, fp16=config.codebook_dtype == "fp16", give_up_early=not forced
+    )
+    if found is None:
+        if forced:
+            raise ConfigError(
+                f"pq_block_size['{name}']={d}: the tensor has more than {PQ_MAX_K} distinct "
+                f"nonzero {d}-value subvectors (or none)"
+            )
+        return None
+    codebook, codes, zero = found
+    k = int(codebook.shape[0])
+    exact16 = config.codebook_dtype == "fp16" or dtype == "float16" or fp16_exact(codebook)
+    cb_store = "float16" if exact16 else dtype  # fp16 when that is lossless
+    cb_bytes = codebook.astype("<f2" if cb_store == "float16" else "<f4").tobytes()
+    alphabet = k + int(zero)
+    codec, data, srep = _encode_stream(
+        codes, alphabet, config.codec, config.codec_fallback, "codes"
+    )
+    entry = {"name": name, "dtype": dtype, "shape": list(arr.shape), "scheme": "pq"}
+    entry.update(d=d, k=k, zero=zero, cb=cb_store, codebook=0, codes={"sec": 1, "codec": codec})
+    rep = TensorReport(
+        name=name,
+        shape=tuple(arr.shape),
+        dtype=dtype,
+        scheme="pq",
+        layout=None,
+        numel=int(arr.size),
+        nonzeros=int(np.count_nonzero(pq_table(codebook, zero)[codes])),
+        total_bytes=len(cb_bytes) + len(data) + 2 * _FRAME.size,
+        codebook_size=k,
+        codebook_dtype=cb_store,
+        codebook_bits=8 * len(cb_bytes),
+        weight_bits_pq=int(codes.size) * _raw_width(alphabet),
+        weight_bits=8 * len(data),
+        streams=(srep,),
+        block_size=d,
+    )
+    return _Candidate(entry, [cb_bytes, data], rep)
+
+
+def _pq_candidates(
+    name: str, t: torch.Tensor, config: EncodeConfig, ds: list[int], forced: bool
+) -> list[_Candidate]:
+    """The pq scheme for each block size ``d`` that reproduces ``t`` (see :mod:`.pq_scheme`)."""
+    dtype = _dtype_name(t)
+    if dtype not in _CODEBOOK_DTYPES or t.numel() == 0:
+        if forced:
+            raise ConfigError(
+                f"pq_block_size['{name}']: tensor has dtype {dtype} and {t.numel()} elements; "
+                "the pq scheme needs a non-empty float32/float16 tensor"
+            )
+        return []
+    arr = t.detach().cpu().contiguous().numpy()
+    out = []
+    for d in ds:
+        if arr.size % d:
+            raise ConfigError(
+                f"pq_block_size['{name}']={d}: does not divide the tensor's {arr.size} elements"
+            )
+        cand = _pq_candidate(name, arr, d, config, forced)
+        if cand is not None:
+            out.append(cand)
+    return out
+
+
+def _best_candidate(
+    name: str, t: torch.Tensor, config: EncodeConfig, pq_hint: int | None = None
+) -> _Candidate:
     scheme = match_override(config.scheme, name) or "auto"
+    ds, pq_forced = _pq_block_sizes(name, t, config, pq_hint)
+    if pq_forced and scheme not in ("auto", "pq"):
+        raise ConfigError(f"pq_block_size['{name}'] conflicts with scheme['{name}']={scheme!r}")
+    if scheme == "pq" and not ds:
+        raise ConfigError(f"scheme['{name}']='pq': no block size to try; set pq_block_size")
     b = _index_bits_for(name, t, config)
     cands: list[_Candidate] = []
+    if scheme in ("auto", "pq"):
+        cands += _pq_candidates(name, t, config, ds, forced=pq_forced or scheme == "pq")
+    if scheme == "pq" or pq_forced:
+        return min(cands, key=lambda c: c.nbytes)
     if scheme in ("auto", "codebook"):
         cands += _codebook_candidates(name, t, config, b, forced=scheme == "codebook")
     if scheme in ("auto", "dense"):
         cands.append(_dense_candidate(name, t, config))
     return min(cands, key=lambda c: c.nbytes)  # first of equals wins: deterministic
+
+
+def pq_block_hints(model: nn.Module) -> dict[str, int]:
+    """``{tensor name: d}`` of the model's product-quantized weights (a parametrization with a
+    ``pq_block_size``, as :class:`nncompress.quant.PQWeight`), found before folding."""
+    from torch.nn.utils import parametrize
+
+    hints = {}
+    for mname, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for pname, plist in m.parametrizations.items():
+                for p in plist:
+                    d = getattr(p, "pq_block_size", None)
+                    if isinstance(d, int):
+                        hints[f"{mname}.{pname}" if mname else pname] = d
+    return hints
 
 
 def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
@@ -257,10 +365,12 @@ def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     return dict(model_or_state)
 
 
-def _placed(name: str, t: torch.Tensor, config: EncodeConfig, first: int):
+def _placed(
+    name: str, t: torch.Tensor, config: EncodeConfig, first: int, pq_hint: int | None = None
+):
     """The best candidate of one tensor and its header entry, with section references
     shifted to start at section ``first``."""
-    cand = _best_candidate(name, t, config)
+    cand = _best_candidate(name, t, config, pq_hint)
     entry = copy.deepcopy(cand.entry)
     for key in ("data", "codebook"):
         if key in entry:
@@ -293,6 +403,7 @@ def encode_state_dict(
     if not isinstance(config, EncodeConfig):
         raise ValueError(f"config: expected an EncodeConfig, got {type(config).__name__}")
     sd = _as_state_dict(state)
+    hints = pq_block_hints(state) if isinstance(state, nn.Module) else {}
     names = list(sd)
     check_overrides(config, names)
     for name, t in sd.items():
@@ -303,7 +414,7 @@ def encode_state_dict(
     entries, sections, reports = [], [], []
     with progress_task(progress, "encode", len(names)) as task:
         for name in names:
-            entry, cand = _placed(name, sd[name], config, 2 + len(sections))
+            entry, cand = _placed(name, sd[name], config, 2 + len(sections), hints.get(name))
             entries.append(entry)
             sections += cand.sections
             reports.append(cand.report)
@@ -311,7 +422,8 @@ def encode_state_dict(
     header = {"format": "nncompress-ncz", "tensors": entries}
     head_payload = _canonical_json(header, "header")
     frames = [_frame(head_payload), _frame(meta_payload)] + [_frame(s) for s in sections]
-    prefix = _PREFIX.pack(MAGIC, VERSION[0], VERSION[1], len(frames))
+    minor = 1 if any(e["scheme"] == "pq" for e in entries) else 0  # 1.0 readers still work
+    prefix = _PREFIX.pack(MAGIC, VERSION[0], minor, len(frames))
     data = prefix + b"".join(frames)
     report = EncodeReport(
         tensors=tuple(reports),

@@ -5,7 +5,8 @@ symbol-stream codecs; :mod:`.encode` writes files and :mod:`.decode` reads them.
 
 Byte layout (all integers little-endian; full description in docs/format.md)::
 
-    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor=0, u32 sections S
+    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor (1 if a tensor
+             uses the pq scheme, else 0), u32 sections S
     S sections, each framed as: u32 length, u32 CRC32 (zlib.crc32 of the payload), payload
       section 0   header: zlib-deflated canonical JSON (tensor names, shapes, dtypes, schemes,
                   codecs, references to the sections below)
@@ -25,7 +26,12 @@ Schemes (chosen per tensor to minimise bytes unless overridden, see :class:`Enco
   :mod:`nncompress.coding.sparse`) and one code per nonzero; or ``layout='dense'``: one code per
   element (zero being a codebook value). Both streams are Huffman-, ANS- or fixed-width-coded.
 
-Zeros: in the codebook scheme both +0.0 and -0.0 count as zero and decode to +0.0 (a masked
+* ``pq`` (format 1.1; product quantization, Stock et al. 2020; float tensors of 2+ dims
+  whose consecutive ``d``-value subvectors take at most 65536 distinct values): a ``(k, d)``
+  codebook of the distinct nonzero subvectors and one code per subvector, an all-zero
+  subvector (pruned block) taking the reserved code ``k``; see :mod:`.pq_scheme`.
+
+Zeros: in the codebook and pq schemes both +0.0 and -0.0 count as zero and decode to +0.0 (a masked
 weight ``w * 0`` is -0.0 when ``w < 0``; keeping the sign would make every pruned negative weight
 a nonzero). ``round_for_storage_`` applies the same rule, so decoded == evaluated bit for bit.
 Every other value, NaN payloads included, is kept bit-exactly.
@@ -55,7 +61,7 @@ from .report import StreamReport
 __all__ = ["DEFAULT_MAX_ELEMENTS", "MAGIC", "VERSION"]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
-VERSION = (1, 0)
+VERSION = (1, 1)  # 1.1 added the 'pq' scheme; files without a pq tensor are written as 1.0
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II")
 MAX_HEADER_BYTES = 16 << 20  # decompressed header / metadata JSON

@@ -1,4 +1,5 @@
-"""Quantization: trained weight sharing (k-means), linear integer quantization."""
+"""Quantization: trained weight sharing (k-means), linear integer quantization, product
+quantization (Stock et al.)."""
 
 from .kmeans import (
     KMeansConfig,
@@ -40,6 +41,23 @@ from .observers import (
     percentile_threshold,
 )
 from .onnx_export import ExportError, evaluate_onnx, export_onnx, onnx_metadata, onnx_stats
+from .pq import (
+    PQFit,
+    PQWeight,
+    ProductQuantizer,
+    block_grams,
+    k_for_budget,
+    layer_rows,
+    output_error,
+    pq_bits,
+    pq_em,
+    pq_em_grams,
+    reconstruct,
+    subvectors,
+)
+from .pq_config import PQConfig, PQLayerReport, PQReport
+from .pq_finetune import refresh_batchnorm_
+from .pq_transform import pq_from_values_, pq_layers, pq_plan, pq_quantize_
 from .primitives import (
     QParams,
     affine_qparams,
@@ -99,4 +117,25 @@ __all__ = [
     "share_weights_",
     "shared_layers",
     "sharing_compression_rate",
+    # product quantization (pq, pq_config, pq_finetune, pq_transform)
+    "PQConfig",
+    "PQFit",
+    "PQLayerReport",
+    "PQReport",
+    "PQWeight",
+    "ProductQuantizer",
+    "block_grams",
+    "k_for_budget",
+    "layer_rows",
+    "output_error",
+    "pq_bits",
+    "pq_em",
+    "pq_em_grams",
+    "pq_from_values_",
+    "pq_layers",
+    "pq_plan",
+    "pq_quantize_",
+    "reconstruct",
+    "refresh_batchnorm_",
+    "subvectors",
 ]

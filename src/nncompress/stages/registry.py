@@ -42,6 +42,7 @@ STAGES: dict[str, StageEntry] = {
     "decompose": StageEntry(
         "nncompress.stages.decompose", "DecomposeStageConfig", "run_decompose_stage"
     ),
+    "pq": StageEntry("nncompress.stages.pq", "PQStageConfig", "run_pq_stage"),
 }
 
 
