@@ -457,18 +457,25 @@ def _prune_global(
 
 def prune_(
     model: nn.Module,
-    config: MagnitudeConfig,
+    config: MagnitudeConfig | Any,
     *,
     filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
 ) -> dict[str, LayerPruning]:
     """Prune ``model`` in place by weight magnitude (Han 2015) and return a per-layer report.
 
+    ``config`` may also be a :class:`nncompress.policy.Policy`: its per-layer sparsities are
+    applied to the layers it names, the others are left alone.
+
     Each selected layer gets (or tightens) a :class:`PruningMask`. In q mode the threshold is
     ``q * std`` of the layer's surviving weights (:func:`magnitude_threshold`); in sparsity mode
     exactly ``round(s * n)`` weights of the layer (or of all layers, ``scope='global'``) are
     pruned, counting those already pruned.
     """
+    if not isinstance(config, MagnitudeConfig) and hasattr(config, "magnitude_config"):
+        # a searched nncompress.policy.Policy: its per-layer sparsities, other layers untouched
+        config = config.magnitude_config()
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     layers = prunable_layers(model, config.include, config.exclude, filter)
     unknown = sorted(set(config.per_layer) - set(layers))
     if unknown:

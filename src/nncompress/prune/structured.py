@@ -382,7 +382,7 @@ def plan_filters(
 
 def prune_filters_(
     model: nn.Module,
-    config: FilterPruneConfig,
+    config: FilterPruneConfig | Any,
     example_input: torch.Tensor,
     *,
     progress: Progress | None = None,
@@ -392,7 +392,8 @@ def prune_filters_(
     Parameters
     ----------
     model : a trained model (any architecture :mod:`nncompress.prune.graph` can trace).
-    config : :class:`FilterPruneConfig`.
+    config : :class:`FilterPruneConfig`, or a :class:`nncompress.policy.Policy` (its per-layer
+        filter ratios).
     example_input : one batch of inputs, used to trace shapes and count MACs.
     progress : receives :class:`~nncompress.engine.ProgressEvent` during the MAC bisection.
 
@@ -401,6 +402,8 @@ def prune_filters_(
     FilterPruneReport : params and MACs before/after, per layer and in total, and the plan.
         Retrain afterwards (:func:`nncompress.engine.finetune`).
     """
+    if not isinstance(config, FilterPruneConfig) and hasattr(config, "filter_config"):
+        config = config.filter_config()  # a searched nncompress.policy.Policy
     graph = build_dependency_graph(model, example_input)
     chosen = plan_filters(model, config, example_input, graph=graph, progress=progress)
     macs_before = graph.macs()

@@ -494,7 +494,7 @@ def _share_layer(name: str, m: nn.Module, cfg: KMeansConfig) -> LayerShareReport
 
 def share_weights_(
     model: nn.Module,
-    config: KMeansConfig | None = None,
+    config: KMeansConfig | Any | None = None,
     *,
     filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
@@ -510,9 +510,15 @@ def share_weights_(
 
     Parameters
     ----------
+    config : :class:`KMeansConfig`, or a :class:`nncompress.policy.Policy` (its per-layer bits;
+        only the layers it names are shared).
     filter : which layers (a :class:`~nncompress.core.LayerSelector`, a predicate
         ``(name, module) -> bool`` or names/globs), among the Linear/Conv layers (default: all).
     """
+    if not isinstance(config, KMeansConfig) and hasattr(config, "kmeans_config"):
+        # a searched nncompress.policy.Policy: its per-layer bits, other layers untouched
+        config = config.kmeans_config()
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     cfg = config or KMeansConfig()
     layers = _candidates(model, filter)
     names = {n for n, _ in layers}
