@@ -17,6 +17,8 @@ from nncompress.policy import (
     RayExecutor,
     SearchConfig,
     make_executor,
+    plot_ratios,
+    plot_rewards,
     search,
 )
 from nncompress.prune import prune_filters_
@@ -61,7 +63,7 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("agent", ["ddpg", "random", "greedy"])
-def test_every_agent_returns_a_policy_that_meets_the_budget(trained, digits_data, agent):
+def test_every_agent_returns_a_policy_that_meets_the_budget(trained, digits_data, agent, tmp_path):
     d = digits_data
     events = []
     res = search(trained, d.train, d.val, _cfg(agent), progress=events.append)
@@ -82,6 +84,11 @@ def test_every_agent_returns_a_policy_that_meets_the_budget(trained, digits_data
     if agent == "greedy":
         assert [e["tag"] for e in res.episodes].count("final") == 1
         assert res.best["tag"] == "final"
+        # plots of the search (CLI output)
+        rew = plot_rewards(res.episodes, tmp_path / "rewards.png")
+        rat = plot_ratios(pol, tmp_path / "ratios.png")
+        for p in (rew, rat):
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_continues_the_episode_count(trained, digits_data, tmp_path):

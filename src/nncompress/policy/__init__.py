@@ -16,6 +16,7 @@ from .budget import METRICS, Budget, CostModel, LatencyModel, fit_latency_model,
 from .ddpg import DDPG, DDPGConfig
 from .env import ActionsConfig, ActionSpace, CompressionPlan, Rollout, Unit
 from .executor import EXECUTORS, Executor, LocalExecutor, RayExecutor, make_executor
+from .plots import plot_ratios, plot_rewards
 from .policy import POLICY_FORMAT, Policy
 from .proxy import ProxyConfig, ProxyData, evaluate_plan, make_proxy_data
 from .search import REWARDS, SearchConfig, SearchResult, reward_of, search
@@ -54,6 +55,8 @@ __all__ = [
     "make_executor",
     "make_proxy_data",
     "parse_budgets",
+    "plot_ratios",
+    "plot_rewards",
     "reward_of",
     "search",
 ]
