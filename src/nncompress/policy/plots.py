@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..engine.checkpoint import atomic_write
+from ..core.files import atomic_write
 from .policy import Policy
 
 __all__ = ["plot_ratios", "plot_rewards"]
