@@ -53,9 +53,9 @@ from nncompress.policy import (
     ProxyConfig,
     RayExecutor,
     SearchConfig,
-    search,
 )
 from nncompress.prune import prune_, prune_filters_
+from nncompress.stages.search_model import build_space, search_model
 from nncompress.stats import count_macs
 
 OUT = Path(__file__).resolve().parent / "out" / "amc"
@@ -121,7 +121,9 @@ def run_searches(model, splits, x, base_cfg: SearchConfig, agents, out: Path) ->
     for agent, episodes in agents:
         cfg = base_cfg.replace(agent=agent, episodes=episodes)
         t0 = time.perf_counter()
-        res = search(model, splits.train, splits.val, cfg, example_input=x, out_dir=out / agent)
+        res = search_model(
+            model, splits.train, splits.val, cfg, example_input=x, out_dir=out / agent
+        )
         wall = time.perf_counter() - t0
         evals = sum(e["eval_s"] for e in res.episodes if e["episode"] >= res.resumed_episodes)
         rows[agent] = {
@@ -198,7 +200,7 @@ def resnet_part(args) -> dict:
     base_cfg = SearchConfig(
         budgets=budget, actions=actions, proxy=proxy, ddpg=ddpg, seed=0, episodes_per_round=2
     )
-    space = ActionSpace.build(model, x, actions, base_cfg.budgets)
+    space = build_space(model, x, actions, base_cfg.budgets)
     uq = uniform_q(space)
     uniform_policy = space.policy(uq, {"agent": "uniform", "fractions": space.fractions(uq)})
     out = OUT / ("smoke-resnet" if args.smoke else "resnet20")
@@ -262,7 +264,7 @@ def lenet_part(args) -> dict:
     model = model.eval()
     x = splits.val[0][:2]
     actions = ActionsConfig(filter=False, sparsity=True, min_density=0.01)
-    probe = ActionSpace.build(model, x, actions)
+    probe = build_space(model, x, actions)
     hand_q = np.array([round(PAPER_LENET[u.name] * u.full) for u in probe.units], dtype=np.int64)
     frac = probe.fractions(hand_q)["params"]
     budget = f"params={frac:.6f}"
@@ -354,7 +356,7 @@ def scaling_part(args) -> dict:
 
     def timed(label: str, ex: RayExecutor) -> None:
         t0 = time.perf_counter()
-        res = search(model, splits.train, splits.val, cfg, example_input=x, executor=ex)
+        res = search_model(model, splits.train, splits.val, cfg, example_input=x, executor=ex)
         wall = time.perf_counter() - t0
         nodes = len([n for n in ray.nodes() if n["Alive"]])
         cpus = ray.cluster_resources().get("CPU", 0)

@@ -17,6 +17,7 @@ from nncompress.models import create
 from nncompress.policy import ActionsConfig, ActionSpace, Budget, parse_budgets
 from nncompress.prune import prune_, prune_filters_
 from nncompress.quant import share_weights_
+from nncompress.stages.search_model import build_space
 from nncompress.stats import count_macs, model_stats
 from prune_nets import InceptionNet, ResNet18ish
 
@@ -76,7 +77,7 @@ def test_cost_model_matches_the_pruned_model(make, shape):
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randn(2, *shape)
-    space = ActionSpace.build(model, x, ActionsConfig(sparsity=True))
+    space = build_space(model, x, ActionsConfig(sparsity=True))
     rng = np.random.default_rng(1)
     for _ in range(3):
         q = space.rollout(lambda t, s: rng.uniform()).q
@@ -95,9 +96,7 @@ def test_bytes_estimate_is_the_fixed_width_file_size():
     torch.manual_seed(0)
     model = create("lenet-300-100")
     x = torch.randn(2, 1, 28, 28)
-    space = ActionSpace.build(
-        model, x, ActionsConfig(filter=False, sparsity=True, bits=(2, 4, 5, 8))
-    )
+    space = build_space(model, x, ActionsConfig(filter=False, sparsity=True, bits=(2, 4, 5, 8)))
     raw, _ = encode_state_dict(model, EncodeConfig(codec="raw"))
     assert space.reference["bytes"] == pytest.approx(len(raw), rel=5e-3)
     rng = np.random.default_rng(0)
@@ -117,9 +116,9 @@ def test_unreachable_budget_is_rejected_before_any_episode():
     with pytest.raises(
         ConfigError, match=r"budget macs=0.01: unreachable.*keeps 0\.\d+ of the macs"
     ):
-        ActionSpace.build(model, x, ActionsConfig(), parse_budgets("macs=0.01"))
+        build_space(model, x, ActionsConfig(), parse_budgets("macs=0.01"))
     with pytest.raises(ConfigError, match="latency: needs filter actions"):
-        ActionSpace.build(
+        build_space(
             model, x, ActionsConfig(filter=False, sparsity=True), parse_budgets("latency=0.5")
         )
 
@@ -135,7 +134,7 @@ def _space() -> ActionSpace:
         model = ResNet18ish().eval()
         _SPACE["x"] = torch.randn(2, 3, 16, 16)
         _SPACE["model"] = model
-        _SPACE["s"] = ActionSpace.build(
+        _SPACE["s"] = build_space(
             model, _SPACE["x"], ActionsConfig(sparsity=True, bits=(2, 4, 8), storage_bits=8)
         )
     return _SPACE["s"]
@@ -200,9 +199,7 @@ def test_latency_budget_fits_a_model_and_is_enforced():
         nn.Linear(16, 4),
     )
     x = torch.randn(2, 3, 16, 16)
-    space = ActionSpace.build(
-        net, x, ActionsConfig(), parse_budgets("latency=0.7"), latency_repeats=3
-    )
+    space = build_space(net, x, ActionsConfig(), parse_budgets("latency=0.7"), latency_repeats=3)
     lm = space.cost.latency[1]
     assert lm.ms_per_mac > 0 and len(lm.points) == 4
     q = space.rollout(lambda t, s: 1.0).q

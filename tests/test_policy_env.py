@@ -13,8 +13,8 @@ from torch import nn
 
 from nncompress.data.datasets import BatchLoader
 from nncompress.engine import ConfigError, evaluate
-from nncompress.policy import ActionsConfig, ActionSpace, Policy, ProxyConfig, parse_budgets
-from nncompress.policy.proxy import evaluate_plan, make_proxy_data
+from nncompress.policy import ActionsConfig, Policy, ProxyConfig, SearchConfig
+from nncompress.policy.units import CRITERIA
 from nncompress.prune import (
     FilterPruneConfig,
     MagnitudeConfig,
@@ -23,8 +23,10 @@ from nncompress.prune import (
     pruning_masks,
 )
 from nncompress.prune.reconstruct import reconstruct_, reconstruction_data
+from nncompress.prune.structured import CRITERIA as STRUCTURED_CRITERIA
 from nncompress.quant import KMeansConfig, share_weights_
 from nncompress.quant.kmeans import shared_layers
+from nncompress.stages.search_model import ModelProblem, build_space, evaluate_candidate
 from prune_nets import ResNet18ish
 
 
@@ -44,7 +46,7 @@ def _hand_net() -> nn.Sequential:
 def test_layer_embedding_of_a_hand_made_net():
     torch.manual_seed(0)
     net = _hand_net()
-    space = ActionSpace.build(net, torch.randn(2, 1, 8, 8), ActionsConfig(min_keep=0.25))
+    space = build_space(net, torch.randn(2, 1, 8, 8), ActionsConfig(min_keep=0.25))
     assert [u.name for u in space.units] == ["0", "2"]  # the Linear's outputs are fixed
     assert [(u.lo, u.hi, u.full) for u in space.units] == [(1, 4, 4), (2, 6, 6)]
     # dense MACs: conv1 64*4*9 = 2304, conv2 16*6*4*9 = 3456, fc 96*5 = 480 (total 6240)
@@ -83,11 +85,25 @@ def test_policy_json_round_trip_and_validation(tmp_path):
         Policy.load(tmp_path / "bad.json")
 
 
+def test_policy_configs_of_each_family():
+    pol = Policy(filter={"a": 0.5}, sparsity={"fc": 0.9}, bits={"fc": 4}, criterion="l2")
+    assert FilterPruneConfig.from_policy(pol) == FilterPruneConfig(
+        per_layer={"a": 0.5}, criterion="l2"
+    )
+    assert MagnitudeConfig.from_policy(pol).layer_rule("fc") == ("sparsity", 0.9)
+    assert KMeansConfig.from_policy(pol).per_layer == {"fc": 4}
+    with pytest.raises(ConfigError, match="policy.filter is empty"):
+        FilterPruneConfig.from_policy(Policy(sparsity={"fc": 0.5}))
+    with pytest.raises(ConfigError, match="criterion='l7'"):
+        FilterPruneConfig.from_policy(Policy(filter={"a": 0.5}, criterion="l7"))
+    assert CRITERIA == STRUCTURED_CRITERIA  # the policy family repeats prune's list
+
+
 def test_transforms_accept_a_policy_like_their_configs():
     torch.manual_seed(0)
     model = ResNet18ish().eval()
     x = torch.randn(2, 3, 16, 16)
-    space = ActionSpace.build(model, x, ActionsConfig(sparsity=True, bits=(3, 5)))
+    space = build_space(model, x, ActionsConfig(sparsity=True, bits=(3, 5)))
     q = space.rollout(lambda t, s: 0.6).q
     pol = space.policy(q)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
@@ -154,11 +170,12 @@ def test_proxy_without_refit_equals_the_policy_applied_by_the_transforms(digits_
     ).eval()
     d = digits_data
     x = d.val[0][:2]
-    space = ActionSpace.build(model, x, ActionsConfig(sparsity=True), parse_budgets("macs=0.5"))
-    q = space.rollout(lambda t, s: 0.7).q
     cfg = ProxyConfig(val_samples=10_000, refit=False)
-    data = make_proxy_data(model, d.train, d.val, space, cfg)
-    res = evaluate_plan(data, space.plan(q), cfg)
+    search_cfg = SearchConfig(budgets="macs=0.5", actions=ActionsConfig(sparsity=True), proxy=cfg)
+    problem = ModelProblem.build(model, d.train, d.val, search_cfg, example_input=x)
+    space = problem.space
+    q = space.rollout(lambda t, s: 0.7).q
+    res = evaluate_candidate(problem.shared, problem.candidate(q))
     m = copy.deepcopy(model)
     pol = space.policy(q)
     prune_filters_(m, pol, x)
@@ -167,8 +184,13 @@ def test_proxy_without_refit_equals_the_policy_applied_by_the_transforms(digits_
     assert res["accuracy"] == ref["accuracy"]
     assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     # with the refit the proxy sees the same channels, refitted; the budget is unchanged
-    cfg2 = ProxyConfig(val_samples=10_000, refit=True)
-    data2 = make_proxy_data(model, d.train, d.val, space, cfg2)
-    assert data2.recon is not None and "3" in data2.recon.targets
-    res2 = evaluate_plan(data2, space.plan(q), cfg2)
+    problem2 = ModelProblem.build(
+        model,
+        d.train,
+        d.val,
+        search_cfg.replace(proxy=ProxyConfig(val_samples=10_000)),
+        example_input=x,
+    )
+    assert problem2.shared.recon is not None and "3" in problem2.shared.recon.targets
+    res2 = evaluate_candidate(problem2.shared, problem2.candidate(q))
     assert res2["refit_error"] is not None and res2["refit_error"] < 1.0

@@ -19,9 +19,9 @@ from nncompress.policy import (
     make_executor,
     plot_ratios,
     plot_rewards,
-    search,
 )
 from nncompress.prune import prune_filters_
+from nncompress.stages.search_model import search_model
 from nncompress.stats import count_macs
 
 
@@ -66,7 +66,7 @@ def _same(a, b):
 def test_every_agent_returns_a_policy_that_meets_the_budget(trained, digits_data, agent, tmp_path):
     d = digits_data
     events = []
-    res = search(trained, d.train, d.val, _cfg(agent), progress=events.append)
+    res = search_model(trained, d.train, d.val, _cfg(agent), progress=events.append)
     pol = res.policy
     assert isinstance(pol, Policy) and pol.filter and pol.info["agent"] == agent
     assert res.best["fractions"]["macs"] <= 0.5
@@ -93,13 +93,13 @@ def test_every_agent_returns_a_policy_that_meets_the_budget(trained, digits_data
 
 def test_resume_continues_the_episode_count(trained, digits_data, tmp_path):
     d = digits_data
-    full = search(trained, d.train, d.val, _cfg(episodes=8))
+    full = search_model(trained, d.train, d.val, _cfg(episodes=8))
     out = tmp_path / "run"
-    first = search(trained, d.train, d.val, _cfg(episodes=4), out_dir=out)
+    first = search_model(trained, d.train, d.val, _cfg(episodes=4), out_dir=out)
     assert len(first.episodes) == 4 and first.resumed_episodes == 0
     lines = (out / "episodes.jsonl").read_text().splitlines()
     assert [json.loads(x)["episode"] for x in lines] == [0, 1, 2, 3]
-    second = search(trained, d.train, d.val, _cfg(episodes=8), out_dir=out)
+    second = search_model(trained, d.train, d.val, _cfg(episodes=8), out_dir=out)
     assert second.resumed_episodes == 4 and len(second.episodes) == 8
     assert [e["episode"] for e in second.episodes] == list(range(8))
     # the continued search is the uninterrupted one (the agent was replayed exactly)
@@ -107,16 +107,16 @@ def test_resume_continues_the_episode_count(trained, digits_data, tmp_path):
     assert Policy.load(out / "policy.json") == second.policy
     # a different search in the same folder is refused before any episode
     with pytest.raises(ConfigError, match="another model or configuration"):
-        search(trained, d.train, d.val, _cfg(episodes=8, seed=1), out_dir=out)
+        search_model(trained, d.train, d.val, _cfg(episodes=8, seed=1), out_dir=out)
 
 
 def test_a_torn_last_line_is_dropped_on_resume(trained, digits_data, tmp_path):
     d = digits_data
     out = tmp_path / "run"
-    search(trained, d.train, d.val, _cfg(agent="random", episodes=4), out_dir=out)
+    search_model(trained, d.train, d.val, _cfg(agent="random", episodes=4), out_dir=out)
     with open(out / "episodes.jsonl", "a") as fh:
         fh.write('{"episode": 4, "rou')
-    res = search(trained, d.train, d.val, _cfg(agent="random", episodes=6), out_dir=out)
+    res = search_model(trained, d.train, d.val, _cfg(agent="random", episodes=6), out_dir=out)
     assert res.resumed_episodes == 4 and len(res.episodes) == 6
 
 
@@ -124,11 +124,11 @@ def test_ray_executor_equals_local_executor(trained, digits_data):
     ray = pytest.importorskip("ray")
     d = digits_data
     cfg = _cfg(episodes=6)
-    local = search(trained, d.train, d.val, cfg, executor=LocalExecutor())
+    local = search_model(trained, d.train, d.val, cfg, executor=LocalExecutor())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ex = RayExecutor(workers=2)
-        remote = search(trained, d.train, d.val, cfg, executor=ex)
+        remote = search_model(trained, d.train, d.val, cfg, executor=ex)
         ex.close()
         assert ray.is_initialized()  # a Ray started by the caller is left running
     finally:

@@ -17,8 +17,7 @@ geometry and the channel couplings:
   relative index (8 bits for conv, 5 for FC layers, fillers estimated for uniformly spread
   nonzeros); other tensors raw. Huffman coding makes the real file smaller;
 - ``latency``: ``t0 + c * dense MACs``, an affine model fitted to measured CPU latencies of
-  uniformly thinned copies (:func:`fit_latency_model`); the searched policy's latency is
-  measured again at the end.
+  uniformly thinned copies (:func:`nncompress.stages.search_model.fit_latency_model`).
 
 A :class:`Budget` asks for at most ``fraction`` of the unpruned model's value; several can be
 given at once and all are enforced.
@@ -26,15 +25,12 @@ given at once and all are enforced.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..core.errors import ConfigError
 
@@ -43,7 +39,6 @@ __all__ = [
     "Budget",
     "CostModel",
     "LatencyModel",
-    "fit_latency_model",
     "parse_budgets",
 ]
 
@@ -351,58 +346,3 @@ class CostModel:
             else:
                 raise ValueError(f"metric {m!r}: unknown")
         return res
-
-
-# --------------------------------------------------------------------------------------------
-# latency
-# --------------------------------------------------------------------------------------------
-
-
-def fit_latency_model(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    batch: int,
-    *,
-    keeps: Sequence[float] = (1.0, 0.75, 0.5, 0.3),
-    repeats: int = 20,
-    min_channels: int = 1,
-    exclude: Sequence[str] = (),
-) -> LatencyModel:
-    """Measure the CPU latency of uniformly filter-pruned copies of ``model`` and fit
-    ``latency = t0 + c * dense MACs`` by least squares.
-
-    Each copy keeps ``keep`` of every prunable group's channels (L1 criterion, thinned), its
-    median latency at ``batch`` is measured with :func:`nncompress.stats.measure_latency`.
-    """
-    from ..prune.structured import FilterPruneConfig, prune_filters_
-    from ..stats import count_macs, measure_latency
-
-    shape = tuple(example_input.shape[1:])
-    points: list[tuple[float, float]] = []
-    for keep in keeps:
-        if not 0 < keep <= 1:
-            raise ConfigError(f"keeps: {keep!r} must be in (0, 1]")
-        m = copy.deepcopy(model).eval()
-        if keep < 1:
-            cfg = FilterPruneConfig(
-                ratio=1.0 - keep, min_channels=min_channels, exclude=tuple(exclude)
-            )
-            prune_filters_(m, cfg, example_input)
-        macs = float(sum(v[0] for v in count_macs(m, shape).values()))
-        ms = measure_latency(m, shape, batch, repeats=repeats, warmup=max(2, repeats // 5))
-        points.append((macs, ms))
-    x = np.array([p[0] for p in points])
-    y = np.array([p[1] for p in points])
-    if len(points) >= 2 and np.ptp(x) > 0:
-        c, t0 = np.polyfit(x, y, 1)
-    else:
-        c, t0 = (y[0] / x[0] if x[0] else 0.0), 0.0
-    if c <= 0:  # timing noise on a shared machine: fall back to proportional latency
-        log.warning(
-            "latency fit at batch %d has slope %.3g <= 0; using ms proportional to MACs", batch, c
-        )
-        t0, c = 0.0, float(y.mean() / x.mean())
-    dense = points[0][1] if keeps[0] == 1.0 else float(t0 + c * x.max())
-    lm = LatencyModel(batch, float(t0), float(c), float(dense), points)
-    log.info("latency model batch %d: %.3f ms + %.3g ms/MAC (dense %.3f ms)", batch, t0, c, dense)
-    return lm

@@ -31,16 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..core.errors import ConfigError
-from ..prune.graph import DependencyGraph, LayerCut
+from ..core.policy import Policy
 from .budget import Budget, CostModel
-from .policy import Policy
-from .units import KINDS, ActionsConfig, Unit, analyse
+from .units import KINDS, ActionsConfig, Unit
 
-__all__ = ["KINDS", "ActionSpace", "ActionsConfig", "CompressionPlan", "Rollout", "Unit"]
+__all__ = ["FEATURES", "KINDS", "ActionSpace", "ActionsConfig", "Rollout", "Unit"]
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +60,6 @@ _STATIC = 9  # the first nine features are static and min-max normalised
 
 
 @dataclass
-class CompressionPlan:
-    """What the proxy applies to a copy of the model (plain data, cheap to send to workers)."""
-
-    cuts: dict[str, LayerCut]
-    sparsity: dict[str, float]
-    bits: dict[str, int]
-    refit: list[str]
-
-
-@dataclass
 class Rollout:
     """One episode's trajectory: states ``(T, F)``, raw agent actions, kept counts ``q`` and
     the clipped actions ``q / full``."""
@@ -86,8 +73,14 @@ class Rollout:
 class ActionSpace:
     """Units, cost model, budgets and layer embedding of one model (see the module docstring).
 
-    Build it with :meth:`build`; it holds no reference to the model afterwards except the
-    dependency graph (plain data) used to expand filter plans.
+    Parameters
+    ----------
+    units : the decisions of an episode, in forward order (built from a model by
+        :func:`nncompress.stages.search_model.analyse`).
+    cost : the exact :class:`~nncompress.policy.budget.CostModel` of the same model.
+    budgets : what every episode must meet; one that cannot be met even with every unit at
+        its minimum raises :class:`~nncompress.core.ConfigError` here, before any episode.
+    actions : the :class:`ActionsConfig` the units were built with.
     """
 
     def __init__(
@@ -96,20 +89,23 @@ class ActionSpace:
         cost: CostModel,
         budgets: Sequence[Budget],
         actions: ActionsConfig,
-        graph: DependencyGraph | None,
-        unit_macs: np.ndarray,
-        static: np.ndarray,
     ) -> None:
+        if not units:
+            raise ConfigError(
+                f"actions={actions.to_dict()}: no layer of the model can be compressed (every "
+                "group is fixed or excluded)"
+            )
+        for b in budgets:
+            if b.metric == "latency" and b.batch not in cost.latency:
+                raise ConfigError(f"budget {b}: no latency model was fitted at batch {b.batch}")
         self.units = units
         self.cost = cost
         self.budgets = tuple(budgets)
         self.actions = actions
-        self.graph = graph
-        self.unit_macs = unit_macs
-        self._static = static
+        self.unit_macs, self._static = self._static_features(units, cost.layers, cost)
         self._metric_keys = [self._key(b) for b in self.budgets]
         t = len(units)
-        self._rest = np.array([unit_macs[i + 1 :].sum() for i in range(t)], dtype=float)
+        self._rest = np.array([self.unit_macs[i + 1 :].sum() for i in range(t)], dtype=float)
         self.reference = self._costs(self.dense_q(), dense=True)
         self.targets = {
             self._key(b): b.fraction * self.reference[self._key(b)] for b in self.budgets
@@ -121,28 +117,6 @@ class ActionSpace:
     @staticmethod
     def _key(b: Budget) -> str:
         return f"latency@{b.batch}" if b.metric == "latency" else b.metric
-
-    @classmethod
-    def build(
-        cls,
-        model: nn.Module,
-        example_input: torch.Tensor,
-        actions: ActionsConfig | None = None,
-        budgets: Sequence[Budget] = (),
-        *,
-        latency_repeats: int = 20,
-    ) -> ActionSpace:
-        """Analyse ``model`` (not changed) on ``example_input`` (one batch).
-
-        Raises :class:`~nncompress.engine.ConfigError` when a budget cannot be met even with
-        every unit compressed as much as allowed, or when no unit can be compressed.
-        """
-        actions = actions or ActionsConfig()
-        units, cost, graph = analyse(
-            model, example_input, actions, budgets, latency_repeats=latency_repeats
-        )
-        unit_macs, static = cls._static_features(units, cost.layers, cost)
-        return cls(units, cost, budgets, actions, graph, unit_macs, static)
 
     @staticmethod
     def _static_features(units, layers, cost) -> tuple[np.ndarray, np.ndarray]:
@@ -180,12 +154,7 @@ class ActionSpace:
 
     def with_budgets(self, budgets: Sequence[Budget]) -> ActionSpace:
         """The same units and cost model under other budgets (latency needs a fitted model)."""
-        for b in budgets:
-            if b.metric == "latency" and b.batch not in self.cost.latency:
-                raise ConfigError(f"budget {b}: no latency model at batch {b.batch}; rebuild")
-        return ActionSpace(
-            self.units, self.cost, budgets, self.actions, self.graph, self.unit_macs, self._static
-        )
+        return ActionSpace(self.units, self.cost, budgets, self.actions)
 
     # ---- costs -------------------------------------------------------------------------------
 
@@ -322,25 +291,6 @@ class ActionSpace:
             min_channels=self.actions.min_channels,
             info=info or {},
         )
-
-    def plan(self, q: Sequence[int]) -> CompressionPlan:
-        """Channels to cut, sparsities and bits of ``q`` for the proxy."""
-        producer_plan: dict[str, list[int]] = {}
-        pol = self.policy(q)
-        for u, qu in zip(self.units, q, strict=True):
-            if u.kind != "filter" or self.graph is None:
-                continue
-            group = self.graph.groups[u.group]
-            for c in u.order[: u.prunable - int(qu)]:
-                for name, pos in group.producer_positions(c):
-                    producer_plan.setdefault(name, []).append(pos)
-        cuts = self.graph.expand(producer_plan) if producer_plan else {}
-        refit = [
-            n
-            for n, cut in cuts.items()
-            if cut.keep_in is not None and cut.kind in ("conv", "linear")
-        ]
-        return CompressionPlan(cuts, dict(pol.sparsity), dict(pol.bits), refit)
 
     def describe(self) -> dict:
         return {

@@ -1,10 +1,10 @@
 """Where candidate policies are evaluated: in this process, or as Ray tasks.
 
-The search (:mod:`nncompress.policy.search`) only hands over plain data: the model and the
-held-out subset once (:class:`~nncompress.policy.proxy.ProxyData`), then lists of
-:class:`~nncompress.policy.env.CompressionPlan`. Both executors return results in the order
-the plans were given, and run :func:`~nncompress.policy.proxy.evaluate_plan` with the same
-thread count, so a seeded search gives identical results on either.
+An executor runs one module-level function ``fn(shared, item)`` over lists of items: the
+search hands over ``shared`` once (the model and the held-out subset) and then, per round,
+the candidates (plain data). Both executors return results in the order the items were
+given and run the same function (which fixes its torch thread count), so a seeded search gives
+identical results on either.
 
 Ray (https://docs.ray.io): ``ray.init()`` starts a local Ray on this machine's cores;
 ``address="auto"`` or ``"HOST:PORT"`` joins a cluster started with ``ray start --head`` (every
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..core.errors import ConfigError
-from .env import CompressionPlan
-from .proxy import ProxyConfig, ProxyData, evaluate_plan
 
 __all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "make_executor"]
 
@@ -31,15 +30,17 @@ EXECUTORS = ("local", "ray")
 
 
 class Executor:
-    """Evaluates candidate plans. Use as a context manager (``close`` releases resources)."""
+    """Evaluates candidates. Use as a context manager (``close`` releases resources)."""
 
     name = "base"
     workers = 1
 
-    def start(self, data: ProxyData, config: ProxyConfig) -> None:
+    def start(self, fn: Callable[[Any, Any], dict], shared: Any) -> None:
+        """Remember ``fn`` and send ``shared`` (what every call needs) to the workers once."""
         raise NotImplementedError
 
-    def map(self, plans: Sequence[CompressionPlan]) -> list[dict]:
+    def map(self, items: Sequence[Any]) -> list[dict]:
+        """``[fn(shared, item) for item in items]``, possibly in parallel, in order."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -61,16 +62,16 @@ class LocalExecutor(Executor):
     name = "local"
 
     def __init__(self) -> None:
-        self._data: ProxyData | None = None
-        self._config: ProxyConfig | None = None
+        self._fn: Callable[[Any, Any], dict] | None = None
+        self._shared: Any = None
 
-    def start(self, data: ProxyData, config: ProxyConfig) -> None:
-        self._data, self._config = data, config
+    def start(self, fn: Callable[[Any, Any], dict], shared: Any) -> None:
+        self._fn, self._shared = fn, shared
 
-    def map(self, plans: Sequence[CompressionPlan]) -> list[dict]:
-        if self._data is None or self._config is None:
+    def map(self, items: Sequence[Any]) -> list[dict]:
+        if self._fn is None:
             raise RuntimeError("LocalExecutor.map before start")
-        return [evaluate_plan(self._data, p, self._config) for p in plans]
+        return [self._fn(self._shared, it) for it in items]
 
 
 def _check_address(address: str, timeout: float = 3.0) -> None:
@@ -113,8 +114,7 @@ class RayExecutor(Executor):
         self._owned = False
         self._ray = None
         self._task = None
-        self._data_ref = None
-        self._config_ref = None
+        self._shared_ref = None
 
     def _init(self):
         try:
@@ -149,23 +149,22 @@ class RayExecutor(Executor):
         self._ray = ray
         return ray
 
-    def start(self, data: ProxyData, config: ProxyConfig) -> None:
+    def start(self, fn: Callable[[Any, Any], dict], shared: Any) -> None:
         ray = self._init()
-        self._task = ray.remote(num_cpus=1)(evaluate_plan)
-        self._data_ref = ray.put(data)  # once: every task reads it from the object store
-        self._config_ref = ray.put(config)
+        self._task = ray.remote(num_cpus=1)(fn)
+        self._shared_ref = ray.put(shared)  # once: every task reads it from the object store
         log.info("ray executor: %d workers, resources %s", self.workers, ray.cluster_resources())
 
-    def map(self, plans: Sequence[CompressionPlan]) -> list[dict]:
+    def map(self, items: Sequence[Any]) -> list[dict]:
         if self._task is None:
             raise RuntimeError("RayExecutor.map before start")
         ray = self._ray
         refs: list = []
         pending: list = []
-        for plan in plans:
+        for item in items:
             if len(pending) >= self.workers:
                 _, pending = ray.wait(pending, num_returns=1)
-            ref = self._task.remote(self._data_ref, plan, self._config_ref)
+            ref = self._task.remote(self._shared_ref, item)
             refs.append(ref)
             pending.append(ref)
         return list(ray.get(refs))
@@ -173,7 +172,7 @@ class RayExecutor(Executor):
     def close(self) -> None:
         if self._ray is not None and self._owned:
             self._ray.shutdown()
-        self._ray = self._task = self._data_ref = self._config_ref = None
+        self._ray = self._task = self._shared_ref = None
         self._owned = False
 
     def describe(self) -> dict:

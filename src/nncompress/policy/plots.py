@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.files import atomic_write
-from .policy import Policy
+from ..core.policy import Policy
 
 __all__ = ["plot_ratios", "plot_rewards"]
 

@@ -1,39 +1,20 @@
-"""The fast accuracy proxy of a candidate policy (AMC section 3.2): no fine-tuning.
+"""Settings of the fast accuracy proxy of a policy search (AMC section 3.2).
 
-A copy of the model is compressed as the candidate says (channels cut, connections pruned,
-weights shared), the layers that lost input channels are refitted by least squares to the
-original responses (:func:`nncompress.prune.reconstruct_`, AMC's channel-pruning
-reconstruction), and the copy is evaluated on a fixed held-out subset. This is what each
-executor worker runs; it takes plain data (:class:`ProxyData`, :class:`CompressionPlan`) so it
-can run in another process or on another machine.
+Each candidate is applied to a copy of the model, the layers that lost input channels are
+refitted by least squares to the original responses (AMC's channel-pruning reconstruction),
+and the copy is evaluated on a fixed subset of the held-out split, without fine-tuning. The
+evaluation itself is model work and lives with the model adapter
+(:mod:`nncompress.stages.search_model`); this is its configuration.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from ..core.errors import ConfigError
-from ..data.datasets import BatchLoader
-from ..engine.train import evaluate
-from ..prune.magnitude import magnitude_mask
-from ..prune.reconstruct import (
-    ReconstructionData,
-    reconstruct_,
-    reconstruction_data,
-)
-from ..prune.thin import thin_module
-from ..quant.kmeans import KMeansConfig, share_weights_
-from .env import ActionSpace, CompressionPlan
 
-__all__ = ["ProxyConfig", "ProxyData", "evaluate_plan", "make_proxy_data"]
+__all__ = ["ProxyConfig"]
 
 
 @dataclass(frozen=True)
@@ -75,106 +56,3 @@ class ProxyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class ProxyData:
-    """What every worker needs once: the model, the held-out subset, the refit targets."""
-
-    model: nn.Module
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    recon: ReconstructionData | None
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor | None, n: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(x), generator=gen)[: min(n, len(x))].sort().values
-    return x[idx], (y[idx] if y is not None else None)
-
-
-def make_proxy_data(
-    model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    space: ActionSpace,
-    config: ProxyConfig,
-) -> ProxyData:
-    """Fix the held-out subset and compute the refit targets of every layer that any filter
-    unit can cut (one forward pass of the unpruned model)."""
-    if len(val[0]) == 0:
-        raise ConfigError("val split is empty: the proxy needs held-out samples")
-    work = copy.deepcopy(model).eval()
-    vx, vy = _subset(val[0], val[1], config.val_samples, config.seed)
-    recon = None
-    if config.refit:
-        names = sorted(
-            {
-                space.cost.layers[li].name
-                for u in space.units
-                if u.kind == "filter" and u.table is not None
-                for li in u.table.inp
-            }
-        )
-        if names:
-            cx, _ = _subset(train[0], None, config.calib_samples, config.seed + 1)
-            with _threads(config.threads):
-                recon = reconstruction_data(
-                    work, cx, names, points_per_image=config.points_per_image, seed=config.seed
-                )
-    return ProxyData(work, vx, vy, recon)
-
-
-def apply_plan_(
-    model: nn.Module,
-    plan: CompressionPlan,
-    data: ProxyData | None = None,
-    config: ProxyConfig | None = None,
-) -> list:
-    """Compress ``model`` in place as ``plan`` says (refit when ``data`` has targets)."""
-    for name, cut in plan.cuts.items():
-        model.set_submodule(name, thin_module(model.get_submodule(name), cut))
-    refit = []
-    if data is not None and data.recon is not None and plan.refit:
-        keep_out = {n: plan.cuts[n].keep_out for n in plan.refit}
-        ridge = config.ridge if config is not None else 1e-4
-        refit = reconstruct_(model, data.recon, plan.refit, keep_out=keep_out, ridge=ridge)
-    with torch.no_grad():
-        for name, s in plan.sparsity.items():
-            w = model.get_submodule(name).weight
-            w.mul_(magnitude_mask(w, s).to(w.dtype))
-    if plan.bits:
-        named = set(plan.bits)
-        share_weights_(
-            model, KMeansConfig(per_layer=dict(plan.bits)), filter=lambda n, m: n in named
-        )
-    return refit
-
-
-def evaluate_plan(data: ProxyData, plan: CompressionPlan, config: ProxyConfig) -> dict:
-    """Proxy accuracy (%) and loss of one candidate on the held-out subset.
-
-    Runs with ``config.threads`` torch threads and restores the previous setting.
-    """
-    t0 = time.perf_counter()
-    with _threads(config.threads):
-        model = copy.deepcopy(data.model)
-        refit = apply_plan_(model, plan, data, config)
-        loader = BatchLoader(data.val_x, data.val_y, config.batch_size)
-        res = evaluate(model, loader)
-    return {
-        "accuracy": float(res["accuracy"]),
-        "loss": float(res["loss"]),
-        "refit_error": (float(sum(r.error_after for r in refit) / len(refit)) if refit else None),
-        "wall_s": time.perf_counter() - t0,
-    }

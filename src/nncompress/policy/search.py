@@ -19,7 +19,6 @@ candidates are checked against the log) and continues the episode count; the fol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -28,25 +27,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.files import atomic_write
-from ..core.modules import folded_copy
+from ..core.policy import Policy
 from ..core.progress import ProgressEvent
 from .agents import AGENTS, GreedyAgent, make_agent
 from .budget import Budget, parse_budgets
 from .ddpg import DDPGConfig
 from .env import ActionsConfig, ActionSpace
 from .executor import Executor, LocalExecutor
-from .policy import Policy
-from .proxy import ProxyConfig, evaluate_plan, make_proxy_data
+from .proxy import ProxyConfig
 
-__all__ = ["REWARDS", "SearchConfig", "SearchResult", "search"]
+__all__ = ["REWARDS", "SearchConfig", "SearchProblem", "SearchResult", "search"]
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +143,6 @@ def reward_of(kind: str, accuracy: float, macs: float) -> float:
     return -error * math.log(max(macs, 1.0))
 
 
-def _fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _read_log(path: Path) -> list[dict]:
     """Episodes of a previous run; a torn last line (interrupted write) is dropped."""
     if not path.is_file():
@@ -200,13 +187,34 @@ def _meta(config: SearchConfig, fingerprint: str, space: ActionSpace, baseline: 
     }
 
 
+class SearchProblem(Protocol):
+    """What a search needs from the thing being compressed (a model adapter such as
+    :class:`nncompress.stages.search_model.ModelProblem`).
+
+    Attributes
+    ----------
+    space : the :class:`~nncompress.policy.env.ActionSpace` (units, costs, budgets).
+    fingerprint : identifies the model (and data) so that a resumed search can check it.
+    shared : what every evaluation needs (the model, the held-out subset); an executor sends it
+        to its workers once.
+    evaluate_fn : a module-level function ``(shared, candidate) -> {"accuracy": %, "loss":
+        ..., ...}`` (importable by name on a Ray worker).
+    """
+
+    space: ActionSpace
+    fingerprint: str
+    shared: Any
+    evaluate_fn: Callable[[Any, Any], dict]
+
+    def candidate(self, q: np.ndarray) -> Any:
+        """Plain data describing the evaluation of the kept counts ``q``."""
+        ...
+
+
 def search(
-    model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    problem: SearchProblem,
     config: SearchConfig | None = None,
     *,
-    example_input: torch.Tensor | None = None,
     executor: Executor | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
@@ -215,11 +223,10 @@ def search(
 
     Parameters
     ----------
-    model : the trained model (not changed).
-    train : training split ``(x, y)`` (calibration images for the refit).
-    val : held-out split ``(x, y)`` (the proxy's fixed subset); never the test split.
+    problem : the model adapter (:class:`SearchProblem`), built with ``config``'s actions,
+        budgets and proxy settings (:func:`nncompress.stages.search_model.search_model` builds
+        it from a model and its data).
     config : :class:`SearchConfig`.
-    example_input : one batch for tracing (default: two held-out samples).
     executor : :class:`~nncompress.policy.executor.LocalExecutor` (default) or
         :class:`~nncompress.policy.executor.RayExecutor`; started and closed here.
     out_dir : where ``episodes.jsonl``, ``search.json`` and ``policy.json`` go; a folder with
@@ -233,11 +240,13 @@ def search(
     """
     cfg = config or SearchConfig()
     t_start = time.perf_counter()
-    work = folded_copy(model).eval()
-    if example_input is None:
-        example_input = val[0][:2]
-    space = ActionSpace.build(work, example_input, cfg.actions, cfg.budgets)
-    fingerprint = _fingerprint(work)
+    space = problem.space
+    if tuple(space.budgets) != tuple(cfg.budgets):
+        raise ConfigError(
+            f"budgets={[str(b) for b in cfg.budgets]}: the problem was built for "
+            f"{[str(b) for b in space.budgets]}"
+        )
+    fingerprint = problem.fingerprint
     out = Path(out_dir) if out_dir is not None else None
     previous: list[dict] = []
     if out is not None:
@@ -255,8 +264,7 @@ def search(
                 )
         elif previous:
             raise ConfigError(f"out_dir '{out}': episodes.jsonl without search.json; cannot resume")
-    data = make_proxy_data(work, train, val, space, cfg.proxy)
-    baseline = evaluate_plan(data, space.plan(space.dense_q()), cfg.proxy)["accuracy"]
+    baseline = problem.evaluate_fn(problem.shared, problem.candidate(space.dense_q()))["accuracy"]
     agent = make_agent(cfg.agent, space, cfg.seed, cfg.ddpg)
     if isinstance(agent, GreedyAgent):
         agent.set_baseline(baseline)
@@ -303,14 +311,14 @@ def search(
     executor = executor or LocalExecutor()
     try:
         if len(episodes) < total:
-            executor.start(data, cfg.proxy)
+            executor.start(problem.evaluate_fn, problem.shared)
         while len(episodes) < total:
             n = min(cfg.episodes_per_round, total - len(episodes))
             props = agent.propose(n)
             if not props:
                 break
             t0 = time.perf_counter()
-            results = executor.map([space.plan(p.q) for p in props])
+            results = executor.map([problem.candidate(p.q) for p in props])
             rows = []
             for p, res in zip(props, results, strict=True):
                 p.info["accuracy"] = res["accuracy"]

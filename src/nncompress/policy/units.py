@@ -1,47 +1,28 @@
-"""Model analysis for the policy search: which units can be compressed, and their costs.
+"""The units of a policy search (one decision each) and the bounds of their actions.
 
 Units are taken in forward order: the coupled channel groups of
 :mod:`nncompress.prune.graph` (filter pruning; one action per group), then, per Conv/Linear
-layer, connection sparsity and shared-weight bits. For every filter unit the channels are
-ranked once by the filter criterion (L1 by default), so that "remove ``r`` channels" means the
-``r`` lowest-scored ones, exactly as :func:`nncompress.prune.prune_filters_` picks them, and a
-:class:`~nncompress.policy.budget.FilterTable` records how each layer's width shrinks with
-``r``.
+layer, connection sparsity and shared-weight bits. They are built from a model by
+:func:`nncompress.stages.search_model.analyse`; here they are plain data (families do not
+import each other), with for every filter unit its channels' removal order (lowest filter
+score first, as :func:`nncompress.prune.prune_filters_` picks them) and a
+:class:`~nncompress.policy.budget.FilterTable` of how each layer's width shrinks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from ..core.errors import ConfigError
-from ..core.modules import folded_copy
-from ..prune.graph import DependencyGraph, build_dependency_graph
-from ..prune.magnitude import prunable_layers
-from ..prune.structured import CRITERIA, group_scores
-from ..stats import count_macs
-from .budget import (
-    _FRAME_BYTES,
-    _HEADER_BYTES_PER_TENSOR,
-    Budget,
-    CostModel,
-    FilterTable,
-    LatencyModel,
-    LayerGeom,
-    fit_latency_model,
-)
+from .budget import FilterTable
 
-__all__ = ["KINDS", "ActionsConfig", "Unit", "analyse"]
+__all__ = ["CRITERIA", "KINDS", "ActionsConfig", "Unit"]
 
 KINDS = ("filter", "sparsity", "bits")
+#: filter scores of nncompress.prune.structured (checked again there)
+CRITERIA = ("l1", "l2", "random", "largest")
 
 
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -159,200 +140,3 @@ class Unit:
             "hi": self.hi,
             "full": self.full,
         }
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def analyse(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    actions: ActionsConfig | None = None,
-    budgets: Sequence[Budget] = (),
-    *,
-    latency_repeats: int = 20,
-) -> tuple[list[Unit], CostModel, DependencyGraph | None]:
-    """Units (in forward order), exact cost model and dependency graph of ``model`` (not
-    changed) on ``example_input`` (one batch).
-
-    Raises :class:`~nncompress.engine.ConfigError` when no unit can be compressed, or a
-    latency budget is asked for without filter actions.
-    """
-    actions = actions or ActionsConfig()
-    work = folded_copy(model).eval()
-    if any(b.metric == "latency" for b in budgets) and not actions.filter:
-        raise ConfigError(
-            "budget latency: needs filter actions (connection sparsity and weight sharing "
-            "do not make dense CPU kernels faster)"
-        )
-    shape = tuple(example_input.shape[1:])
-    macs = count_macs(work, shape)
-    modules = dict(work.named_modules())
-    layers: list[LayerGeom] = []
-    for name, (dense, _) in macs.items():
-        m = modules[name]
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.numel() == 0:
-            continue
-        if isinstance(m, nn.Linear):
-            kind, n_in, kernel, groups, stride = "linear", m.in_features, 1, 1, 1
-        else:
-            dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
-            kind = "depthwise" if dw else "conv"
-            n_in, groups = m.in_channels, m.groups
-            kernel = int(np.prod(m.kernel_size))
-            stride = int(m.stride[0])
-        positions = dense // w.numel()
-        layers.append(
-            LayerGeom(
-                name,
-                kind,
-                int(w.shape[0]),
-                n_in,
-                kernel,
-                groups,
-                positions,
-                m.bias is not None,
-                stride,
-            )
-        )
-    index = {g.name: i for i, g in enumerate(layers)}
-    graph = build_dependency_graph(work, example_input) if actions.filter else None
-    units: list[Unit] = []
-    followers: list[tuple[str, int, int, int]] = []
-    if graph is not None:
-        units, followers = _filter_units(work, graph, actions, index, modules)
-    if actions.sparsity or actions.bits:
-        names = prunable_layers(work, exclude=actions.exclude)
-        for name in names:
-            if name not in index:
-                continue
-            li = index[name]
-            n = layers[li].n_out * (layers[li].n_in // layers[li].groups) * layers[li].kernel
-            if layers[li].kind == "depthwise":
-                n = layers[li].n_out * layers[li].kernel
-            if actions.sparsity:
-                lo = min(n, max(1, math.ceil(actions.min_density * n - 1e-9)))
-                units.append(Unit("sparsity", name, [name], lo, n, n, li))
-            if actions.bits:
-                m_ = len(actions.bits)
-                units.append(Unit("bits", name, [name], 0, m_ - 1, max(m_ - 1, 1), li))
-    if not units:
-        raise ConfigError(
-            f"actions={actions.to_dict()}: no layer of the model can be compressed (every "
-            "group is fixed or excluded)"
-        )
-    kind_rank = {k: i for i, k in enumerate(KINDS)}
-    perm = sorted(range(len(units)), key=lambda i: (units[i].layer_index, kind_rank[units[i].kind]))
-    units = [units[i] for i in perm]
-    tables = [u.table for u in units if u.kind == "filter"]
-    const_params, const_bytes = _constants(work, layers, followers)
-    latency: dict[int, LatencyModel] = {}
-    for b in budgets:
-        if b.metric == "latency" and b.batch not in latency:
-            latency[b.batch] = fit_latency_model(
-                work,
-                example_input,
-                b.batch,
-                repeats=latency_repeats,
-                min_channels=actions.min_channels,
-                exclude=actions.exclude,
-            )
-    cost = CostModel(layers, followers, const_params, const_bytes, tables, latency)
-    return units, cost, graph
-
-
-def _filter_units(work, graph, actions, index, modules):
-    """One filter unit per prunable, non-excluded coupled group, with its width table."""
-    scores = group_scores(work, graph, actions.criterion)
-    units: list[Unit] = []
-    followers: list[tuple[str, int, int, int]] = []
-    f_index: dict[str, int] = {}
-    for g in graph.groups:
-        if g.num_prunable == 0 or any(_matches(p, actions.exclude) for p in g.producers):
-            continue
-        p_count = g.num_prunable
-        r_max = min(p_count, g.size - actions.min_channels)
-        if r_max <= 0:
-            continue
-        cand = [c for c in range(g.size) if g.prunable[c]]
-        order = sorted(cand, key=lambda c: (scores[g.index][c], c))[:r_max]
-        hi = min(p_count, math.floor(actions.max_keep * p_count + 1e-9))
-        lo = max(math.ceil(actions.min_keep * p_count - 1e-9), p_count - r_max)
-        lo = min(lo, hi)
-        if lo == hi:
-            continue
-        out: dict[int, np.ndarray] = {}
-        inp: dict[int, np.ndarray] = {}
-        fol: dict[int, np.ndarray] = {}
-        for mod, role in g.members:
-            counts = np.array(
-                [len(g.channels[c].get((mod, role), ())) for c in order], dtype=np.int64
-            )
-            cum = np.concatenate([[0], np.cumsum(counts)])  # (r_max + 1,)
-            if mod in index and role in ("out", "follow"):
-                out[index[mod]] = cum
-            elif mod in index and role == "in":
-                inp[index[mod]] = cum
-            elif role == "follow":
-                if mod not in f_index:
-                    m = modules[mod]
-                    n_ch = (
-                        m.num_features if hasattr(m, "num_features") else int(m.normalized_shape[0])
-                    )
-                    par = sum(p.numel() for p in m.parameters(recurse=False)) // max(n_ch, 1)
-                    state = sum(
-                        t.numel()
-                        for t in m.state_dict().values()
-                        if t.dim() >= 1 and t.shape[0] == n_ch
-                    ) // max(n_ch, 1)
-                    f_index[mod] = len(followers)
-                    followers.append((mod, n_ch, par, state))
-                fol[f_index[mod]] = cum
-        producers = [p for p in g.producers if p in index]
-        first = min(index[p] for p in producers)
-        table = FilterTable(out, inp, fol)
-        units.append(
-            Unit(
-                "filter",
-                g.producers[0],
-                list(g.producers),
-                lo,
-                hi,
-                p_count,
-                first,
-                g.index,
-                p_count,
-                order,
-                table,
-            )
-        )
-    return units, followers
-
-
-def _constants(work, layers, followers) -> tuple[int, float]:
-    """Parameters and raw bytes of everything the cost model does not track."""
-    tracked: set[str] = set()
-    for g in layers:
-        tracked.add(f"{g.name}.weight")
-        if g.bias:
-            tracked.add(f"{g.name}.bias")
-    params = 0
-    for name, p in work.named_parameters():
-        if name not in tracked and not any(name.startswith(f[0] + ".") for f in followers):
-            params += p.numel()
-    followers_ch = {f[0]: f[1] for f in followers}
-    nbytes = 16.0 + 2 * _FRAME_BYTES + 64  # prefix, header and metadata frames, JSON
-    for name, t in work.state_dict().items():
-        nbytes += _HEADER_BYTES_PER_TENSOR
-        mod = name.rsplit(".", 1)[0]
-        if name in tracked:
-            if name.endswith(".bias"):
-                nbytes += _FRAME_BYTES
-            continue
-        if mod in followers_ch and t.dim() >= 1 and t.shape[0] == followers_ch[mod]:
-            nbytes += _FRAME_BYTES
-            continue
-        nbytes += t.numel() * t.element_size() + _FRAME_BYTES
-    return params, nbytes

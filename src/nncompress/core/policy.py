@@ -1,7 +1,8 @@
-"""The result of a policy search: per-layer compression ratios, as one JSON-able object.
+"""Per-layer compression ratios as one JSON-able object (what a policy search produces).
 
-A :class:`Policy` holds what every agent (DDPG, sensitivity-greedy, random) produces and what
-the transforms consume:
+A :class:`Policy` holds what every agent of :mod:`nncompress.policy` (DDPG, sensitivity-greedy,
+random) produces and what the transforms of several families consume, which is why it lives
+here (families never import each other):
 
 - ``filter``: ``{producer: fraction of its coupled group's prunable channels removed}`` for
   :func:`nncompress.prune.prune_filters_` (every producer of a coupled group carries the same
@@ -11,9 +12,10 @@ the transforms consume:
 - ``bits``: ``{layer: bits}`` for :func:`nncompress.quant.share_weights_` (Deep Compression
   weight sharing).
 
-The three transforms accept a ``Policy`` directly (they call :meth:`Policy.filter_config`,
-:meth:`Policy.magnitude_config` and :meth:`Policy.kmeans_config`), and a recipe can store it
-as JSON (:meth:`Policy.to_dict` / :meth:`Policy.from_dict`).
+The three transforms accept a ``Policy`` in place of their configs (each family builds its own
+config from it: ``FilterPruneConfig.from_policy``, ``MagnitudeConfig.from_policy``,
+``KMeansConfig.from_policy``), and a recipe stores it as JSON (:meth:`Policy.to_dict` /
+:meth:`Policy.from_dict`, :meth:`Policy.save` / :meth:`Policy.load`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
-from ..core.files import atomic_write
-from ..prune.magnitude import MagnitudeConfig
-from ..prune.structured import CRITERIA, FilterPruneConfig
-from ..quant.kmeans import KMeansConfig
+from .errors import ConfigError
+from .files import atomic_write
 
 __all__ = ["POLICY_FORMAT", "Policy"]
 
@@ -54,7 +53,8 @@ class Policy:
     filter : ``{producer layer: fraction of prunable channels removed}``, each in [0, 1).
     sparsity : ``{layer: fraction of weights removed}``, each in [0, 1).
     bits : ``{layer: bits of the shared-weight codebook}``, each in [1, 16].
-    criterion : filter score used by the search (``l1`` by default, Li et al.).
+    criterion : filter score used by the search (``l1`` by default, Li et al.; checked by
+        :class:`~nncompress.prune.FilterPruneConfig`).
     min_channels : every group keeps at least this many channels.
     info : free JSON-able description (agent, reward, budgets met, proxy accuracy, ...).
     """
@@ -85,8 +85,8 @@ class Policy:
                 raise ConfigError(f"bits['{k}']={b!r}: must be an integer in [1, {_MAX_BITS}]")
             bits[str(k)] = b
         object.__setattr__(self, "bits", bits)
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"criterion={self.criterion!r}: must be one of {CRITERIA}")
+        if not isinstance(self.criterion, str) or not self.criterion:
+            raise ConfigError(f"criterion={self.criterion!r}: must be a filter criterion name")
         if not isinstance(self.min_channels, int) or self.min_channels < 1:
             raise ConfigError(f"min_channels={self.min_channels!r}: must be an integer >= 1")
         object.__setattr__(self, "info", dict(self.info))
@@ -94,31 +94,6 @@ class Policy:
     @property
     def empty(self) -> bool:
         return not (self.filter or self.sparsity or self.bits)
-
-    # ---- what the transforms consume ----------------------------------------------------------
-
-    def filter_config(self, **overrides: Any) -> FilterPruneConfig:
-        """:class:`~nncompress.prune.FilterPruneConfig` with ``per_layer=self.filter``."""
-        if not self.filter:
-            raise ConfigError("policy.filter is empty: this policy prunes no filters")
-        kw = {"criterion": self.criterion, "min_channels": self.min_channels, **overrides}
-        return FilterPruneConfig(per_layer=dict(self.filter), **kw)
-
-    def magnitude_config(self, **overrides: Any) -> MagnitudeConfig:
-        """:class:`~nncompress.prune.MagnitudeConfig` with one sparsity per named layer.
-
-        Layers not named keep every weight (``prune_`` given a Policy touches only them).
-        """
-        if not self.sparsity:
-            raise ConfigError("policy.sparsity is empty: this policy prunes no connections")
-        per = {k: {"sparsity": v} for k, v in self.sparsity.items()}
-        return MagnitudeConfig(sparsity=0.0, per_layer=per, **overrides)
-
-    def kmeans_config(self, **overrides: Any) -> KMeansConfig:
-        """:class:`~nncompress.quant.KMeansConfig` with ``per_layer=self.bits``."""
-        if not self.bits:
-            raise ConfigError("policy.bits is empty: this policy shares no weights")
-        return KMeansConfig(per_layer=dict(self.bits), **overrides)
 
     # ---- JSON -----------------------------------------------------------------------------------
 
