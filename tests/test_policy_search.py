@@ -143,9 +143,9 @@ def test_bad_executor_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="only applies to executor='ray'"):
         make_executor("local", address="auto")
     with pytest.raises(ConfigError, match="no Ray head answers there.*--executor local"):
-        RayExecutor(address="127.0.0.1:9")._init()
+        RayExecutor(address="127.0.0.1:9").connect()
     with pytest.raises(ConfigError, match="must be 'auto' or HOST:PORT"):
-        RayExecutor(address="nowhere")._init()
+        RayExecutor(address="nowhere").connect()
 
 
 def test_search_config_validation():

@@ -35,6 +35,9 @@ class Executor:
     name = "base"
     workers = 1
 
+    def connect(self) -> None:
+        """Check that the executor can run (call it before long work; idempotent)."""
+
     def start(self, fn: Callable[[Any, Any], dict], shared: Any) -> None:
         """Remember ``fn`` and send ``shared`` (what every call needs) to the workers once."""
         raise NotImplementedError
@@ -116,7 +119,14 @@ class RayExecutor(Executor):
         self._task = None
         self._shared_ref = None
 
+    def connect(self) -> None:
+        """Import Ray and start or join it: a missing Ray or an address that does not answer
+        is a :class:`~nncompress.core.ConfigError` here, before any episode."""
+        self._init()
+
     def _init(self):
+        if self._ray is not None:
+            return self._ray
         try:
             import ray
         except ImportError:

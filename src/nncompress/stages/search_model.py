@@ -576,5 +576,7 @@ def search_model(
     fine-tune.
     """
     cfg = config or SearchConfig()
+    if executor is not None:
+        executor.connect()  # fail on a missing Ray or a silent address before the analysis
     problem = ModelProblem.build(model, train, val, cfg, example_input=example_input)
     return search(problem, cfg, executor=executor, out_dir=out_dir, progress=progress)
