@@ -54,8 +54,11 @@ _EXPORTS: dict[str, str] = {
     "decompose_": "nncompress.lowrank",
     "DistillConfig": "nncompress.distill",
     "distillation_loss": "nncompress.distill",
+    "Policy": "nncompress.core",
+    "SearchConfig": "nncompress.policy",
+    "search_policy": "nncompress.stages.search_model",
 }
-_ALIASES = {"create_model": "create"}
+_ALIASES = {"create_model": "create", "search_policy": "search_model"}
 
 # subpackages reachable as attributes (``nncompress.models``, like ``numpy.linalg``)
 _SUBPACKAGES = (

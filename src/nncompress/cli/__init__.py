@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "nncompress.cli.prune",
     "nncompress.cli.quant",
     "nncompress.cli.run",
+    "nncompress.cli.search",
 ]
 
 

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--per-layer",
         help="per-layer ratios: 'conv1=0.5,layer1.0.conv1=0.3' or a JSON file {name: ratio}",
     )
+    g.add_argument(
+        "--policy",
+        type=existing_file,
+        help="per-layer ratios of a searched policy.json ('nncompress search')",
+    )
     p.add_argument("--min-channels", type=int, default=1, help="channels every layer keeps")
     p.add_argument("--scope", default="layer", help="layer | global ranking (default: layer)")
     p.add_argument(
@@ -68,6 +73,15 @@ def filter_stage_config(args: argparse.Namespace, criterion: str, per_layer: Any
     """The ``filter_prune`` stage config a recipe would build, from the flags."""
     from ..stages.filter_prune import FilterPruneStageConfig
 
+    policy = getattr(args, "policy", None)
+    if policy is not None:
+        return FilterPruneStageConfig(
+            allocate="policy",
+            policy_file=str(policy),
+            exclude=tuple(args.exclude),
+            epochs=args.retrain_epochs,
+            lr_scale=args.lr_scale,
+        )
     return FilterPruneStageConfig(
         criterion=criterion,
         ratio=args.ratio,

@@ -37,7 +37,8 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
         scope=args.scope,
         per_layer=parse_per_layer(args.per_layer),
         exclude=tuple(args.exclude),
-        allocate="sensitivity" if args.allocate_sensitivity else "none",
+        allocate=_allocation(args),
+        policy_file=str(args.policy) if args.policy is not None else None,
         max_drop=args.max_drop,
         sensitivity_sparsities=tuple(_floats(args.sensitivities, "--sensitivities")),
         iterations=args.iterations,
@@ -53,6 +54,14 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
         distill=_distill(args.distill),
     )
     return run_prune_stage(ctx, cfg)
+
+
+def _allocation(args: argparse.Namespace) -> str:
+    if args.policy is not None and args.allocate_sensitivity:
+        raise ValueError("--policy and --allocate-sensitivity: choose one allocation")
+    if args.policy is not None:
+        return "policy"
+    return "sensitivity" if args.allocate_sensitivity else "none"
 
 
 def _distill(text: str | None) -> dict[str, float] | None:
@@ -169,6 +178,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "(within --max-drop, or the smallest drop reaching --sparsity overall)",
     )
     p.add_argument("--max-drop", type=float, help="tolerated accuracy drop in points")
+    p.add_argument(
+        "--policy",
+        type=existing_file,
+        help="per-layer sparsities (magnitude) or filter ratios (filter-*) of a searched "
+        "policy.json ('nncompress search')",
+    )
     p.add_argument(
         "--sensitivities",
         default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,0.97,0.98",

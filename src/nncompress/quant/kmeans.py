@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
+from ..core.policy import Policy
 from ..core.progress import Progress, progress_task
 from ..core.select import LayerSelector, Selectable
 from ..core.validate import check as _check
@@ -354,6 +355,13 @@ class KMeansConfig:
             "must be an integer >= 1",
         )
 
+    @classmethod
+    def from_policy(cls, policy: Policy) -> KMeansConfig:
+        """``per_layer`` bits of a :class:`~nncompress.core.Policy` (a searched policy)."""
+        if not policy.bits:
+            raise ConfigError("policy.bits is empty: this policy shares no weights")
+        return cls(per_layer=dict(policy.bits))
+
     def bits_for(self, name: str, module: nn.Module) -> int:
         if name in self.per_layer:
             return self.per_layer[name]
@@ -494,7 +502,7 @@ def _share_layer(name: str, m: nn.Module, cfg: KMeansConfig) -> LayerShareReport
 
 def share_weights_(
     model: nn.Module,
-    config: KMeansConfig | None = None,
+    config: KMeansConfig | Policy | None = None,
     *,
     filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
@@ -510,9 +518,14 @@ def share_weights_(
 
     Parameters
     ----------
+    config : :class:`KMeansConfig`, or a :class:`~nncompress.core.Policy` (its per-layer bits,
+        e.g. from a policy search; only the layers it names are shared).
     filter : which layers (a :class:`~nncompress.core.LayerSelector`, a predicate
         ``(name, module) -> bool`` or names/globs), among the Linear/Conv layers (default: all).
     """
+    if isinstance(config, Policy):
+        config = KMeansConfig.from_policy(config)
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     cfg = config or KMeansConfig()
     layers = _candidates(model, filter)
     names = {n for n, _ in layers}

@@ -258,6 +258,14 @@ def _stages(raw_stages: Any, errors: list[str]) -> list[StageSpec]:
     names = [s.name for s in stages]
     if "encode" in names and names.index("encode") != len(names) - 1 and not errors:
         errors.append(f"stages[{names.index('encode')}] (encode): must be the last stage")
+    for i, s in enumerate(stages):
+        if getattr(s.config, "allocate", None) == "policy" and (
+            getattr(s.config, "policy_file", None) is None and "search" not in names[:i]
+        ):
+            errors.append(
+                f"stages[{i}] ({s.name}): allocate='policy' needs a 'search' stage before it, "
+                "or policy_file=PATH"
+            )
     return stages
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..core.modules import model_device
+from ..core.validate import check
 from ..engine.train import evaluate
 from ..prune.structured import FilterPruneConfig, prune_filters_
 from .base import RetrainKeys, StageConfig, StageContext, stage_config
@@ -40,11 +41,54 @@ class FilterPruneStageConfig(StageConfig):
     ----------
     criterion, ratio, per_layer, macs_budget, scope, min_channels, exclude, seed : the
         :class:`~nncompress.prune.FilterPruneConfig` (exactly one of ratio / per_layer /
-        macs_budget).
+        macs_budget, or none of them with ``allocate='policy'``).
     epochs, lr_scale, augment : the :class:`~nncompress.stages.base.RetrainSpec`: retraining
         epochs after pruning (0: none) at ``lr_scale`` times the base rate, with data
         augmentation ``augment`` (None: the base config's setting).
+    allocate : 'none', or 'policy': the per-layer ratios (and criterion, min_channels) of a
+        searched policy, the last ``search`` stage's or ``policy_file``'s.
+    policy_file : a ``policy.json`` (``nncompress search``) for ``allocate='policy'``.
     """
+
+    allocate: str = "none"
+    policy_file: str | None = None
+
+    def _check_options(self) -> None:
+        check(
+            self.allocate in ("none", "policy"),
+            "allocate",
+            self.allocate,
+            "must be 'none' or 'policy'",
+        )
+        if self.policy_file is not None:
+            check(
+                self.allocate == "policy" and isinstance(self.policy_file, str),
+                "policy_file",
+                self.policy_file,
+                "a path, with allocate='policy'",
+            )
+        if self.allocate == "policy":
+            given = [k for k in ("ratio", "per_layer", "macs_budget") if getattr(self, k)]
+            check(
+                not given,
+                "allocate",
+                self.allocate,
+                f"the policy gives the per-layer ratios: drop {given}",
+            )
+
+    def _build_algorithm(self, values: dict[str, Any]) -> FilterPruneConfig | None:
+        if self.allocate == "policy":
+            return None  # the ratios come from the policy, at run time
+        return FilterPruneConfig(**values)
+
+    def filter_config(self, ctx: StageContext) -> FilterPruneConfig:
+        """The algorithm config, from the searched policy with ``allocate='policy'``."""
+        if self.allocate != "policy":
+            return self.algorithm
+        from .search import stage_policy
+
+        policy = stage_policy(ctx, self.policy_file, "filter_prune")
+        return FilterPruneConfig.from_policy(policy).replace(exclude=self.exclude, seed=self.seed)
 
 
 def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) -> dict[str, Any]:
@@ -56,7 +100,7 @@ def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) ->
     model, splits = ctx.model, ctx.splits
     x, _ = next(iter(splits.loader("val", 2)))
     x = x.to(model_device(model))
-    report = prune_filters_(model, config.algorithm, x, progress=ctx.progress)
+    report = prune_filters_(model, config.filter_config(ctx), x, progress=ctx.progress)
     test_loader = splits.loader("test", 512)
     out: dict[str, Any] = report.to_dict()
     out["test_accuracy_pruned"] = evaluate(model, test_loader)["accuracy"]

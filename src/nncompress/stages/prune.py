@@ -54,7 +54,7 @@ __all__ = ["PRUNE_METHODS", "PruneStageConfig", "run_prune_stage"]
 log = logging.getLogger(__name__)
 
 PRUNE_METHODS = ("magnitude", "agp")
-ALLOCATIONS = ("none", "sensitivity")
+ALLOCATIONS = ("none", "sensitivity", "policy")
 
 
 @stage_config(
@@ -77,14 +77,18 @@ class PruneStageConfig(StageConfig):
     ----------
     q, sparsity, scope, per_layer, include, exclude : the
         :class:`~nncompress.prune.MagnitudeConfig` (AGP needs ``sparsity``; with
-        ``allocate='sensitivity'`` and ``max_drop`` neither q nor sparsity is needed).
+        ``allocate='sensitivity'`` and ``max_drop``, or ``allocate='policy'``, neither q nor
+        sparsity is needed).
     epochs, lr_scale, l1, weight_decay, regularization_switch_epoch, distill : the
         :class:`~nncompress.stages.base.RetrainSpec`: retraining epochs per iteration
         (magnitude) or in total (agp) at ``lr_scale`` times the base rate (Han: 0.1 for LeNet),
         L1 / L2 / L1-then-L2, and ``distill`` (``{temperature, alpha}``: soft targets from the
         model as it entered the stage; None: cross-entropy).
     method : 'magnitude' (one-shot or iterative prune -> retrain) or 'agp' (gradual).
-    allocate : 'none' or 'sensitivity' (per-layer sparsities from a sensitivity analysis).
+    allocate : 'none', 'sensitivity' (per-layer sparsities from a sensitivity analysis) or
+        'policy' (the per-layer sparsities of a searched policy: the last ``search`` stage's,
+        or ``policy_file``; the recipe's ``per_layer`` still wins).
+    policy_file : a ``policy.json`` (``nncompress search``) for ``allocate='policy'``.
     max_drop : tolerated held-out accuracy drop (points) for ``allocate='sensitivity'``.
     sensitivity_sparsities : grid of the analysis.
     sensitivity_batches : evaluate the analysis on this many held-out batches of 512 (None: all).
@@ -104,6 +108,7 @@ class PruneStageConfig(StageConfig):
     agp_frequency: int = 100
     agp_initial_sparsity: float = 0.0
     remove_dead: bool = False
+    policy_file: str | None = None
 
     def _check_options(self) -> None:
         object.__setattr__(self, "sensitivity_sparsities", tuple(self.sensitivity_sparsities))
@@ -133,10 +138,17 @@ class PruneStageConfig(StageConfig):
         check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
         b = self.sensitivity_batches
         check(b is None or b >= 1, "sensitivity_batches", b, "must be >= 1")
+        if self.policy_file is not None:
+            check(
+                self.allocate == "policy" and isinstance(self.policy_file, str),
+                "policy_file",
+                self.policy_file,
+                "a path, with allocate='policy'",
+            )
 
     def _build_algorithm(self, values: dict[str, Any]) -> MagnitudeConfig | None:
-        if self.q is None and self.sparsity is None and self.allocate == "sensitivity":
-            return None  # every per-layer sparsity comes from the analysis, at run time
+        if self.q is None and self.sparsity is None and self.allocate in ("sensitivity", "policy"):
+            return None  # every per-layer sparsity comes from the analysis/policy, at run time
         return MagnitudeConfig(**values)
 
     def magnitude_config(self, per_layer: dict[str, Any] | None = None) -> MagnitudeConfig:
@@ -225,6 +237,12 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     derived: dict[str, Any] = {}
     if config.allocate == "sensitivity":
         derived, report["sensitivity"] = _allocate(model, config, val_loader, ctx.progress)
+    elif config.allocate == "policy":
+        from .search import stage_policy
+
+        policy = stage_policy(ctx, config.policy_file, "prune")
+        derived = {n: {"sparsity": s} for n, s in policy.sparsity.items()}
+        report["policy"] = policy.to_dict()
     mc = config.magnitude_config(derived)
     retrain = config.retrain.train_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)

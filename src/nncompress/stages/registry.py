@@ -39,6 +39,7 @@ STAGES: dict[str, StageEntry] = {
     "quantize": StageEntry(
         "nncompress.stages.quantize", "QuantizeStageConfig", "run_quantize_stage"
     ),
+    "search": StageEntry("nncompress.stages.search", "SearchStageConfig", "run_search_stage"),
     "decompose": StageEntry(
         "nncompress.stages.decompose", "DecomposeStageConfig", "run_decompose_stage"
     ),
