@@ -12,6 +12,14 @@ low-rank factors loads without importing :mod:`nncompress.lowrank` first.
 
 :func:`describe_architecture` and :func:`build_architecture` are the one describer and the one
 rebuilder of a model's architecture, used by checkpoints and ``.ncz`` metadata alike.
+
+A registered type may also *wrap* a whole model (an early-exit network holds the original model
+and adds exit heads): such a class names the child holding the wrapped model in its class
+attribute ``spec_wraps``. :func:`unwrap` peels wrappers off the root, so the wrapped model is
+described as usual (registry name + replacements, or a spec), and the wrappers are recorded under
+``"wrappers"`` as specs without that child; :func:`rewrap` rebuilds them around the rebuilt model
+by calling the class with the wrapped model, the recorded kwargs and the rebuilt children as
+keyword arguments. A wrapper can only sit at the root of a model.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ __all__ = [
     "own_parametrized_class_",
     "register_module",
     "registered_modules",
+    "rewrap",
     "strip_parametrizations",
+    "unwrap",
 ]
 
 
@@ -174,6 +184,11 @@ def module_to_spec(m: nn.Module, where: str = "") -> dict[str, Any]:
         }
     cls = _REGISTERED.get(name)
     if cls is not None and isinstance(m, cls):
+        if getattr(cls, "spec_wraps", None):
+            raise SpecError(
+                f"module '{where or '<root>'}' of type {name} wraps a whole model and can only "
+                "be described at the root of a model"
+            )
         return {
             "type": name,
             "kwargs": m.spec_kwargs(),
@@ -209,6 +224,8 @@ def module_from_spec(spec: dict[str, Any], where: str = "") -> nn.Module:
             return container
         cls = _registered(kind) if kind not in _LEAVES and kind not in _CONTAINERS else None
         if cls is not None:
+            if getattr(cls, "spec_wraps", None):
+                raise SpecError(f"spec for '{where}': {kind} can only wrap the root model")
             m = cls(**kwargs)
             for k, c in children.items():
                 setattr(m, k, module_from_spec(c, f"{where}.{k}"))
@@ -216,6 +233,54 @@ def module_from_spec(spec: dict[str, Any], where: str = "") -> nn.Module:
     except (TypeError, ValueError) as exc:
         raise SpecError(f"spec for '{where}' ({kind}): bad arguments {kwargs}: {exc}") from exc
     raise SpecError(f"spec for '{where}': unknown module type {kind!r}")
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Peel registered wrappers off the root: ``(wrapped model, [wrapper spec, outermost first])``.
+
+    A wrapper spec is ``{"type", "kwargs", "children"}`` without the wrapped child (named by the
+    class attribute ``spec_wraps``).
+    """
+    wrappers: list[dict[str, Any]] = []
+    while True:
+        cls = _REGISTERED.get(_type_name(model))
+        inner = getattr(cls, "spec_wraps", None) if cls is not None else None
+        if not inner or not isinstance(model, cls):
+            return model, wrappers
+        wrappers.append(
+            {
+                "type": cls.__name__,
+                "kwargs": model.spec_kwargs(),
+                "children": {
+                    k: module_to_spec(c, k) for k, c in model.named_children() if k != inner
+                },
+            }
+        )
+        model = getattr(model, inner)
+
+
+def rewrap(model: nn.Module, wrappers: Any) -> nn.Module:
+    """Rebuild the wrappers recorded by :func:`unwrap` around ``model`` (innermost first)."""
+    if not isinstance(wrappers, list):
+        raise SpecError(f"wrappers={wrappers!r}: must be a list of module specs")
+    for i, spec in reversed(list(enumerate(wrappers))):
+        where = f"wrappers[{i}]"
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        cls = _registered(kind) if isinstance(kind, str) else None
+        if cls is None or not getattr(cls, "spec_wraps", None):
+            allowed = sorted(
+                k for k, c in registered_modules().items() if getattr(c, "spec_wraps", None)
+            )
+            raise SpecError(f"{where}: type {kind!r} is not a model wrapper; allowed: {allowed}")
+        kwargs, children = spec.get("kwargs", {}), spec.get("children", {})
+        if not isinstance(kwargs, dict) or not isinstance(children, dict):
+            raise SpecError(f"{where}: 'kwargs' and 'children' must be mappings")
+        built = {k: module_from_spec(c, f"{where}.{k}") for k, c in children.items()}
+        try:
+            model = cls(**{cls.spec_wraps: model}, **kwargs, **built)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{where} ({kind}): cannot rebuild with {kwargs}: {exc}") from exc
+    return model
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
@@ -273,26 +338,35 @@ def describe_architecture(
     With ``model_name`` (a :mod:`nncompress.models` registry name): the name, ``model_kwargs``
     and the ``replacements`` turning a fresh registry model into ``model``. With ``reference``
     (a fresh instance of a custom architecture): only the replacements. Otherwise the whole
-    model as a ``spec``. Raises :class:`SpecError` naming a module that cannot be described.
+    model as a ``spec``. A registered wrapper at the root (an early-exit network) is recorded
+    under ``"wrappers"`` and the model it wraps is described as above (``reference`` is then a
+    fresh instance of the wrapped model). Raises :class:`SpecError` naming a module that cannot
+    be described.
     """
     from ..models import create
 
+    inner, wrappers = unwrap(model)
     if model_name is not None:
         kwargs = dict(model_kwargs or {})
-        return {
+        arch = {
             "model": model_name,
             "kwargs": kwargs,
-            "replacements": diff_modules(model, create(model_name, **kwargs)),
+            "replacements": diff_modules(inner, create(model_name, **kwargs)),
         }
-    if reference is not None:
-        return {"model": None, "replacements": diff_modules(model, reference)}
-    return {"model": None, "spec": module_to_spec(model)}
+    elif reference is not None:
+        arch = {"model": None, "replacements": diff_modules(inner, reference)}
+    else:
+        arch = {"model": None, "spec": module_to_spec(inner)}
+    if wrappers:
+        arch["wrappers"] = wrappers
+    return arch
 
 
 def build_architecture(arch: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
     """The (untrained) model an :func:`describe_architecture` description stands for (the one
     rebuilder): a fresh registry model or spec, or ``model`` (a fresh instance of a custom
-    architecture), with the recorded replacements applied.
+    architecture; of the wrapped model for a wrapper such as an early-exit network), with the
+    recorded replacements applied and the recorded wrappers rebuilt around it.
 
     Raises :class:`SpecError` (or ``ValueError`` for bad registry arguments).
     """
@@ -313,4 +387,6 @@ def build_architecture(arch: dict[str, Any], model: nn.Module | None = None) -> 
             )
     if arch.get("replacements"):
         apply_replacements(model, arch["replacements"])
+    if arch.get("wrappers"):
+        model = rewrap(model, arch["wrappers"])
     return model

@@ -303,7 +303,9 @@ def _train_epoch(
             cb.on_step_end(model, step)
         step += 1
         loss_sum += float(loss.detach()) * len(y)
-        correct += int((out.detach().argmax(1) == y).sum())
+        # a model with several outputs (early exits) lists them; the last is the final one
+        final = out[-1] if isinstance(out, (list, tuple)) else out
+        correct += int((final.detach().argmax(1) == y).sum())
         seen += len(y)
         loop.task.advance(step, epoch=epoch + 1, loss=loss_sum / seen, acc=100.0 * correct / seen)
     metrics = {
