@@ -11,6 +11,7 @@ et al. 2017 "Adaptive Neural Networks for Efficient Inference"):
   and expected MACs of any split.
 """
 
+from .base import CONFIDENCES, ConditionalModel, ExitPrediction, check_thresholds, confidence
 from .calibrate import (
     METHODS,
     CalibrationConfig,
@@ -21,17 +22,7 @@ from .calibrate import (
 )
 from .cascade import Cascade
 from .cost import ExitCosts, cascade_costs, exit_costs
-from .exits import (
-    CONFIDENCES,
-    HEADS,
-    ConditionalModel,
-    EarlyExitNet,
-    ExitConfig,
-    ExitPrediction,
-    attach_exits_,
-    confidence,
-    make_head,
-)
+from .exits import HEADS, EarlyExitNet, ExitConfig, attach_exits_, make_head
 from .report import ExitReport, evaluate_exits
 from .train import MODES, ExitTrainConfig, exit_loss, train_exits
 
@@ -54,6 +45,7 @@ __all__ = [
     "calibrate_",
     "calibrate_thresholds",
     "cascade_costs",
+    "check_thresholds",
     "collect_outputs",
     "confidence",
     "evaluate_exits",

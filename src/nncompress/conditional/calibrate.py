@@ -39,8 +39,8 @@ from torch import nn
 
 from ..engine.config import ConfigError
 from ..engine.train import ProgressEvent, model_device
+from .base import CONFIDENCES, confidence
 from .cost import ExitCosts
-from .exits import CONFIDENCES, confidence
 from .report import ExitReport, exit_names
 
 __all__ = [

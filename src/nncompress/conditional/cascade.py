@@ -17,8 +17,8 @@ from torch import nn
 
 from ..engine.config import ConfigError
 from ..engine.train import model_device
+from .base import ConditionalModel, ExitPrediction, confidence
 from .cost import ExitCosts, cascade_costs
-from .exits import ConditionalModel, ExitPrediction, confidence
 
 __all__ = ["Cascade"]
 
