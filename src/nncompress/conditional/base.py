@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.config import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = [
     "CONFIDENCES",

@@ -30,15 +30,17 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent, model_device
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import Progress, progress_task
+from ..core.validate import check, is_int, is_number
 from .base import CONFIDENCES, confidence
 from .cost import ExitCosts
 from .report import ExitReport, exit_names
@@ -86,20 +88,38 @@ class CalibrationConfig:
     max_combinations: int = 200_000
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_loss, (int, float)) or not 0 <= self.max_loss <= 100:
-            raise ConfigError(f"max_loss={self.max_loss!r}: must be in [0, 100] (points)")
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r}: must be one of {METHODS}")
-        if self.confidence not in CONFIDENCES:
-            raise ConfigError(f"confidence={self.confidence!r}: must be one of {CONFIDENCES}")
-        if self.grid is not None and (not isinstance(self.grid, int) or self.grid < 2):
-            raise ConfigError(f"grid={self.grid!r}: must be an integer >= 2 or null")
-        if self.reference_accuracy is not None and not 0 <= self.reference_accuracy <= 100:
-            raise ConfigError(
-                f"reference_accuracy={self.reference_accuracy!r}: must be in [0, 100] or null"
-            )
-        if self.max_combinations < 1:
-            raise ConfigError(f"max_combinations={self.max_combinations!r}: must be >= 1")
+        check(
+            is_number(self.max_loss) and 0 <= self.max_loss <= 100,
+            "max_loss",
+            self.max_loss,
+            "must be in [0, 100] (points)",
+        )
+        check(self.method in METHODS, "method", self.method, f"must be one of {METHODS}")
+        check(
+            self.confidence in CONFIDENCES,
+            "confidence",
+            self.confidence,
+            f"must be one of {CONFIDENCES}",
+        )
+        check(
+            self.grid is None or (is_int(self.grid) and self.grid >= 2),
+            "grid",
+            self.grid,
+            "must be an integer >= 2 or null",
+        )
+        check(
+            self.reference_accuracy is None
+            or (is_number(self.reference_accuracy) and 0 <= self.reference_accuracy <= 100),
+            "reference_accuracy",
+            self.reference_accuracy,
+            "must be in [0, 100] or null",
+        )
+        check(
+            is_int(self.max_combinations) and self.max_combinations >= 1,
+            "max_combinations",
+            self.max_combinations,
+            "must be an integer >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -124,7 +144,7 @@ def collect_outputs(
     model: nn.Module,
     loader: Iterable,
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExitOutputs:
     """Run ``model.forward_all`` (every exit) in eval mode over ``loader``."""
     was_training = model.training
@@ -133,19 +153,15 @@ def collect_outputs(
     chunks: list[list[torch.Tensor]] = []
     labels = []
     n = len(loader) if hasattr(loader, "__len__") else None
-    if progress:
-        progress(ProgressEvent("start", "exit outputs", total=n))
     try:
-        for b, (x, y) in enumerate(loader):
-            outs = model.forward_all(x.to(device))
-            chunks.append([o.float().cpu() for o in outs])
-            labels.append(y.cpu())
-            if progress:
-                progress(ProgressEvent("advance", "exit outputs", total=n, completed=b + 1))
+        with progress_task(progress, "exit outputs", n) as task:
+            for x, y in loader:
+                outs = model.forward_all(x.to(device))
+                chunks.append([o.float().cpu() for o in outs])
+                labels.append(y.cpu())
+                task.advance()
     finally:
         model.train(was_training)
-        if progress:
-            progress(ProgressEvent("end", "exit outputs"))
     if not chunks:
         raise ValueError("collect_outputs: the loader yielded no samples")
     logits = tuple(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
@@ -341,7 +357,7 @@ def calibrate_(
     config: CalibrationConfig | None = None,
     *,
     input_shape: Sequence[int],
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExitReport:
     """Calibrate an early-exit network or cascade on ``loader`` (the held-out split) in place:
     sets its thresholds, confidence measure and recorded exit rates; returns the report."""

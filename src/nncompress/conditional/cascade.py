@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import model_device
+from ..core.errors import ConfigError
+from ..core.modules import model_device
 from .base import ConditionalModel, ExitPrediction, confidence
 from .cost import ExitCosts, cascade_costs
 

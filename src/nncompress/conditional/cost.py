@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import model_device
+from ..core.errors import ConfigError
+from ..core.modules import model_device
 from ..stats import count_macs, is_mac_layer, layer_macs
 
 __all__ = ["ExitCosts", "cascade_costs", "exit_costs"]

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.validate import check, is_int
 from ..engine.modspec import register_module
-from ..engine.train import model_device
 from .base import CONFIDENCES, ConditionalModel, ExitPrediction, check_thresholds, confidence
 
 __all__ = ["HEADS", "EarlyExitNet", "ExitConfig", "attach_exits_", "make_head"]
@@ -73,20 +74,29 @@ class ExitConfig:
         if len(set(after)) != len(after):
             raise ConfigError(f"after={list(after)!r}: names must be distinct")
         object.__setattr__(self, "after", tuple(after))
-        if self.head not in HEADS:
-            raise ConfigError(f"head={self.head!r}: must be one of {HEADS}")
-        if self.head_channels is not None and (
-            not isinstance(self.head_channels, int) or self.head_channels < 1
-        ):
-            raise ConfigError(f"head_channels={self.head_channels!r}: must be an integer >= 1")
-        if not isinstance(self.head_stride, int) or self.head_stride < 1:
-            raise ConfigError(f"head_stride={self.head_stride!r}: must be an integer >= 1")
+        check(self.head in HEADS, "head", self.head, f"must be one of {HEADS}")
+        check(
+            self.head_channels is None or (is_int(self.head_channels) and self.head_channels >= 1),
+            "head_channels",
+            self.head_channels,
+            "must be an integer >= 1 or null",
+        )
+        check(
+            is_int(self.head_stride) and self.head_stride >= 1,
+            "head_stride",
+            self.head_stride,
+            "must be an integer >= 1",
+        )
         if self.thresholds is not None:
             object.__setattr__(
                 self, "thresholds", check_thresholds(self.thresholds, len(self.after))
             )
-        if self.confidence not in CONFIDENCES:
-            raise ConfigError(f"confidence={self.confidence!r}: must be one of {CONFIDENCES}")
+        check(
+            self.confidence in CONFIDENCES,
+            "confidence",
+            self.confidence,
+            f"must be one of {CONFIDENCES}",
+        )
 
 
 def make_head(

@@ -7,13 +7,14 @@ calibration returns the same report for the held-out split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..engine.train import ProgressEvent, model_device
+from ..core.modules import model_device
+from ..core.progress import Progress, progress_task
 from ..stats import format_table
 from .cost import ExitCosts
 
@@ -168,7 +169,7 @@ def evaluate_exits(
     input_shape: Sequence[int],
     reference: bool = True,
     costs: ExitCosts | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExitReport:
     """Run ``model`` (an early-exit network or a cascade) as deployed over ``loader``.
 
@@ -182,25 +183,21 @@ def evaluate_exits(
     counts, correct = [0] * (e + 1), [0] * (e + 1)
     ref_correct = 0
     n = len(loader) if hasattr(loader, "__len__") else None
-    if progress:
-        progress(ProgressEvent("start", "evaluate exits", total=n))
     try:
-        for b, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device)
-            logits, where = model.predict(x)
-            right = logits.argmax(1) == y  # (B,)
-            for i in range(e + 1):
-                mask = where == i
-                counts[i] += int(mask.sum())
-                correct[i] += int((right & mask).sum())
-            if reference:
-                ref_correct += int((model.forward_all(x)[-1].argmax(1) == y).sum())
-            if progress:
-                progress(ProgressEvent("advance", "evaluate exits", total=n, completed=b + 1))
+        with progress_task(progress, "evaluate exits", n) as task:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits, where = model.predict(x)
+                right = logits.argmax(1) == y  # (B,)
+                for i in range(e + 1):
+                    mask = where == i
+                    counts[i] += int(mask.sum())
+                    correct[i] += int((right & mask).sum())
+                if reference:
+                    ref_correct += int((model.forward_all(x)[-1].argmax(1) == y).sum())
+                task.advance()
     finally:
         model.train(was_training)
-        if progress:
-            progress(ProgressEvent("end", "evaluate exits"))
     total = sum(counts)
     if total == 0:
         raise ValueError("evaluate_exits: the loader yielded no samples")

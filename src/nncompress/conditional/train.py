@@ -22,8 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import History, ProgressEvent, fit
+from ..core.errors import ConfigError
+from ..core.progress import Progress
+from ..core.validate import check
+from ..engine.config import TrainConfig
+from ..engine.train import History, fit
 from .exits import EarlyExitNet
 
 __all__ = ["MODES", "ExitTrainConfig", "exit_loss", "train_exits"]
@@ -48,8 +51,7 @@ class ExitTrainConfig:
     weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}: must be one of {MODES}")
+        check(self.mode in MODES, "mode", self.mode, f"must be one of {MODES}")
         if self.weights is not None:
             try:
                 weights = tuple(float(w) for w in self.weights)
@@ -100,7 +102,7 @@ def train_exits(
     *,
     kd: KDLoss | None = None,
     val_loader: Iterable | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> History:
     """Train ``net``'s exits in place with :func:`nncompress.engine.fit`.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.train import model_device
+from ..core.modules import model_device
 
 __all__ = ["DataLatency", "measure_latency_over"]
 
