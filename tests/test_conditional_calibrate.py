@@ -220,3 +220,26 @@ def test_calibrating_an_exit_network_keeps_the_bound_on_its_data(digits_data):
         measured = evaluate(net, val)["accuracy"]  # the deployed rule, batch by batch
         assert measured == pytest.approx(report.accuracy)
         assert measured >= report.reference_accuracy - 2.0
+
+
+def test_cascade_manifest_round_trip_and_tamper(digits_pair, digits_data, tmp_path):
+    from nncompress.conditional import load_cascade, save_cascade
+    from nncompress.engine import save_checkpoint
+
+    small, big = digits_pair
+    paths = [save_checkpoint(m, tmp_path / f"m{i}.safetensors") for i, m in enumerate((small, big))]
+    cascade = Cascade([small, big], [0.8], "entropy", [0.6, 0.4])
+    manifest = save_cascade(cascade, tmp_path / "cascade.json", paths)
+    loaded, info = load_cascade(manifest)
+    assert info["members"][0]["path"] == "m0.safetensors"  # relative to the manifest
+    assert loaded.thresholds == (0.8,) and loaded.confidence == "entropy"
+    assert loaded.exit_rates == (0.6, 0.4)
+    x = digits_data.test[0]
+    with torch.no_grad():
+        a, b = cascade.eval().predict(x), loaded.predict(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_index, b.exit_index)
+    save_checkpoint(big, paths[0])  # a member replaced after calibration
+    with pytest.raises(ConfigError, match=r"members\[0\].*changed"):
+        load_cascade(manifest)
+    with pytest.raises(ConfigError, match=r"members\[1\]='nope.safetensors': no such"):
+        save_cascade(cascade, tmp_path / "c2.json", [paths[0], "nope.safetensors"])

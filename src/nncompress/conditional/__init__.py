@@ -20,13 +20,14 @@ from .calibrate import (
     calibrate_thresholds,
     collect_outputs,
 )
-from .cascade import Cascade
+from .cascade import CASCADE_FORMAT, Cascade, load_cascade, save_cascade
 from .cost import ExitCosts, cascade_costs, exit_costs
 from .exits import HEADS, EarlyExitNet, ExitConfig, attach_exits_, make_head
 from .report import ExitReport, evaluate_exits
 from .train import MODES, ExitTrainConfig, exit_loss, train_exits
 
 __all__ = [
+    "CASCADE_FORMAT",
     "CONFIDENCES",
     "HEADS",
     "METHODS",
@@ -51,6 +52,8 @@ __all__ = [
     "evaluate_exits",
     "exit_costs",
     "exit_loss",
+    "load_cascade",
     "make_head",
+    "save_cascade",
     "train_exits",
 ]

@@ -10,17 +10,24 @@ calibrated on held-out data exactly as for early exits
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.files import atomic_write_json
 from ..core.modules import model_device
 from .base import ConditionalModel, ExitPrediction, confidence
 from .cost import ExitCosts, cascade_costs
 
-__all__ = ["Cascade"]
+__all__ = ["CASCADE_FORMAT", "Cascade", "load_cascade", "save_cascade"]
+
+CASCADE_FORMAT = "nncompress-cascade/1"
 
 
 class Cascade(ConditionalModel):
@@ -132,3 +139,76 @@ class Cascade(ConditionalModel):
     def exit_costs(self, input_shape: Sequence[int]) -> ExitCosts:
         """MACs of each stage (:func:`~nncompress.conditional.cost.cascade_costs`)."""
         return cascade_costs(list(self.stages), input_shape)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_cascade(cascade: Cascade, path: str | Path, members: Sequence[str | Path]) -> Path:
+    """Write a JSON manifest of ``cascade``: its members' checkpoint files (``members``, one per
+    stage, as saved by :func:`nncompress.engine.save_checkpoint`) with their SHA-256, and the
+    thresholds, confidence and exit rates. Member paths are stored relative to the manifest's
+    folder when they lie under it. Written atomically."""
+    path = Path(path)
+    if len(members) != len(cascade.stages):
+        raise ConfigError(
+            f"members: {len(members)} checkpoint paths for {len(cascade.stages)} stages"
+        )
+    entries = []
+    for i, member in enumerate(members):
+        member = Path(member)
+        if not member.is_file():
+            raise ConfigError(f"members[{i}]={str(member)!r}: no such checkpoint file")
+        rel = os.path.relpath(member.resolve(), path.parent.resolve())
+        stored = member.resolve() if rel.startswith("..") else Path(rel)
+        entries.append({"path": str(stored), "sha256": _sha256(member)})
+    manifest = {
+        "format": CASCADE_FORMAT,
+        "members": entries,
+        "thresholds": list(cascade.thresholds),
+        "confidence": cascade.confidence,
+        "exit_rates": list(cascade.exit_rates) if cascade.exit_rates is not None else None,
+    }
+    atomic_write_json(path, manifest, indent=2)
+    return path
+
+
+def load_cascade(path: str | Path) -> tuple[Cascade, dict]:
+    """Load a cascade written by :func:`save_cascade`: ``(cascade, manifest)``.
+
+    Every member checkpoint must still have the recorded SHA-256 (a replaced member is
+    refused), and is loaded with :func:`nncompress.engine.load_checkpoint` (no pickle).
+    """
+    from ..engine.checkpoint import load_checkpoint
+
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cascade manifest '{path}': cannot read it as JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != CASCADE_FORMAT:
+        raise ConfigError(f"cascade manifest '{path}': format must be {CASCADE_FORMAT!r}")
+    members = manifest.get("members")
+    if not isinstance(members, list) or len(members) < 2:
+        raise ConfigError(f"cascade manifest '{path}': 'members' must list 2+ checkpoints")
+    models = []
+    for i, entry in enumerate(members):
+        member = Path(entry.get("path", "")) if isinstance(entry, dict) else Path()
+        if not member.is_absolute():
+            member = path.parent / member
+        if not member.is_file():
+            raise ConfigError(f"cascade manifest '{path}': members[{i}] '{member}' is missing")
+        if _sha256(member) != entry.get("sha256"):
+            raise ConfigError(
+                f"cascade manifest '{path}': members[{i}] '{member}' changed since the "
+                "cascade was calibrated (SHA-256 differs)"
+            )
+        models.append(load_checkpoint(member)[0].eval())
+    cascade = Cascade(
+        models,
+        manifest.get("thresholds"),
+        manifest.get("confidence", "max-softmax"),
+        manifest.get("exit_rates"),
+    )
+    return cascade.eval(), manifest
