@@ -205,7 +205,7 @@ def test_evaluate_exits_histogram(digits_data):
     assert report.expected_macs == pytest.approx(
         sum(r * c for r, c in zip(report.exit_rates, costs.leave_costs([True, False]), strict=True))
     )
-    assert "total" in report.table()
+    assert "expected" in report.table()
 
 
 def test_latency_over_data_runs_every_sample():

@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "nncompress.cli.basic",
     "nncompress.cli.codec",
+    "nncompress.cli.conditional",
     "nncompress.cli.distill",
     "nncompress.cli.filters",
     "nncompress.cli.lowrank",

@@ -124,7 +124,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on the test split of the dataset "
         "recorded in its sidecar.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument(
+        "checkpoint",
+        type=existing_file,
+        help="checkpoint (.safetensors; exit models print their exit histogram), ONNX model, "
+        "or cascade manifest (.json from nncompress cascade --out)",
+    )
     add_data_args(p)
     p.add_argument(
         "--split",
@@ -286,8 +291,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         return cmd_eval_onnx(args)
     # --- end ONNX ---
+    # --- exit models and cascades (nncompress.cli.conditional) ---
+    from ..conditional import ConditionalModel
+
+    if args.checkpoint.suffix == ".json":
+        from .conditional import cmd_eval_conditional, load_for_eval
+
+        return cmd_eval_conditional(args, *load_for_eval(args.checkpoint, args.data_dir))
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
+    if isinstance(model, ConditionalModel):
+        from .conditional import cmd_eval_conditional
+
+        return cmd_eval_conditional(args, model, splits)
+    # --- end exit models ---
     res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
     return print_accuracy(args, res)
 
@@ -354,6 +371,11 @@ def show_stats(stats, as_json: bool, title: str) -> None:
         rows,
     )
     out.print(f"dense fp32 bytes: {d['bytes_fp32']:,}")
+    if d.get("expected_macs") is not None:
+        out.print(
+            f"expected MACs per sample (held-out exit rates): {d['expected_macs']:,.0f} "
+            f"({d['expected_macs'] / d['macs']:.3f}x of every branch's {d['macs']:,})"
+        )
     for k, v in d["latency_ms"].items():
         out.print(f"latency {k.replace('_', ' ')}: {v:.3f} ms (median)")
 
@@ -371,10 +393,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     # --- end ONNX ---
     model, sidecar = load_checkpoint(args.checkpoint)
     shape = tuple((sidecar.get("dataset") or {}).get("input_shape") or ())
+    conditional = callable(getattr(model, "forward_all", None))
+    if conditional:  # random inputs leave at arbitrary exits: their latency means nothing
+        batches = ()
     stats = model_stats(
         model, shape or None, latency_batches=batches if shape else (), repeats=args.repeats
     )
     show_stats(stats, args.json, str(args.checkpoint))
+    if conditional and not args.json:
+        out.print(
+            "latency of an exit model depends on its inputs: measure it over data "
+            "(nncompress.stats.measure_latency_over, benchmarks/early_exit.py)"
+        )
     return 0
 
 
