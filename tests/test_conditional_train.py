@@ -114,3 +114,12 @@ def test_weight_count_is_checked(digits_data):
             digits_data.loader("train", 64),
             exits=ExitTrainConfig(mode="heads", weights=(0.0, 1.0)),
         )
+
+
+def test_frozen_backbone_stays_in_eval_mode():
+    net = attach_exits_(_cnn(), ExitConfig(after=["2"]), input_shape=(1, 8, 8))
+    net.freeze_backbone_(True).train()
+    assert net.heads.training and not net.backbone.training
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    net.freeze_backbone_(False)
+    assert net.backbone.training and all(p.requires_grad for p in net.backbone.parameters())

@@ -229,15 +229,18 @@ class EarlyExitNet(ConditionalModel):
             "exit_rates": list(self.exit_rates) if self.exit_rates is not None else None,
         }
 
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether :meth:`freeze_backbone_` holds the backbone in eval mode."""
+        return self._frozen_backbone
+
     def freeze_backbone_(self, frozen: bool = True) -> EarlyExitNet:
         """Freeze (or unfreeze) the backbone: no gradients, and kept in eval mode (BatchNorm
         statistics fixed) even when the net is put in training mode. For heads-only training."""
         self._frozen_backbone = frozen
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
-        if frozen:
-            self.backbone.eval()
-        return self
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> EarlyExitNet:
         super().train(mode)

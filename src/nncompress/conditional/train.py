@@ -130,7 +130,7 @@ def train_exits(
         return fit(
             net, train_loader, config, val_loader=val_loader, loss_fn=loss_fn, progress=progress
         )
-    was_frozen = net._frozen_backbone
+    was_frozen = net.backbone_frozen
     flags = [p.requires_grad for p in net.backbone.parameters()]
     net.freeze_backbone_(True)
     try:
@@ -144,6 +144,6 @@ def train_exits(
             params=net.heads.parameters(),
         )
     finally:
-        net._frozen_backbone = was_frozen
+        net.freeze_backbone_(was_frozen)  # then each parameter's own flag back
         for p, flag in zip(net.backbone.parameters(), flags, strict=True):
             p.requires_grad_(flag)
