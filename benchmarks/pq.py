@@ -259,12 +259,16 @@ def _file_bytes(model: nn.Module, config: EncodeConfig) -> int:
 
 
 def _stand_in(model: nn.Module, plan: dict, seed: int) -> nn.Module:
-    """A copy whose planned layers hold k random fp16 codewords at random codes (all-zero
-    blocks kept): its raw-coded file is the size of the quantized one with fixed-width codes."""
+    """A copy whose planned layers hold k random fp16 codewords at uniformly random codes
+    (all-zero blocks kept) and whose other float tensors are made incompressible (BatchNorm
+    statistics change after quantization): its file bounds the quantized model's."""
     g = torch.Generator().manual_seed(seed)
     out = folded_copy(model)
     mods = dict(out.named_modules())
     with torch.no_grad():
+        for t in list(out.parameters()) + list(out.buffers()):  # the rest: incompressible
+            if t.is_floating_point():
+                t.add_(1e-3 * torch.randn(t.shape, generator=g))
         for name, p in plan.items():
             w = mods[name].weight
             d, k = p["block_size"], p["k"]
@@ -278,12 +282,12 @@ def _stand_in(model: nn.Module, plan: dict, seed: int) -> nn.Module:
     return out
 
 
-def _budget(model, blocks, target, fp32_bytes, exclude, max_k) -> tuple[float, int]:
+def _budget(model, blocks, target, fp32_bytes, exclude, max_k, steps=12) -> tuple[float, int]:
     """The largest bits-per-weight budget (grid of 0.01) whose stand-in file meets the ratio
     target; returns (budget, planned bytes)."""
     limit = fp32_bytes / target
     lo, hi, best = 0.05, 8.0, None
-    for _ in range(12):  # bisection on the budget (bytes grow with it)
+    for _ in range(steps):  # bisection on the budget (bytes grow with it)
         mid = round((lo + hi) / 2, 2)
         try:
             plan = pq_plan(
@@ -445,7 +449,9 @@ def run_row(
         out["timings"]["prune_s"] = out["prune"]["wall_s"]
     fp32 = encode_state_dict(folded_copy(model), replace(ENC, dense_dtype="fp32"))[1].original_bytes
     if row.method == "pq":
-        bpw, planned = _budget(model, row.blocks, row.target, fp32, row.exclude, row.max_k)
+        bpw, planned = _budget(
+            model, row.blocks, row.target, fp32, row.exclude, row.max_k, 4 if smoke else 12
+        )
         cfg = PQConfig(
             **row.blocks,
             k=row.max_k,
