@@ -450,7 +450,7 @@ def run_row(
     fp32 = encode_state_dict(folded_copy(model), replace(ENC, dense_dtype="fp32"))[1].original_bytes
     if row.method == "pq":
         bpw, planned = _budget(
-            model, row.blocks, row.target, fp32, row.exclude, row.max_k, 4 if smoke else 12
+            model, row.blocks, row.target, fp32, row.exclude, row.max_k, 7 if smoke else 12
         )
         cfg = PQConfig(
             **row.blocks,
