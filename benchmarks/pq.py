@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from _common import RESULTS, baseline, write_result
-from nncompress.core import LayerSelector, atomic_write, folded_copy
+from nncompress.core import ConfigError, LayerSelector, atomic_write, folded_copy
 from nncompress.data import fashion_mnist
 from nncompress.engine import TrainConfig, evaluate, load_checkpoint
 from nncompress.io import (
@@ -58,6 +58,7 @@ from nncompress.quant import (
     shared_layers,
 )
 from nncompress.quant.pq_finetune import distill, refresh_batchnorm_
+from nncompress.quant.pq_transform import QUANTIZABLE
 
 OUT = Path(__file__).resolve().parent / "out" / "pq"
 log = logging.getLogger("pq")
@@ -282,26 +283,34 @@ def _stand_in(model: nn.Module, plan: dict, seed: int) -> nn.Module:
     return out
 
 
-def _budget(model, blocks, target, fp32_bytes, exclude, max_k, steps=12) -> tuple[float, int]:
-    """The largest bits-per-weight budget (grid of 0.01) whose stand-in file meets the ratio
-    target; returns (budget, planned bytes)."""
+def _pq_config(blocks: dict, max_k: int, bpw: float, model, exclude) -> PQConfig:
+    """The budget's config; a layer too small for the budget (its codebook alone exceeds it)
+    gets k = 2 instead of stopping the search (such layers hold a few hundred weights)."""
+    cfg = PQConfig(**blocks, k=max_k, bits_per_weight=bpw)
+    small = {}
+    for name in (QUANTIZABLE & LayerSelector(exclude=exclude)).select(model):
+        try:
+            pq_plan(model, cfg, filter=[name])
+        except ConfigError as exc:
+            if "cannot be met" not in str(exc):
+                raise
+            small[name] = 2
+    return replace(cfg, per_layer_k={**cfg.per_layer_k, **small}) if small else cfg
+
+
+def _budget(model, blocks, target, fp32_bytes, exclude, max_k, steps=12):
+    """The largest bits-per-weight budget (bisection to 0.01) whose stand-in file meets the
+    ratio target; returns (budget, planned bytes, per-layer k overrides)."""
     limit = fp32_bytes / target
     lo, hi, best = 0.05, 8.0, None
     for _ in range(steps):  # bisection on the budget (bytes grow with it)
         mid = round((lo + hi) / 2, 2)
-        try:
-            plan = pq_plan(
-                model,
-                PQConfig(**blocks, k=max_k, bits_per_weight=mid),
-                filter=LayerSelector(exclude=exclude),
-            )
-        except Exception:  # a layer cannot meet this budget
-            lo = mid
-            continue
+        cfg = _pq_config(blocks, max_k, mid, model, exclude)
+        plan = pq_plan(model, cfg, filter=LayerSelector(exclude=exclude))
         ds = {n: p["block_size"] for n, p in plan.items()}
         size = _file_bytes(_stand_in(model, plan, 0), _with_blocks(ENC, ds))
         if size <= limit:
-            best, lo = (mid, size), mid
+            best, lo = (mid, size, cfg.per_layer_k), mid
         else:
             hi = mid
         if hi - lo <= 0.011:
@@ -449,11 +458,11 @@ def run_row(
         out["timings"]["prune_s"] = out["prune"]["wall_s"]
     fp32 = encode_state_dict(folded_copy(model), replace(ENC, dense_dtype="fp32"))[1].original_bytes
     if row.method == "pq":
-        bpw, planned = _budget(
+        bpw, planned, small = _budget(
             model, row.blocks, row.target, fp32, row.exclude, row.max_k, 7 if smoke else 12
         )
         cfg = PQConfig(
-            **row.blocks,
+            **{**row.blocks, "per_layer_k": {**row.blocks.get("per_layer_k", {}), **small}},
             k=row.max_k,
             bits_per_weight=bpw,
             objective=row.objective,
@@ -467,7 +476,8 @@ def run_row(
         rep = pq_quantize_(
             model, cfg, calib, teacher=teacher, filter=LayerSelector(exclude=row.exclude)
         )
-        out.update(bits_per_weight_budget=bpw, planned_bytes=planned, pq=rep.to_dict())
+        out.update(bits_per_weight_budget=bpw, planned_bytes=planned, k_2_layers=small)
+        out["pq"] = rep.to_dict()
         out["timings"].update(
             capture_s=rep.timings["capture_s"],
             em_s=rep.timings["em_s"],
