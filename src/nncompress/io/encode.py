@@ -421,9 +421,11 @@ def encode_state_dict(
             task.advance()
     header = {"format": "nncompress-ncz", "tensors": entries}
     head_payload = _canonical_json(header, "header")
-    frames = [_frame(head_payload), _frame(meta_payload)] + [_frame(s) for s in sections]
-    minor = 1 if any(e["scheme"] == "pq" for e in entries) else 0  # 1.0 readers still work
-    prefix = _PREFIX.pack(MAGIC, VERSION[0], minor, len(frames))
+    payloads = [head_payload, meta_payload, *sections]
+    frames = [_frame(p, i) for i, p in enumerate(payloads)]
+    # every file this version writes binds its CRCs to the section indices: version 1.2 (it
+    # holds whatever scheme 1.1 added)
+    prefix = _PREFIX.pack(MAGIC, VERSION[0], VERSION[1], len(frames))
     data = prefix + b"".join(frames)
     report = EncodeReport(
         tensors=tuple(reports),
