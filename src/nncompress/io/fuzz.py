@@ -92,8 +92,8 @@ def to_v10(data: bytes) -> bytes:
 
 def fuzz_bases() -> list[bytes]:
     """Valid files to mutate: a small state dict (4-D conv codebook, sparse FC, dense bias,
-    bool, int64 scalar, float16) with every codec x layout x order, fp16 storage, and one
-    format 1.0 file."""
+    bool, int64 scalar, float16) with every codec x layout x order, fp16 storage, one format
+    1.0 file, and two files with a product-quantized tensor (scheme 'pq')."""
     import torch
 
     from .config import EncodeConfig
@@ -117,6 +117,14 @@ def fuzz_bases() -> list[bytes]:
     cfg = EncodeConfig(codec="huffman", codebook_dtype="fp16", dense_dtype="fp16")
     out.append(encode_state_dict(state, cfg)[0])
     out.append(to_v10(out[0]))
+    # product-quantized tensors (scheme 'pq', format 1.1): 4-subvectors from 5 codewords
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 4, generator=g)[torch.randint(5, (48,), generator=g)]  # (48, 4)
+    rows[:6] = 0
+    pq_state = {"pq.weight": rows.reshape(12, 16), "pq.bias": torch.zeros(12)}
+    for codec in ("huffman", "raw"):
+        cfg = EncodeConfig(codec=codec, pq_block_size={"pq.weight": 4}, codec_fallback=False)
+        out.append(encode_state_dict(pq_state, cfg)[0])
     return out
 
 
