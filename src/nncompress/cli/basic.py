@@ -11,11 +11,13 @@ from .common import (
     add_json_arg,
     add_quiet_arg,
     checkpoint_out,
+    console,
     dataset_for,
     existing_file,
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 
 
@@ -277,6 +279,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"test accuracy {metrics['test_accuracy']:.2f}%  ({metrics['train_wall_time_s']:.1f} s)"
         f"  -> {args.out}"
     )
+    from ..recipe.report import at_chance
+
+    if at_chance(metrics["test_accuracy"], splits.num_classes):
+        console.print(
+            f"[bold red]WARNING: test accuracy {metrics['test_accuracy']:.2f}% is at chance "
+            f"level ({100 / splits.num_classes:.1f}% for {splits.num_classes} classes): the "
+            "model learned nothing; check --lr, --epochs and the data[/bold red]",
+            highlight=False,
+        )
     return 0
 
 
@@ -385,6 +396,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..stats import model_stats
 
     batches = _parse_batches(args.batches)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats}: must be >= 1")
+    refuse_inapplicable(args, {"repeats": (bool(batches), "not with --batches '' (no latency)")})
     # --- ONNX models (nncompress.cli.quant) ---
     if args.checkpoint.suffix == ".onnx":
         from .quant import cmd_stats_onnx

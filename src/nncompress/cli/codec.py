@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import RichProgress, add_json_arg, add_quiet_arg, existing_file, out, print_json
+from .common import (
+    RichProgress,
+    add_json_arg,
+    add_quiet_arg,
+    checkpoint_out,
+    existing_file,
+    out,
+    print_json,
+    refuse_inapplicable,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,7 +87,9 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
         "'nncompress eval' and load_checkpoint() read.",
     )
     p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--out", required=True, type=checkpoint_out, help="output checkpoint (.safetensors)"
+    )
     add_max_bytes_arg(p)
     p.set_defaults(func=cmd_decode)
 
@@ -190,6 +201,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from ..engine import load_checkpoint
     from ..io import EncodeConfig, checkpoint_metadata, save_compressed
 
+    if args.out.suffix != ".ncz":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .ncz")
+    auto = "not with --auto-index-bits (every width in [2, 12] is tried)"
+    refuse_inapplicable(
+        args,
+        {
+            "index_bits_conv": (not args.auto_index_bits, auto),
+            "index_bits_fc": (not args.auto_index_bits, auto),
+        },
+    )
     config = EncodeConfig(
         codec=args.codec,
         index_bits_conv=args.index_bits_conv,

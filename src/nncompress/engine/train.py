@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import TrainingError
 from ..core.modules import model_device
 from ..core.progress import Progress, ProgressEvent, progress_task
 from .config import TrainConfig
@@ -292,6 +293,13 @@ def _train_epoch(
         loss = loop.loss_fn(out, y, x)
         for cb in callbacks:
             loss = cb.on_loss(model, loss)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                f"(lr={optimizer.param_groups[0]['lr']:.4g}): training diverged, nothing is "
+                "saved; lower the learning rate (or check the data)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for cb in callbacks:
@@ -302,7 +310,7 @@ def _train_epoch(
         for cb in callbacks:
             cb.on_step_end(model, step)
         step += 1
-        loss_sum += float(loss.detach()) * len(y)
+        loss_sum += value * len(y)
         # a model with several outputs (early exits) lists them; the last is the final one
         final = out[-1] if isinstance(out, (list, tuple)) else out
         correct += int((final.detach().argmax(1) == y).sum())
