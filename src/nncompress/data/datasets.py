@@ -177,9 +177,23 @@ def _finish(
     seed: int,
     scale: float,
 ) -> DataSplits:
-    """Scale to [0, 1], carve the held-out split deterministically, normalise by train stats."""
+    """Scale to [0, 1], carve the held-out split deterministically, normalise by train stats.
+
+    Refuses labels outside ``[0, num_classes)``, non-finite pixels and constant images
+    (nothing to learn; the normalisation would divide by zero), naming the split."""
     if not 0 <= val_size < len(ytr):
         raise ValueError(f"val_size={val_size}: must be in [0, {len(ytr)})")
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        y = np.asarray(y)
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            bad = int(y.max()) if int(y.max()) >= num_classes else int(y.min())
+            raise DataError(
+                f"{name}: {split} label {bad} is outside the {num_classes} classes "
+                f"[0, {num_classes - 1}]"
+            )
+        x = np.asarray(x)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise DataError(f"{name}: {split} images hold NaN or infinite values")
     xtr = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32) / scale)
     xte = torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32) / scale)
     ytr = torch.from_numpy(np.asarray(ytr, dtype=np.int64))
@@ -188,6 +202,10 @@ def _finish(
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     mean = float(xtr[train_idx].mean())
     std = float(xtr[train_idx].std())
+    if not std > 1e-6 or not np.isfinite(std):  # float32 rounding leaves ~1e-9 for a constant
+        raise DataError(
+            f"{name}: the training images are constant (pixel std {std:.3g}): nothing to learn"
+        )
 
     def norm(t: torch.Tensor) -> torch.Tensor:
         return (t - mean) / std
@@ -224,6 +242,13 @@ def _load_idx_folder(name: str, folder: Path, val_size: int, seed: int, hint: st
                 f"{name}: {split} images {xi.shape} and labels {yi.shape} do not match "
                 "(expected (N, H, W) and (N,))"
             )
+        if yi.dtype.kind not in "ui":
+            raise DataError(f"{name}: {split} labels are {yi.dtype}, must be integers 0..9")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(
+            f"{name}: train images are {arrays['train_images'].shape[1:]} but test images "
+            f"{arrays['test_images'].shape[1:]}: both splits must have the same image size"
+        )
     xtr = arrays["train_images"][:, None]  # (N, 1, 28, 28)
     xte = arrays["test_images"][:, None]
     return _finish(
