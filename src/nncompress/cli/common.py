@@ -139,9 +139,22 @@ class CheckpointJob:
 
         self.path = Path(args.checkpoint)
         self.model, self.sidecar = load_checkpoint(self.path)
-        self.splits = dataset_for(self.sidecar, getattr(args, "data_dir", None))
+        self._data_dir = getattr(args, "data_dir", None)
+        self._splits = None
         show = not getattr(args, "quiet", False) if bars is None else bars
         self.progress = RichProgress(show)
+
+    @property
+    def splits(self):
+        """The dataset the checkpoint names, loaded on first use (so checks of the model, such
+        as layer selections, fail before the data is read)."""
+        if self._splits is None:
+            self._splits = dataset_for(self.sidecar, self._data_dir)
+        return self._splits
+
+    @splits.setter
+    def splits(self, value) -> None:
+        self._splits = value
 
     @property
     def architecture(self) -> dict:

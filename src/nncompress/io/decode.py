@@ -568,7 +568,10 @@ def decode_file(
     declare: the total number of tensor elements and of decoded bytes (raise them for larger
     models). A file declaring more is refused before anything is allocated.
     """
-    return decode_bytes(_read(path), max_elements=max_elements, max_bytes=max_bytes)
+    try:
+        return decode_bytes(_read(path), max_elements=max_elements, max_bytes=max_bytes)
+    except FormatError as exc:
+        raise FormatError(f"'{path}': {exc}") from exc
 
 
 def inspect_bytes(
@@ -590,7 +593,10 @@ def inspect_file(
 ) -> EncodeReport:
     """Itemised :class:`EncodeReport` of a ``.ncz`` file: per-tensor scheme, codebook, code
     and index bits (fixed "P+Q" and coded), fillers, entropies, and totals."""
-    return inspect_bytes(_read(path), max_elements=max_elements, max_bytes=max_bytes)
+    try:
+        return inspect_bytes(_read(path), max_elements=max_elements, max_bytes=max_bytes)
+    except FormatError as exc:
+        raise FormatError(f"'{path}': {exc}") from exc
 
 
 def load_compressed(model: nn.Module, path: str | Path, **limits: int) -> Any:

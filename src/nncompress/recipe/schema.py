@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,13 @@ def _strict_loader(where: str):
                     pass
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.2 floats without a dot (1e-3, 1e400): PyYAML (YAML 1.1) would read them as
+    # strings, and 1e400 must be refused as infinite, not as a string
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
     return Loader
 
 
