@@ -490,3 +490,39 @@ def test_real_entry_point(argv, expected, files, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["laughs.yaml"]
+
+
+# ------------------------------------------------------------------ every stage key, wrong types
+
+# a valid mapping per stage (the stages not listed are valid with no key)
+STAGE_BASE = {
+    "prune": {"sparsity": 0.5},
+    "filter_prune": {"ratio": 0.5},
+    "decompose": {"method": "svd", "rank": 2},
+    "early_exit": {"after": ["fc1"]},
+}
+WRONG = [[1], {"a": 1}, "x", 1.5, -1, True, None, 10**30, [[1]], float("nan")]
+
+
+def test_every_stage_key_with_a_wrong_value_is_refused_by_name():
+    """Every key of every registered stage, set to values of the wrong type or range, is
+    refused with a ConfigError that names the key (a per-layer value names its layer): no
+    "'int' object is not iterable"."""
+    from nncompress.core.errors import ConfigError
+    from nncompress.stages.registry import STAGES, stage_entry
+
+    unnamed = []
+    for name in STAGES:
+        cls, _ = stage_entry(name)
+        base = STAGE_BASE.get(name, {})
+        cls.from_dict(base)
+        for key in cls.keys():
+            for v in WRONG:
+                try:
+                    cls.from_dict({**base, key: v})
+                except ConfigError as exc:
+                    if key not in str(exc) and "for layer" not in str(exc):
+                        unnamed.append((name, key, v, str(exc)))
+                except Exception as exc:  # noqa: BLE001 - what the test looks for
+                    unnamed.append((name, key, v, f"{type(exc).__name__}: {exc}"))
+    assert unnamed == []

@@ -71,21 +71,48 @@ _SIMPLE = {
 }
 
 
+_ELEMENT = {"int": _SIMPLE["int"], "float": _SIMPLE["float"], "str": _SIMPLE["str"]}
+
+
+def _container_problem(ann: str, v: Any) -> str | None:
+    """What is wrong with ``v`` for a ``tuple[T, ...]`` / ``list[T]`` / ``dict[...]``
+    annotation (``None`` if nothing); a single string passes for ``tuple[str, ...]``."""
+    if ann.startswith("dict["):
+        return None if isinstance(v, dict) else "must be a mapping"
+    inner = ann[ann.index("[") + 1 : -1].split(",")[0].strip()
+    if isinstance(v, str) and inner == "str":
+        return None
+    if not isinstance(v, list | tuple):
+        return "must be a list"
+    if inner in _ELEMENT:
+        test, what = _ELEMENT[inner]
+        bad = [x for x in v if not test(x)]
+        if bad:
+            return f"must be a list of items that are each {what} (got {bad[0]!r:.40})"
+    return None
+
+
 def check_field_types(obj: Any) -> None:
     """Check every field of the dataclass ``obj`` whose annotation is simple (``int``,
-    ``float``, ``bool``, ``str``, each optionally ``| None``) against its value: ``epochs: 1.5``,
-    ``epochs: true`` or ``lr: .inf`` fail here with the field's name, before a loop or an
-    optimizer sees them. Other annotations are left to the config's own checks."""
+    ``float``, ``bool``, ``str``, ``tuple[T, ...]``, ``list[T]``, ``dict[...]``, each
+    optionally ``| None``) against its value: ``epochs: 1.5``, ``epochs: true``, ``lr: .inf`` or
+    ``exclude: 5`` fail here with the field's name, before a loop, an optimizer or an
+    iteration sees them. Other annotations are left to the config's own checks."""
     for f in dataclasses.fields(obj):
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         parts = [p.strip() for p in ann.split("|")]
         optional = "None" in parts
         parts = [p for p in parts if p != "None"]
-        if len(parts) != 1 or parts[0] not in _SIMPLE:
-            continue
-        test, what = _SIMPLE[parts[0]]
         v = getattr(obj, f.name)
-        if v is None and optional:
+        if len(parts) != 1 or (v is None and optional):
             continue
-        if not test(v):
-            raise config_error(f.name, v, f"must be {what}" + (" or null" if optional else ""))
+        ann = parts[0]
+        or_null = " or null" if optional else ""
+        if ann in _SIMPLE:
+            test, what = _SIMPLE[ann]
+            if not test(v):
+                raise config_error(f.name, v, f"must be {what}{or_null}")
+        elif ann.startswith(("tuple[", "list[", "dict[")) and ann.endswith("]"):
+            problem = _container_problem(ann, v)
+            if problem:
+                raise config_error(f.name, v, problem + or_null)

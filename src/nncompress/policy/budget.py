@@ -100,8 +100,10 @@ def parse_budgets(text: str | Iterable[str | Budget | dict]) -> tuple[Budget, ..
     items: list = []
     if isinstance(text, str):
         items = [t for t in text.split(",") if t.strip()]
-    else:
+    elif isinstance(text, list | tuple):
         items = list(text)
+    else:
+        raise ConfigError(f"budgets={text!r}: must be 'METRIC=FRACTION[,...]' or a list of them")
     if not items:
         raise ConfigError(f"budgets={text!r}: give at least one, e.g. 'macs=0.5'")
     out: list[Budget] = []
@@ -118,7 +120,7 @@ def parse_budgets(text: str | Iterable[str | Budget | dict]) -> tuple[Budget, ..
         m = _BUDGET_RE.match(str(it))
         if not m:
             raise ConfigError(
-                f"budget {it!r}: write METRIC=FRACTION, e.g. macs=0.5 (metrics: {METRICS}; "
+                f"budgets: {it!r}: write METRIC=FRACTION, e.g. macs=0.5 (metrics: {METRICS}; "
                 "latency@64=0.7 for batch 64)"
             )
         name, batch, value = m.group(1), m.group(2), m.group(3)
