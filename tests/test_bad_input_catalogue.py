@@ -166,6 +166,18 @@ BAD_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
         _stages("{stage: prune, sparsity: 0.5, per_layer: {fc9: 0.5}}"),
         ("per_layer=['fc9']", "matches no layer"),
     ),
+    "prune agp option with magnitude": (
+        _stages("{stage: prune, sparsity: 0.5, agp_frequency: 5}"),
+        ("agp_frequency=5: does not apply here", "method='agp'"),
+    ),
+    "prune max_drop without allocation": (
+        _stages("{stage: prune, sparsity: 0.5, max_drop: 1}"),
+        ("max_drop=1: does not apply here", "allocate='sensitivity'"),
+    ),
+    "quantize qat epochs with ptq": (
+        _stages("{stage: quantize, qat_epochs: 3}"),
+        ("qat_epochs=3: does not apply here", "method='qat'"),
+    ),
     "share before prune": (
         _stages("{stage: share, bits_fc: 4}", "{stage: prune, sparsity: 0.5}"),
         ("stages[1] (prune): must come before stages[0] (share)",),

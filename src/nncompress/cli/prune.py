@@ -41,7 +41,11 @@ def _connection_config(args: argparse.Namespace):
         allocate=_allocation(args),
         policy_file=str(args.policy) if args.policy is not None else None,
         max_drop=args.max_drop,
-        sensitivity_sparsities=tuple(_floats(args.sensitivities, "--sensitivities")),
+        **(
+            {"sensitivity_sparsities": tuple(_floats(args.sensitivities, "--sensitivities"))}
+            if args.allocate_sensitivity
+            else {}
+        ),
         iterations=args.iterations,
         epochs=args.retrain_epochs,
         lr_scale=args.lr_scale,

@@ -251,6 +251,17 @@ class StageConfig:
     def _check_options(self) -> None:
         """Normalise and validate the stage's own options (before the parts are built)."""
 
+    def _unused_unless(self, applies: bool, keys: tuple[str, ...], when: str) -> None:
+        """Refuse any of ``keys`` set to a value other than its default when it does nothing
+        (``applies`` is false): an option that does not apply is an error, not ignored."""
+        if applies:
+            return
+        defaults = self.defaults()
+        for key in keys:
+            value = getattr(self, key)
+            if key in defaults and value != defaults[key]:
+                raise ConfigError(f"{key}={value!r}: does not apply here; {when}")
+
     def _build_algorithm(self, values: dict[str, Any]) -> Any:
         """The family's config from its fields (validates them); ``None`` if it has none."""
         return None if self.ALGORITHM is None else self.ALGORITHM(**values)

@@ -136,6 +136,19 @@ class PruneStageConfig(StageConfig):
                 raise ConfigError(f"per_layer {qs}: method='agp' takes final sparsities, not q")
             check(self.agp_frequency >= 1, "agp_frequency", self.agp_frequency, "must be >= 1")
         check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        self._unused_unless(
+            self.method == "agp",
+            ("agp_frequency", "agp_initial_sparsity"),
+            f"only with method='agp' (got {self.method!r})",
+        )
+        self._unused_unless(
+            self.method == "magnitude", ("iterations",), "only with method='magnitude'"
+        )
+        self._unused_unless(
+            self.allocate == "sensitivity",
+            ("max_drop", "sensitivity_sparsities", "sensitivity_batches"),
+            f"only with allocate='sensitivity' (got {self.allocate!r})",
+        )
         b = self.sensitivity_batches
         check(b is None or b >= 1, "sensitivity_batches", b, "must be >= 1")
         if self.policy_file is not None:

@@ -79,6 +79,11 @@ class QuantizeStageConfig(StageConfig):
             "must be an integer >= 1",
         )
         check(str(self.out).endswith(".onnx"), "out", self.out, "must end in .onnx")
+        self._unused_unless(
+            self.method == "qat",
+            ("qat_epochs", "lr_scale", "lsq"),
+            f"only with method='qat' (got {self.method!r})",
+        )
         check(
             is_int(self.threads) and self.threads >= 1,
             "threads",
