@@ -427,7 +427,7 @@ def test_wrong_magic_version_and_trailing_bytes():
     with pytest.raises(FormatError, match="magic"):
         decode_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(FormatError, match="version 2.0"):
-        decode_bytes(data[:8] + struct.pack("<H", 2) + data[10:])
+        decode_bytes(data[:8] + struct.pack("<HH", 2, 0) + data[12:])
     with pytest.raises(FormatError, match="unexpected bytes"):
         decode_bytes(data + b"\x00")
     with pytest.raises(FormatError, match="too short"):

@@ -58,6 +58,7 @@ from ..core.errors import ConfigError
 from ..core.files import atomic_write
 from ..core.modules import folded_copy
 from ..core.progress import Progress, progress_task
+from .affine import affine_candidate, check_affine, decode_affine, hint_matches
 from .config import EncodeConfig, check_overrides, match_override
 from .errors import FormatError
 from .report import EncodeReport, StreamReport, TensorReport
@@ -79,7 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
-VERSION = (1, 0)
+VERSION = (1, 1)  # 1.1 adds the 'affine' and 'alias' schemes (io/affine.py)
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II")
 MAX_HEADER_BYTES = 16 << 20  # decompressed header / metadata JSON
@@ -380,15 +381,41 @@ def _index_bits_for(name: str, t: torch.Tensor, config: EncodeConfig) -> list[in
     return [config.index_bits_conv if t.dim() >= 3 else config.index_bits_fc]
 
 
-def _best_candidate(name: str, t: torch.Tensor, config: EncodeConfig) -> _Candidate:
+def _best_candidate(
+    name: str, t: torch.Tensor, config: EncodeConfig, hint: dict | None = None
+) -> _Candidate:
     scheme = match_override(config.scheme, name) or "auto"
     b = _index_bits_for(name, t, config)
     cands: list[_Candidate] = []
+    if hint is not None and hint.get("scheme") == "affine" and scheme == "auto":
+        if hint_matches(hint, t):
+            entry, secs, rep = affine_candidate(
+                name, t, hint, _encode_stream, config.codec, config.codec_fallback, _dtype_name(t)
+            )
+            cands.append(_Candidate(entry, secs, rep))
+        else:
+            log.warning(
+                "tensor %s: its quantized codes do not reproduce it; stored otherwise", name
+            )
     if scheme in ("auto", "codebook"):
         cands += _codebook_candidates(name, t, config, b, forced=scheme == "codebook")
     if scheme in ("auto", "dense"):
         cands.append(_dense_candidate(name, t, config))
     return min(cands, key=lambda c: c.nbytes)  # first of equals wins: deterministic
+
+
+def _alias_report(name: str, t: torch.Tensor, twin: str) -> TensorReport:
+    nnz = int(torch.count_nonzero(t.detach())) if t.numel() else 0
+    return TensorReport(
+        name=name,
+        shape=tuple(t.shape),
+        dtype=_dtype_name(t),
+        scheme="alias",
+        layout=None,
+        numel=t.numel(),
+        nonzeros=nnz,
+        total_bytes=0,
+    )
 
 
 def _canonical_json(obj: Any, what: str) -> bytes:
@@ -403,10 +430,45 @@ def _frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def _storage_hints(model: nn.Module) -> dict[str, dict]:
+    """``{state-dict key: hint}`` from parametrizations that know their compact storage (a
+    ``storage_hint()`` method, e.g. weight-only quantized layers' codes and scales)."""
+    from torch.nn.utils import parametrize
+
+    hints: dict[str, dict] = {}
+    for mname, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for pname, plist in m.parametrizations.items():
+            last = plist[-1]
+            if hasattr(last, "storage_hint"):
+                hints[f"{mname}.{pname}" if mname else pname] = last.storage_hint()
+    return hints
+
+
+def _alias_key(t: torch.Tensor) -> tuple:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return (str(t.dtype), tuple(t.shape), zlib.crc32(raw), len(raw))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    fa = a.detach().cpu().contiguous().reshape(-1)
+    fb = b.detach().cpu().contiguous().reshape(-1)
+    return fa.numel() == 0 or torch.equal(fa.view(torch.uint8), fb.view(torch.uint8))
+
+
 def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
+    return _state_and_hints(model_or_state)[0]
+
+
+def _state_and_hints(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     if isinstance(model_or_state, nn.Module):
+        hints = _storage_hints(model_or_state)
         plain = folded_copy(model_or_state)
-        return dict(plain.state_dict())
+        return dict(plain.state_dict()), hints
     if not isinstance(model_or_state, Mapping):
         raise ValueError(
             f"model_or_state: expected an nn.Module or a mapping of name -> tensor, got "
@@ -415,18 +477,18 @@ def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     for k, v in model_or_state.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise ValueError(f"state dict entry {k!r}: must map a str name to a torch.Tensor")
-    return dict(model_or_state)
+    return dict(model_or_state), {}
 
 
-def _placed(name: str, t: torch.Tensor, config: EncodeConfig, first: int):
+def _placed(name: str, t: torch.Tensor, config: EncodeConfig, first: int, hint=None):
     """The best candidate of one tensor and its header entry, with section references
     shifted to start at section ``first``."""
-    cand = _best_candidate(name, t, config)
+    cand = _best_candidate(name, t, config, hint)
     entry = copy.deepcopy(cand.entry)
-    for key in ("data", "codebook"):
+    for key in ("data", "codebook", "scale"):
         if key in entry:
             entry[key] += first
-    for key in ("codes", "index"):
+    for key in ("codes", "index", "zero"):
         if key in entry:
             entry[key]["sec"] += first
     log.debug("encoded %s: %s, %d bytes", name, entry["scheme"], cand.nbytes)
@@ -443,8 +505,10 @@ def encode_state_dict(
     """Encode a state dict (or a model's, parametrizations folded) into ``.ncz`` bytes.
 
     Each tensor is stored with the scheme, layout and flattening order that give the fewest
-    bytes (see module docstring), its streams coded with ``config.codec``. The same inputs
-    always produce the same bytes.
+    bytes (see module docstring), its streams coded with ``config.codec``. A tensor bit-identical
+    to an earlier one (a tied embedding and LM head) is stored once, as an ``alias``. A model's
+    weight-only quantized layers are stored as their codes and scales (``affine``). The same
+    inputs always produce the same bytes.
 
     Returns
     -------
@@ -453,7 +517,7 @@ def encode_state_dict(
     config = config or EncodeConfig()
     if not isinstance(config, EncodeConfig):
         raise ValueError(f"config: expected an EncodeConfig, got {type(config).__name__}")
-    sd = _as_state_dict(state)
+    sd, hints = _state_and_hints(state)
     names = list(sd)
     check_overrides(config, names)
     for name, t in sd.items():
@@ -462,9 +526,22 @@ def encode_state_dict(
             raise ValueError(f"tensor '{name}': {t.dim()} dims, at most {MAX_NDIM} supported")
     meta_payload = _canonical_json(metadata, "metadata")
     entries, sections, reports = [], [], []
+    seen: dict[tuple, list[str]] = {}  # content key -> names stored so far
     with progress_task(progress, "encode", len(names)) as task:
         for name in names:
-            entry, cand = _placed(name, sd[name], config, 2 + len(sections))
+            t = sd[name]
+            ckey = _alias_key(t)
+            twin = next((n for n in seen.get(ckey, []) if _same_bits(sd[n], t)), None)
+            if twin is not None and (match_override(config.scheme, name) or "auto") == "auto":
+                entries.append(
+                    {"name": name, "dtype": _dtype_name(t), "shape": list(t.shape)}
+                    | {"scheme": "alias", "of": twin}
+                )
+                reports.append(_alias_report(name, t, twin))
+                task.advance()
+                continue
+            seen.setdefault(ckey, []).append(name)
+            entry, cand = _placed(name, t, config, 2 + len(sections), hints.get(name))
             entries.append(entry)
             sections += cand.sections
             reports.append(cand.report)
@@ -644,7 +721,17 @@ def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: i
             )
         scheme = _req(e, "scheme", str, where)
         refs: list[int] = []
-        if scheme == "dense":
+        if scheme == "alias":
+            of = _req(e, "of", str, where)
+            target = next((x for x in entries[:i] if x.get("name") == of), None)
+            if target is None or target.get("scheme") == "alias":
+                raise _fail(f"{where}: alias of {of!r}, which is not an earlier stored tensor")
+            if target.get("dtype") != dtype or target.get("shape") != shape:
+                raise _fail(f"{where}: alias of {of!r} with a different dtype or shape")
+            total -= numel  # stored once
+        elif scheme == "affine":
+            check_affine(e, where, numel, _req_int, _req, refs, n_sections)
+        elif scheme == "dense":
             store = _req(e, "store", str, where)
             if store not in ("raw", "float16") or (store == "float16" and dtype != "float32"):
                 raise _fail(f"{where}: store={store!r} not valid for dtype {dtype}")
@@ -678,7 +765,9 @@ def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: i
                     raise _fail(f"{where}: {s} codec={ref['codec']!r} unknown")
                 refs.append(_req_int(ref, "sec", 2, n_sections - 1, f"{where} {s}"))
         else:
-            raise _fail(f"{where}: scheme={scheme!r} must be 'dense' or 'codebook'")
+            raise _fail(
+                f"{where}: scheme={scheme!r} must be 'dense', 'codebook', 'affine' or 'alias'"
+            )
         for r in refs:
             if r in used:
                 raise _fail(f"{where}: section {r} referenced twice")
@@ -701,6 +790,8 @@ def _decode_entry(
     numel = math.prod(shape)
     tdtype = _TORCH_DTYPES[dtype]
     where = f"tensor '{name}'"
+    if e["scheme"] == "affine":
+        return decode_affine(e, secs, _decode_stream, tdtype, with_report)
     if e["scheme"] == "dense":
         data = secs[e["data"]]
         store = e["store"]
@@ -864,7 +955,11 @@ def _decode_checked(
     state: dict[str, torch.Tensor] = {}
     reports = []
     for e in entries:
-        t, rep = _decode_entry(e, secs, with_report=with_report)
+        if e["scheme"] == "alias":  # stored once: a copy of the earlier tensor
+            t = state[e["of"]].clone()
+            rep = _alias_report(e["name"], t, e["of"]) if with_report else None
+        else:
+            t, rep = _decode_entry(e, secs, with_report=with_report)
         state[e["name"]] = t
         reports.append(rep)
     report = None

@@ -55,7 +55,7 @@ class TensorReport:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    scheme: str  # 'dense' or 'codebook'
+    scheme: str  # 'dense', 'codebook', 'affine' (group-wise integer codes) or 'alias'
     layout: str | None  # codebook tensors: 'sparse' (relative index) or 'dense' (a code each)
     numel: int
     nonzeros: int
@@ -76,6 +76,10 @@ class TensorReport:
 
     @property
     def original_bits(self) -> int:
+        """Dense bits of the tensor; 0 for an alias (a copy of another tensor counts once, so
+        a model's compression ratio is never inflated by its tied weights)."""
+        if self.scheme == "alias":
+            return 0
         return self.numel * _DTYPE_BITS.get(self.dtype, 32)
 
     @property
@@ -210,8 +214,11 @@ class EncodeReport:
         ]
         rows = []
         for t in self.tensors:
+            coded = t.scheme in ("codebook", "affine")
             if t.scheme == "dense":
                 scheme = "dense" if t.dense_store == "raw" else "dense16"
+            elif t.scheme in ("affine", "alias"):
+                scheme = t.scheme
             else:
                 scheme = "sparse" if t.layout == "sparse" else "codes"
             sparse = t.layout == "sparse"
@@ -221,8 +228,8 @@ class EncodeReport:
                     scheme,
                     round(100 * t.kept, 2),
                     t.codebook_size or "",
-                    round(t.weight_bits_per_code_pq, 2) if t.scheme == "codebook" else "",
-                    round(t.weight_bits_per_code, 2) if t.scheme == "codebook" else "",
+                    round(t.weight_bits_per_code_pq, 2) if coded else "",
+                    round(t.weight_bits_per_code, 2) if coded else "",
                     t.index_bits if sparse else "",
                     t.fillers if sparse else "",
                     round(t.index_bits_per_nz_pq, 2) if sparse else "",

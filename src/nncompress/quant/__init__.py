@@ -1,5 +1,9 @@
-"""Quantization: trained weight sharing (k-means), linear integer quantization."""
+"""Quantization: trained weight sharing (k-means, activation-weighted k-means), linear integer
+quantization, weight-only low-bit quantization without tracing (RTN, GPTQ)."""
 
+from .awkmeans import AwareKMeansConfig, share_weights_aware_, weighted_kmeans_1d
+from .gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from .groupwise import QuantizedWeight, group_qparams, rtn_quantize
 from .kmeans import (
     KMeansConfig,
     KMeansQuantizer,
@@ -48,8 +52,32 @@ from .primitives import (
     quantize_affine,
     unpack_int4,
 )
+from .weight_only import (
+    AffineWeight,
+    LayerQuantReport,
+    WeightOnlyConfig,
+    WeightOnlyReport,
+    quantize_weights_,
+    quantized_layers,
+)
 
 __all__ = [
+    # weight-only low-bit quantization (groupwise, gptq, weight_only) and aware k-means
+    "AffineWeight",
+    "AwareKMeansConfig",
+    "HessianAccumulator",
+    "LayerQuantReport",
+    "QuantizedWeight",
+    "WeightOnlyConfig",
+    "WeightOnlyReport",
+    "gptq_quantize",
+    "group_qparams",
+    "layer_output_error",
+    "quantize_weights_",
+    "quantized_layers",
+    "rtn_quantize",
+    "share_weights_aware_",
+    "weighted_kmeans_1d",
     # linear integer quantization (primitives, observers, linear, onnx_export)
     "ActivationQuantizer",
     "PTQConfig",
