@@ -28,6 +28,7 @@ from torch import nn
 __all__ = [
     "LABEL_KEYS",
     "batch_size",
+    "call_inputs",
     "main_output",
     "run_model",
     "split_batch",
@@ -117,5 +118,16 @@ def take_batches(loader: Iterable, n: int | None, what: str = "loader") -> list[
         if n is not None and len(out) >= n:
             break
     if not out:
-        raise ValueError(f"{what}: yielded no batches")
+        raise ValueError(f"{what}: no calibration batches (it yielded none)")
     return out
+
+
+def call_inputs(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on model inputs as :func:`nncompress.engine.fit` passes them to a loss:
+    a tensor (``model(x)``), a mapping (``model(**inputs)``) or a tuple/list
+    (``model(*inputs)``)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)

@@ -35,6 +35,7 @@ before allocating, checks each section's CRC32, and raises :class:`FormatError` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -103,6 +104,14 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
+    # format 1.1: every other fixed-size dtype a state dict may hold, stored raw
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
 }
 # floating dtypes that may use the codebook scheme: numpy float type and same-size uint view
 _CODEBOOK_DTYPES = {"float32": (np.float32, np.uint32), "float16": (np.float16, np.uint16)}
@@ -208,6 +217,19 @@ def _dtype_name(t: torch.Tensor) -> str:
     return name
 
 
+def _nnz(t: torch.Tensor) -> int:
+    """Nonzero elements (dtypes without ``count_nonzero``, e.g. uint16 or float8, count the
+    elements with any nonzero byte)."""
+    if t.numel() == 0:
+        return 0
+    try:
+        return int(torch.count_nonzero(t.detach()))
+    except (NotImplementedError, RuntimeError):
+        size = t.element_size()
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).reshape(-1, size)
+        return int(raw.any(dim=1).sum())
+
+
 def _raw_bytes(t: torch.Tensor) -> bytes:
     flat = t.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
@@ -222,7 +244,7 @@ def _dense_candidate(name: str, t: torch.Tensor, config: EncodeConfig) -> _Candi
         store, data = "raw", _raw_bytes(t)
     entry = {"name": name, "dtype": dtype, "shape": list(t.shape), "scheme": "dense"}
     entry.update(store=store, data=0)
-    nnz = int(torch.count_nonzero(t.detach()).item()) if t.numel() else 0
+    nnz = _nnz(t)
     rep = TensorReport(
         name=name,
         shape=tuple(t.shape),
@@ -397,6 +419,11 @@ def _best_candidate(
             log.warning(
                 "tensor %s: its quantized codes do not reproduce it; stored otherwise", name
             )
+    if hint is not None and hint.get("scheme") == "codebook":
+        # a shared weight with k > 2**max_codebook_bits centroids still takes the codebook
+        need = max(1, int(hint["k"]) - 1).bit_length()
+        if need > config.max_codebook_bits:
+            config = dataclasses.replace(config, max_codebook_bits=min(need, 16))
     if scheme in ("auto", "codebook"):
         cands += _codebook_candidates(name, t, config, b, forced=scheme == "codebook")
     if scheme in ("auto", "dense"):
@@ -405,7 +432,7 @@ def _best_candidate(
 
 
 def _alias_report(name: str, t: torch.Tensor, twin: str) -> TensorReport:
-    nnz = int(torch.count_nonzero(t.detach())) if t.numel() else 0
+    nnz = _nnz(t)
     return TensorReport(
         name=name,
         shape=tuple(t.shape),
@@ -584,6 +611,10 @@ def round_for_storage_(model: nn.Module, config: EncodeConfig | None = None) -> 
     evaluation makes the evaluated model and the decoded file identical bit for bit. Each
     tensor is encoded and decoded with the same scheme choice as the file will make.
 
+    Parametrizations that know their storage stay in place: a weight-only quantized layer is
+    stored exactly (nothing to round); a shared weight's codebook is rounded as the codebook
+    scheme stores it. Other parametrizations (pruning masks alone) must be folded first.
+
     Returns
     -------
     dict: tensor name -> largest absolute change (0.0 for untouched tensors).
@@ -591,15 +622,34 @@ def round_for_storage_(model: nn.Module, config: EncodeConfig | None = None) -> 
     from torch.nn.utils import parametrize
 
     config = config or EncodeConfig()
-    for mname, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            raise ValueError(
-                f"round_for_storage_: module '{mname}' is parametrized; fold the "
-                "parametrizations first (nncompress.engine.strip_parametrizations)"
-            )
-    live = model.state_dict(keep_vars=True)
-    check_overrides(config, list(live))
     changes: dict[str, float] = {}
+    skip: list[str] = []
+    for mname, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for pname, plist in m.parametrizations.items():
+            last = plist[-1]
+            if not hasattr(last, "storage_hint"):
+                raise ValueError(
+                    f"round_for_storage_: module '{mname}' is parametrized ({type(last).__name__}"
+                    "); fold the parametrizations first (nncompress.engine.strip_parametrizations)"
+                )
+            key = f"{mname}.{pname}" if mname else pname
+            changes[key] = 0.0
+            if last.storage_hint()["scheme"] == "codebook":
+                with torch.no_grad():
+                    cb = last.codebook
+                    new = cb.half().to(cb.dtype) if config.codebook_dtype == "fp16" else cb
+                    new = new + 0.0  # -0.0 -> +0.0, as the codebook scheme stores zeros
+                    changes[key] = float((new - cb).abs().max()) if cb.numel() else 0.0
+                    cb.copy_(new)
+        skip.append(f"{mname}.parametrizations." if mname else "parametrizations.")
+    live = {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not any(k.startswith(p) for p in skip)
+    }
+    check_overrides(config, list(live) + list(changes))
     for name, t in live.items():
         cand = _best_candidate(name, t.detach(), config)
         secs = [memoryview(s) for s in cand.sections]
@@ -814,7 +864,7 @@ def _decode_entry(
                 scheme="dense",
                 layout=None,
                 numel=numel,
-                nonzeros=int(torch.count_nonzero(t)) if numel else 0,
+                nonzeros=_nnz(t),
                 total_bytes=len(data) + _FRAME.size,
                 dense_store=store,
                 dense_bits=8 * len(data),

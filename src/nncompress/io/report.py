@@ -145,6 +145,13 @@ _DTYPE_BITS = {
     "int8": 8,
     "uint8": 8,
     "bool": 8,
+    "uint16": 16,
+    "uint32": 32,
+    "uint64": 64,
+    "complex64": 64,
+    "complex128": 128,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
 }
 
 
