@@ -31,6 +31,7 @@ from .linear import (
     quantize_qat,
     quantized_float_model,
 )
+from .mixed import MixedPrecisionConfig, MixedPrecisionPlan, plan_mixed_precision, quantize_mixed_
 from .observers import (
     HistogramObserver,
     KLObserver,
@@ -67,6 +68,10 @@ __all__ = [
     "AwareKMeansConfig",
     "HessianAccumulator",
     "LayerQuantReport",
+    "MixedPrecisionConfig",
+    "MixedPrecisionPlan",
+    "plan_mixed_precision",
+    "quantize_mixed_",
     "QuantizedWeight",
     "WeightOnlyConfig",
     "WeightOnlyReport",
