@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..engine.batches import call_inputs, main_output
-from ..engine.config import ConfigError
 
 __all__ = ["OutputDistillConfig", "output_distillation_loss", "output_loss"]
 

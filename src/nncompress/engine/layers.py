@@ -10,7 +10,6 @@ Data-aware transforms (GPTQ, activation-weighted k-means, Wanda, whitened SVD) n
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.select import matches_any
 from .batches import run_model
 
 __all__ = [
@@ -64,7 +64,7 @@ def _weight_identity(m: nn.Module) -> int:
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return matches_any(name, patterns)
 
 
 def matrix_layers(

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import ProgressEvent
 from ..engine.batches import take_batches
-from ..engine.config import ConfigError
 from ..engine.layers import matrix_layers, record_inputs, weight_matrix
-from ..engine.train import ProgressEvent, model_device
 
 __all__ = ["LayerWhitenedSVD", "WhitenedSVDConfig", "decompose_whitened_", "whitened_svd"]
 

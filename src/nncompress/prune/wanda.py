@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import ProgressEvent
 from ..engine.batches import take_batches
-from ..engine.config import ConfigError
 from ..engine.layers import layer_kind, matrix_layers, record_inputs, weight_matrix
-from ..engine.train import ProgressEvent, model_device
 from .magnitude import apply_mask_
 
 __all__ = ["LayerWanda", "WandaConfig", "nm_mask", "prune_wanda_", "wanda_scores"]

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import ProgressEvent
 from ..engine.batches import take_batches
-from ..engine.config import ConfigError
 from ..engine.layers import layer_kind, matrix_layers, record_inputs, tied_groups, weight_matrix
-from ..engine.train import ProgressEvent, model_device
 from .kmeans import CENTROID_GRADS, LayerShareReport, SharedWeight, ShareReport, shared_layers
 
 __all__ = ["AwareKMeansConfig", "share_weights_aware_", "weighted_kmeans_1d"]

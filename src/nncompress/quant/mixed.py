@@ -41,10 +41,11 @@ import torch
 from torch import nn
 
 from ..coding.bitpack import write_uvarint
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import ProgressEvent
 from ..engine.batches import main_output, run_model, take_batches
-from ..engine.config import ConfigError
 from ..engine.layers import layer_kind, weight_matrix
-from ..engine.train import ProgressEvent, model_device
 from .groupwise import rtn_quantize
 from .weight_only import WeightOnlyConfig, WeightOnlyReport, _plan, quantize_weights_
 

@@ -38,8 +38,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import ProgressEvent
 from ..engine.batches import take_batches
-from ..engine.config import ConfigError
 from ..engine.layers import (
     block_of,
     layer_kind,
@@ -48,7 +50,6 @@ from ..engine.layers import (
     tied_groups,
     weight_matrix,
 )
-from ..engine.train import ProgressEvent, model_device
 from .gptq import HessianAccumulator, gptq_quantize, layer_output_error
 from .groupwise import (
     MAX_WEIGHT_BITS,
