@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "nncompress.cli.basic",
     "nncompress.cli.codec",
     "nncompress.cli.distill",
+    "nncompress.cli.hf",
     "nncompress.cli.lowrank",
     "nncompress.cli.prune",
     "nncompress.cli.quant",

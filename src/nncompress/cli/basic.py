@@ -17,6 +17,7 @@ from .common import (
     print_json,
     print_table,
 )
+from .hf import existing_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,8 +113,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on the test split of the dataset "
         "recorded in its sidecar.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    p.add_argument(
+        "checkpoint",
+        type=existing_path,
+        help="checkpoint (.safetensors), .onnx, or a Hugging Face folder / .ncz written from one",
+    )
     add_data_args(p)
+    p.add_argument(
+        "--reference", type=Path, help="Hugging Face models: the original folder to compare with"
+    )
+    p.add_argument(
+        "--text", type=Path, help="Hugging Face models: held-out text, one example per line"
+    )
+    p.add_argument(
+        "--examples", type=int, default=256, help="Hugging Face models: examples (default 256)"
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -276,6 +290,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         return cmd_eval_onnx(args)
     # --- end ONNX ---
+    # --- Hugging Face folders and .ncz files written from them (nncompress.cli.hf) ---
+    if args.checkpoint.is_dir() or args.reference is not None:
+        from .hf import cmd_eval_hf
+
+        return cmd_eval_hf(args)
+    # --- end Hugging Face ---
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
     res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
