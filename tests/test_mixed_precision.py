@@ -64,6 +64,25 @@ def test_mixed_precision_meets_the_size_budget(make, ratio):
         assert torch.equal(state[k], want), k
 
 
+def test_refinement_uses_the_entropy_coding_slack_and_stays_within_budget():
+    calib = text_batches(3)
+    cfg = MixedPrecisionConfig(quant=WeightOnlyConfig(group_size=32), sensitivity_batches=2)
+
+    def measure(m):
+        return len(encode_state_dict(m, EncodeConfig(dense_dtype="fp16"))[0])
+
+    plain = gpt2()
+    p0, _ = quantize_mixed_(plain, calib, cfg, target_ratio=8)
+    refined = gpt2()
+    p1, rep = quantize_mixed_(refined, calib, cfg, target_ratio=8, measure=measure)
+    size0, size1 = measure(plain), measure(refined)
+    assert p1.budget == p0.budget and size1 == p1.measured_bytes <= p1.budget
+    assert size1 >= size0  # never smaller than the unrefined plan's file
+    assert {r.name: r.bits for r in rep.layers} == {
+        n: b for n, b in p1.bits.items() if n in {r.name for r in rep.layers}
+    }
+
+
 def test_mixed_precision_refuses_impossible_budgets_before_the_scan():
     with pytest.raises(ConfigError, match="below the smallest file"):
         quantize_mixed_(bert(), text_batches(1), MixedPrecisionConfig(), target_ratio=60)

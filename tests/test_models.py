@@ -41,7 +41,10 @@ def test_resnet_rejects_bad_depth():
         create("resnet-20").__class__(depth=21)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+IMAGE_MODELS = sorted(n for n in MODELS if n != "char-gpt")  # char-gpt: test_zoo_transformers
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_every_registry_model_forward_and_backward(name):
     torch.manual_seed(0)
     model = create(name, num_classes=7)

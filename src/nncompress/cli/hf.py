@@ -81,7 +81,7 @@ def _check_out(path: Path, flag: str) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     from ..core.files import atomic_write_text
     from ..data.text import text_batches
-    from ..io import EncodeConfig, save_compressed
+    from ..io import EncodeConfig, encode_state_dict, save_compressed
     from ..io.hf import decode_to_hf_folder, hf_metadata, is_hf_folder, load_hf_folder
     from ..quant.mixed import MixedPrecisionConfig, quantize_mixed_
     from ..quant.weight_only import WeightOnlyConfig, quantize_weights_
@@ -125,6 +125,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             target_ratio=args.target_ratio,
             metadata=meta,
             progress=progress,
+            measure=lambda m: len(encode_state_dict(m, EncodeConfig(dense_dtype="fp16"), meta)[0]),
         )
     else:
         report = quantize_weights_(model, qcfg, calib, progress=progress)

@@ -7,18 +7,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .gpt import CharGPT
 from .lenet import LeNet5, LeNet300100
 from .resnet import BasicBlock, CifarResNet
 from .vgg import SmallVGG
+from .vit import ViTTiny
 
 __all__ = [
     "MODELS",
     "BasicBlock",
+    "CharGPT",
     "CifarResNet",
     "LeNet300100",
     "LeNet5",
     "ModelInfo",
     "SmallVGG",
+    "ViTTiny",
     "create",
     "list_models",
 ]
@@ -50,6 +54,10 @@ MODELS: dict[str, ModelInfo] = {
             "resnet-56", _resnet(56), "CIFAR-style ResNet-56 (16/32/64 ch), option-B shortcuts"
         ),
         ModelInfo("vgg-small", SmallVGG, "VGG-style 6 conv (32/64/128) + 2 FC with BatchNorm"),
+        ModelInfo("vit-tiny", ViTTiny, "ViT, 7x7 patches, dim 128, depth 6, ~0.8M params"),
+        ModelInfo(
+            "char-gpt", CharGPT, "character-level GPT, context 128, dim 128, depth 4, tied head"
+        ),
     )
 }
 

@@ -28,6 +28,7 @@ plan; saving with ``EncodeConfig(dense_dtype='fp16')`` gives a file within the b
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from torch import nn
 
 from ..coding.bitpack import write_uvarint
 from ..core.errors import ConfigError
-from ..core.modules import model_device
+from ..core.modules import model_device, strip_parametrizations_
 from ..core.progress import ProgressEvent
 from ..engine.batches import main_output, run_model, take_batches
 from ..engine.layers import layer_kind, weight_matrix
@@ -129,6 +130,7 @@ class MixedPrecisionPlan:
     layer_bytes: dict[str, int]
     distortion: dict[str, dict[int, float]]
     predicted_distortion: float
+    measured_bytes: int | None = None
 
     def per_layer(self) -> dict[str, int | None]:
         """``WeightOnlyConfig.per_layer`` of the plan (None = left in float)."""
@@ -271,8 +273,11 @@ def plan_mixed_precision(
     metadata: Any = None,
     filter: Callable[[str, nn.Module], bool] | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    distortion: dict[str, dict[int, float]] | None = None,
 ) -> MixedPrecisionPlan:
     """Per-layer widths meeting a ``.ncz`` size budget (see the module docstring).
+
+    ``distortion``: a previous plan's scan of the same model, reused instead of measuring.
 
     Exactly one of ``target_bytes`` (file size) or ``target_ratio`` (dense float32 size of the
     state dict, tied tensors once, divided by the file size) must be given. ``metadata`` is
@@ -321,8 +326,11 @@ def plan_mixed_precision(
             f"target of {budget:,} bytes is below the smallest file these settings allow "
             f"({least:,} bytes: every layer at {min(cfg.bit_choices)} bits, the rest in float16)"
         )
-    batches = take_batches(calibration, cfg.sensitivity_batches, "calibration")
-    dist = _sensitivity(model, items, cfg.bit_choices, cfg.quant, batches, progress)
+    if distortion is None:
+        batches = take_batches(calibration, cfg.sensitivity_batches, "calibration")
+        dist = _sensitivity(model, items, cfg.bit_choices, cfg.quant, batches, progress)
+    else:
+        dist = distortion
     values = [[dist[n][b] for b in cfg.bit_choices] for n in names]
     pick = _knapsack(costs, values, room)
     assert pick is not None  # feasibility checked above
@@ -354,24 +362,62 @@ def quantize_mixed_(
     metadata: Any = None,
     filter: Callable[[str, nn.Module], bool] | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    measure: Callable[[nn.Module], int] | None = None,
+    refine: int = 2,
 ) -> tuple[MixedPrecisionPlan, WeightOnlyReport]:
     """Plan widths with :func:`plan_mixed_precision`, then quantize in place with them.
 
     ``calibration`` may be a list (it is read twice: the scan and GPTQ). Save with
     ``EncodeConfig(dense_dtype='fp16')`` to obtain a file within the budget.
+
+    ``measure(model) -> bytes`` (e.g. the length of ``encode_state_dict``) enables up to
+    ``refine`` refinements: the plan's sizes are fixed-width upper bounds, so the entropy-coded
+    file usually comes out smaller; the slack is added to the budget of a new plan (same
+    scan), which is kept only if its measured file still fits the original budget. The
+    returned plan's ``budget`` is always the caller's.
     """
     cfg = config or MixedPrecisionConfig()
     batches = list(calibration) if not isinstance(calibration, list) else calibration
+    kwargs = dict(metadata=metadata, filter=filter, progress=progress)
     plan = plan_mixed_precision(
-        model,
-        batches,
-        cfg,
-        target_bytes=target_bytes,
-        target_ratio=target_ratio,
-        metadata=metadata,
-        filter=filter,
-        progress=progress,
+        model, batches, cfg, target_bytes=target_bytes, target_ratio=target_ratio, **kwargs
     )
+    budget = plan.budget
+    original = copy.deepcopy(model) if measure is not None and refine > 0 else None
     qcfg = replace(cfg.quant, per_layer=plan.per_layer())
     report = quantize_weights_(model, qcfg, batches, filter=filter, progress=progress)
+    if original is None:
+        return plan, report
+    size = measure(model)
+    stretch, best = budget, None
+    for _ in range(refine):
+        if size >= budget:
+            break
+        stretch += budget - size
+        trial = copy.deepcopy(original)
+        try:
+            p2 = plan_mixed_precision(
+                trial, batches, cfg, target_bytes=stretch, distortion=plan.distortion, **kwargs
+            )
+        except ConfigError:
+            break
+        if p2.bits == plan.bits:
+            continue
+        quantize_weights_(
+            trial, replace(cfg.quant, per_layer=p2.per_layer()), batches, filter=filter
+        )
+        s2 = measure(trial)
+        if s2 > budget:
+            break
+        log.info("mixed precision refined: %d -> %d bytes of %d", size, s2, budget)
+        plan, size, best = p2, s2, p2
+    if best is not None:
+        # redo the accepted plan on the model itself (GPTQ is deterministic: same result)
+        strip_parametrizations_(model)
+        model.load_state_dict(original.state_dict())
+        report = quantize_weights_(
+            model, replace(cfg.quant, per_layer=best.per_layer()), batches, filter=filter
+        )
+    plan.budget = budget
+    plan.measured_bytes = size
     return plan, report

@@ -103,7 +103,9 @@ class WeightOnlyConfig:
     bits : code width of Linear / Conv1D weights, in [2, 8].
     group_size : columns per scale (32/64/128 are usual); None = per output channel. A group
         at least as wide as a layer means per-channel for that layer; otherwise it must divide
-        the layer's input width.
+        the layer's input width, unless ``per_channel_fallback``.
+    per_channel_fallback : layers whose input width the group size does not divide (a ViT's
+        49-pixel patch embedding) get one scale per output channel instead of an error.
     symmetric : symmetric range (zero point fixed at ``2**(bits-1)``, not stored).
     method : 'gptq' (needs calibration batches) or 'rtn'.
     per_layer : ``{module name or fnmatch pattern: bits or None}``; exact names win, then the
@@ -121,6 +123,7 @@ class WeightOnlyConfig:
 
     bits: int = 4
     group_size: int | None = 128
+    per_channel_fallback: bool = False
     symmetric: bool = False
     method: str = "gptq"
     per_layer: dict[str, int | None] = field(default_factory=dict)
@@ -142,6 +145,12 @@ class WeightOnlyConfig:
             v = getattr(self, name)
             _check(_is_group(v), name, v, "must be a positive integer or null (per channel)")
         _check(isinstance(self.symmetric, bool), "symmetric", self.symmetric, "true or false")
+        _check(
+            isinstance(self.per_channel_fallback, bool),
+            "per_channel_fallback",
+            self.per_channel_fallback,
+            "true or false",
+        )
         _check(self.method in METHODS, "method", self.method, f"must be one of {METHODS}")
         _check(isinstance(self.per_layer, dict), "per_layer", self.per_layer, "must be a mapping")
         for k, b in self.per_layer.items():
@@ -361,6 +370,9 @@ def _plan(model: nn.Module, cfg: WeightOnlyConfig, filter) -> tuple[list[_Item],
         group = cfg.embedding_group_size if kind == "embedding" else cfg.group_size
         in_f = weight_matrix(mods[primary]).shape[1]
         if group is not None and group >= in_f:
+            group = None
+        if group is not None and in_f % group and cfg.per_channel_fallback:
+            log.info("layer %s: width %d not divisible by %d: per channel", gnames[0], in_f, group)
             group = None
         if group is not None and in_f % group:
             raise ConfigError(
