@@ -215,3 +215,36 @@ def test_per_layer_wildcards_and_skip():
     assert bits["blocks.0.0"] == bits["blocks.0.2"] == 8 and bits["blocks.1.0"] == 4
     assert "blocks.1.2" in rep.skipped and "blocks.1.2" not in quantized_layers(net)
     assert isinstance(quantized_layers(net)["blocks.0.0"], AffineWeight)
+
+
+def test_damaged_affine_and_alias_files_decode_or_raise_format_error():
+    """Bit flips anywhere (CRCs recomputed so the damage reaches the parsers): decode or
+    FormatError, never another exception."""
+    import struct
+    import zlib
+
+    from nncompress.io import FormatError
+
+    net = _DictNet().eval()
+    quantize_weights_(net, WeightOnlyConfig(bits=3, group_size=16, method="rtn"))
+    data, report = encode_state_dict(net)
+    assert {"affine", "alias"} <= {t.scheme for t in report.tensors}
+    # section boundaries: 16-byte prefix, then (u32 length, u32 crc, payload)*
+    secs, pos = [], 16
+    while pos < len(data):
+        length = struct.unpack_from("<I", data, pos)[0]
+        secs.append((pos + 8, length))
+        pos += 8 + length
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        buf = bytearray(data)
+        start, length = secs[int(rng.integers(0, len(secs)))]
+        if length == 0:
+            continue
+        for _ in range(int(rng.integers(1, 4))):
+            buf[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
+        struct.pack_into("<I", buf, start - 4, zlib.crc32(bytes(buf[start : start + length])))
+        try:
+            decode_bytes(bytes(buf))
+        except FormatError:
+            pass
