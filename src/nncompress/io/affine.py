@@ -15,7 +15,6 @@ shape whose values this tensor has, bit for bit (tied embedding and LM head).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -114,7 +113,7 @@ def affine_candidate(
 
 def check_affine(e: dict, where: str, numel: int, req_int, req, refs: list[int], n_sec: int):
     """Validate an affine entry's fields (``req_int``/``req`` raise FormatError)."""
-    bits = req_int(e, "bits", 2, 8, where)
+    req_int(e, "bits", 2, 8, where)
     rows = req_int(e, "rows", 1, numel, where)
     cols = req_int(e, "cols", 1, numel, where)
     g = req_int(e, "group", 1, cols, where)
@@ -136,7 +135,6 @@ def check_affine(e: dict, where: str, numel: int, req_int, req, refs: list[int],
             raise FormatError(f"{where}: {s} codec={ref['codec']!r} unknown")
         refs.append(req_int(ref, "sec", 2, n_sec - 1, f"{where} {s}"))
     refs.append(req_int(e, "scale", 2, n_sec - 1, where))
-    del bits
 
 
 def decode_affine(
@@ -208,7 +206,3 @@ def decode_affine(
             streams=tuple(streams),
         )
     return w, rep
-
-
-def numel_of(shape: list[int]) -> int:
-    return math.prod(shape)
