@@ -112,7 +112,8 @@ def test_roundtrip_odd_dtypes_and_shapes():
 
 def test_negative_zero_is_zero_in_codebook_scheme():
     w = torch.tensor([[0.5, -0.0, 0.0, -0.5] * 8] * 8)  # masked negative weights give -0.0
-    data, report = encode_state_dict({"w": w})
+    # (periodic rows: the pq scheme would be smaller, so the codebook scheme is forced)
+    data, report = encode_state_dict({"w": w}, EncodeConfig(scheme={"w": "codebook"}))
     back = decode_bytes(data)[0]["w"]
     assert report.tensor("w").scheme == "codebook" and report.tensor("w").codebook_size == 2
     assert torch.equal(back, w)  # equal values ...
@@ -155,18 +156,21 @@ def test_report_sums_and_inspect_agree(tmp_path):
 def test_sparse_layout_and_order_choice():
     # a (300, 100) layer whose nonzeros fill 2 adjacent columns: row-major (CSR) needs 3
     # fillers per row for the gap of 98 zeros, column-major (CSC) one run of 500 zeros, so
-    # 'auto' must pick F; forcing C must cost more bytes
+    # 'auto' must pick F; forcing C must cost more bytes (identical rows: the codebook scheme
+    # is forced, the pq scheme would store one subvector)
     w = torch.zeros(300, 100)
     w[:, [5, 6]] = torch.tensor([0.5, -0.25]).repeat(300, 1)
-    data, rep = encode_state_dict({"w": w}, EncodeConfig(codec="raw"))
+    cb = {"w": "codebook"}
+    data, rep = encode_state_dict({"w": w}, EncodeConfig(codec="raw", scheme=cb))
     t = rep.tensor("w")
     assert (t.layout, t.order) == ("sparse", "F")
-    forced = encode_state_dict({"w": w}, EncodeConfig(codec="raw", order="C"))[1].tensor("w")
+    forced = encode_state_dict({"w": w}, EncodeConfig(codec="raw", order="C", scheme=cb))
+    forced = forced[1].tensor("w")
     assert forced.order == "C" and forced.fillers > t.fillers
     assert forced.total_bytes > t.total_bytes
     assert torch.equal(decode_bytes(data)[0]["w"], w)
     for layout in ("dense", "sparse"):
-        data, rep = encode_state_dict({"w": w}, EncodeConfig(layout=layout))
+        data, rep = encode_state_dict({"w": w}, EncodeConfig(layout=layout, scheme=cb))
         assert rep.tensor("w").layout == layout
         assert torch.equal(decode_bytes(data)[0]["w"], w)
 

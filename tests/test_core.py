@@ -102,3 +102,40 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == '{"x": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_trace_names_the_failing_module_and_op_kind_classifies():
+    import torch.nn.functional as F  # noqa: N812
+
+    from nncompress.core.fx import TraceError, op_kind, trace
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.gate = nn.Linear(4, 4), Gate()
+
+        def forward(self, x):
+            return self.gate(self.fc(x))
+
+    with pytest.raises(TraceError, match="in module 'gate'") as info:
+        trace(Net())
+    assert info.value.module == "gate" and isinstance(info.value, ValueError)
+
+    class Ops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act, self.pool = nn.BatchNorm1d(4), nn.ReLU6(), nn.AdaptiveAvgPool1d(1)
+
+        def forward(self, x):
+            y = F.relu(self.bn(x)) + torch.sigmoid(x)
+            return self.pool(self.act(y.view(y.size(0), 4, -1))).flatten(1)
+
+    gm = trace(Ops())
+    mods = dict(gm.named_modules())
+    kinds = [op_kind(n, mods) for n in gm.graph.nodes]
+    assert kinds == ["placeholder", "batchnorm", "relu", "activation", "add", "shape", "reshape",
+                     "relu6", "adaptive_avgpool", "flatten", "output"]  # fmt: skip

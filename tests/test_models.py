@@ -67,3 +67,19 @@ def test_registry_lists_and_rejects():
         create("alexnet")
     with pytest.raises(ValueError, match="bad constructor arguments"):
         create("lenet-5", nonsense=1)
+
+
+def test_default_kwargs_fit_the_dataset_from_the_registry():
+    from nncompress.models import MODELS, default_kwargs
+
+    assert default_kwargs("lenet-300-100", (1, 8, 8), 10) == {"num_classes": 10, "in_features": 64}
+    assert default_kwargs("lenet-5", (1, 28, 28), 10) == {
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 28,
+    }
+    assert default_kwargs("resnet-20", (3, 32, 32), 7) == {"num_classes": 7, "in_channels": 3}
+    for name in IMAGE_MODELS:  # every image model builds from its defaults for a tiny dataset
+        create(name, **default_kwargs(name, (1, 28, 28), 10))
+    with pytest.raises(ValueError, match="language model"):
+        default_kwargs("char-gpt", (1, 28, 28), 10)

@@ -13,11 +13,13 @@ COMMAND_MODULES = [
     "nncompress.cli.basic",
     "nncompress.cli.codec",
     "nncompress.cli.distill",
+    "nncompress.cli.filters",
     "nncompress.cli.hf",
     "nncompress.cli.lowrank",
     "nncompress.cli.prune",
     "nncompress.cli.quant",
     "nncompress.cli.run",
+    "nncompress.cli.search",
 ]
 
 

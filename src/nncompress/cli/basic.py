@@ -21,6 +21,14 @@ from .hf import existing_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_models(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_stats(sub)
+    _add_demo(sub)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list the reference models",
@@ -29,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_models)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a reference model and save a checkpoint",
@@ -107,6 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="accuracy and loss of a checkpoint on the test split",
@@ -138,6 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats",
         help="params, nonzeros, MACs, bytes and latency per layer",
@@ -160,6 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_stats)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: run the flagship example end to end",
@@ -193,15 +209,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _model_kwargs(name: str, splits) -> dict:
-    shape = splits.input_shape
-    kwargs: dict = {"num_classes": splits.num_classes}
-    if name == "lenet-300-100":
-        kwargs["in_features"] = int(__import__("math").prod(shape))
-    elif name in ("lenet-5", "vgg-small"):
-        kwargs.update(in_channels=shape[0], image_size=shape[-1])
-    else:
-        kwargs["in_channels"] = shape[0]
-    return kwargs
+    from ..models import default_kwargs
+
+    return default_kwargs(name, splits.input_shape, splits.num_classes)
 
 
 def train_model(name: str, splits, cfg, out_path: Path, progress=None, *, channels_last=False):
@@ -299,13 +309,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
     res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
+    return print_accuracy(args, res)
+
+
+def print_accuracy(args: argparse.Namespace, res: dict, runtime: str | None = None) -> int:
+    """Print (or ``--json``) the result of ``nncompress eval``."""
     res["split"] = args.split
+    if runtime:
+        res["runtime"] = runtime
     if args.json:
         print_json(res)
     else:
+        where = f", {runtime}" if runtime else ""
         out.print(
             f"{args.split} accuracy {res['accuracy']:.2f}%  loss {res['loss']:.4f}  "
-            f"({res['samples']} samples)"
+            f"({res['samples']} samples{where})"
         )
     return 0
 

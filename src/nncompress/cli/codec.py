@@ -9,6 +9,12 @@ from .common import RichProgress, add_json_arg, add_quiet_arg, existing_file, ou
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_encode(sub)
+    _add_decode(sub)
+    _add_inspect(sub)
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "encode",
         help="write a checkpoint as a compressed .ncz file",
@@ -63,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_encode)
 
+
+def _add_decode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decode",
         help="decode a .ncz file into a checkpoint",
@@ -82,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_decode)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="itemised size of a .ncz file, per tensor",

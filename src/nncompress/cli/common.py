@@ -127,3 +127,75 @@ def existing_file(value: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"file '{value}' does not exist")
     return path
+
+
+class CheckpointJob:
+    """The load -> transform -> save flow the checkpoint commands share: open the checkpoint
+    and the dataset it names, build the stage context and the base training config from its
+    sidecar, evaluate, and save the result with the sidecar's history carried over."""
+
+    def __init__(self, args: argparse.Namespace, *, bars: bool | None = None) -> None:
+        from ..engine import load_checkpoint
+
+        self.path = Path(args.checkpoint)
+        self.model, self.sidecar = load_checkpoint(self.path)
+        self.splits = dataset_for(self.sidecar, getattr(args, "data_dir", None))
+        show = not getattr(args, "quiet", False) if bars is None else bars
+        self.progress = RichProgress(show)
+
+    @property
+    def architecture(self) -> dict:
+        return self.sidecar.get("architecture") or {}
+
+    def train_config(self, **changes: Any):
+        """The checkpoint's training config (fields this version knows), with ``changes``
+        (``None`` values are ignored)."""
+        from ..engine import TrainConfig
+
+        saved = (self.sidecar.get("extra") or {}).get("train_config") or {}
+        known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+        return TrainConfig(**known).replace(**{k: v for k, v in changes.items() if v is not None})
+
+    def context(self, out_dir: Path, train_config=None):
+        """The :class:`~nncompress.stages.base.StageContext` a stage runs in."""
+        from ..stages.base import StageContext
+
+        return StageContext(
+            model=self.model,
+            splits=self.splits,
+            model_name=self.architecture.get("model"),
+            model_kwargs=self.architecture.get("kwargs") or {},
+            train_config=train_config or self.train_config(),
+            out_dir=out_dir,
+            progress=self.progress,
+        )
+
+    def accuracy(self, model=None, split: str = "test", batch: int = 512) -> float:
+        from ..engine import evaluate
+
+        loader = self.splits.loader(split, batch)
+        return evaluate(self.model if model is None else model, loader, progress=self.progress)[
+            "accuracy"
+        ]
+
+    def extra(self, key: str, value: Any) -> dict:
+        """The sidecar's ``extra`` with ``value`` under ``key``."""
+        out = dict(self.sidecar.get("extra") or {})
+        out[key] = value
+        return out
+
+    def save(self, model, path: Path, metrics: dict, extra: dict) -> Path:
+        """Save ``model`` (parametrizations folded) with this checkpoint's architecture,
+        dataset and history."""
+        from ..engine import save_checkpoint
+
+        return save_checkpoint(
+            model,
+            path,
+            model_name=self.architecture.get("model"),
+            model_kwargs=self.architecture.get("kwargs") or {},
+            dataset=self.splits.describe(),
+            metrics=metrics,
+            history=list(self.sidecar.get("history") or []),
+            extra=extra,
+        )

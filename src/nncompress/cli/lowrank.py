@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 
 from .common import (
-    RichProgress,
+    CheckpointJob,
     add_data_args,
     add_json_arg,
     add_quiet_arg,
     checkpoint_out,
-    dataset_for,
     existing_file,
     out,
     print_json,
@@ -96,11 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
-    from ..engine import TrainConfig, evaluate, load_checkpoint, save_checkpoint
-    from ..lowrank import DecomposeConfig
     from ..stages.decompose import DecomposeStageConfig, decompose_and_finetune
 
-    dcfg = DecomposeConfig(
+    # the same stage config a recipe's {stage: decompose, ...} builds
+    stage = DecomposeStageConfig(
         method=args.method,
         rank=args.rank,
         energy=args.energy,
@@ -111,47 +109,30 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         min_rank=args.min_rank,
         tt_cores=args.tt_cores,
         require_fewer_macs=not args.allow_more_macs,
-    )
-    stage = DecomposeStageConfig(
-        decompose=dcfg,
         layers=tuple(args.layers) if args.layers else None,
         refit_batches=args.refit_batches,
         finetune_epochs=args.finetune_epochs,
         lr_scale=args.lr_scale,
         distill=not args.no_distill,
     )
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
-    base = (sidecar.get("extra") or {}).get("train_config") or {}
-    known = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
-    tcfg = TrainConfig(**known)
-    changes = {"augment": args.augment or tcfg.augment}
-    if args.restore_best:
-        changes["restore_best"] = True
-    if args.lr is not None:
-        changes["lr"] = args.lr
-    if args.batch_size is not None:
-        changes["batch_size"] = args.batch_size
-    tcfg = tcfg.replace(**changes)
-
-    progress = RichProgress(not args.quiet)
-    test = splits.loader("test", 512)
-    before = evaluate(model, test, progress=progress)["accuracy"]
-    report, info = decompose_and_finetune(model, splits, stage, tcfg, progress=progress)
-    after = evaluate(model, test, progress=progress)["accuracy"]
-
-    arch = sidecar["architecture"]
-    extra = dict(sidecar.get("extra") or {})
-    extra["decompose"] = {**report.to_dict(), "finetune": info, "stage": stage.to_dict()}
-    save_checkpoint(
+    job = CheckpointJob(args)
+    base = job.train_config()
+    tcfg = job.train_config(
+        augment=args.augment or base.augment,
+        restore_best=True if args.restore_best else None,
+        lr=args.lr,
+        batch_size=args.batch_size,
+    )
+    model = job.model
+    before = job.accuracy()
+    report, info = decompose_and_finetune(model, job.splits, stage, tcfg, progress=job.progress)
+    after = job.accuracy()
+    extra = {**report.to_dict(), "finetune": info, "stage": stage.to_dict()}
+    job.save(
         model,
         args.out,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs"),
-        dataset=sidecar.get("dataset"),
-        metrics={"test_accuracy": after, "test_accuracy_before_decompose": before},
-        history=list(sidecar.get("history") or []),
-        extra=extra,
+        {"test_accuracy": after, "test_accuracy_before_decompose": before},
+        job.extra("decompose", extra),
     )
     result = {
         **report.to_dict(),

@@ -1,5 +1,6 @@
-"""Pruning commands: ``prune`` (connection pruning; filter pruning methods plug into the same
-command through :data:`METHODS`) and ``sensitivity`` (per-layer sensitivity curves)."""
+"""Pruning commands: ``prune`` (connection pruning; ``--method filter-*`` runs
+``prune-filters``, :mod:`nncompress.cli.filters`) and ``sensitivity`` (per-layer sensitivity
+curves)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
-    RichProgress,
+    CheckpointJob,
     add_data_args,
     add_json_arg,
     add_quiet_arg,
     checkpoint_out,
-    dataset_for,
     existing_file,
     out,
     print_json,
     print_table,
 )
 
-# --method name -> runner(args, ctx) returning the report dict. Connection pruning methods are
-# defined here; filter pruning adds its 'filter-*' methods (and their options) to this dict.
+# --method name -> runner(args, ctx) returning the report dict: connection pruning here, the
+# 'filter-*' methods of 'nncompress prune-filters' (nncompress.cli.filters) with their flags.
 Runner = Callable[[argparse.Namespace, Any], dict]
 
 
@@ -35,9 +35,10 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
         q=args.q,
         sparsity=args.sparsity,
         scope=args.scope,
-        per_layer=_per_layer(args.per_layer),
+        per_layer=parse_per_layer(args.per_layer),
         exclude=tuple(args.exclude),
-        allocate="sensitivity" if args.allocate_sensitivity else "none",
+        allocate=_allocation(args),
+        policy_file=str(args.policy) if args.policy is not None else None,
         max_drop=args.max_drop,
         sensitivity_sparsities=tuple(_floats(args.sensitivities, "--sensitivities")),
         iterations=args.iterations,
@@ -55,6 +56,14 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
     return run_prune_stage(ctx, cfg)
 
 
+def _allocation(args: argparse.Namespace) -> str:
+    if args.policy is not None and args.allocate_sensitivity:
+        raise ValueError("--policy and --allocate-sensitivity: choose one allocation")
+    if args.policy is not None:
+        return "policy"
+    return "sensitivity" if args.allocate_sensitivity else "none"
+
+
 def _distill(text: str | None) -> dict[str, float] | None:
     if text is None:
         return None
@@ -65,38 +74,18 @@ def _distill(text: str | None) -> dict[str, float] | None:
 
 
 def _run_filter(args: argparse.Namespace, ctx) -> dict:
-    """Filter pruning with thinning (Li et al. 2017): ``--method filter-CRITERION``."""
-    from ..stages.filter_prune import FilterPruneStageConfig, run_filter_prune_stage
+    """``--method filter-CRITERION``: the ``prune-filters`` command with ``prune``'s flags,
+    refusing the connection-pruning flags it does not use."""
+    from .filters import filter_stage_config, run_filter_prune
 
     if args.iterations != 1:
         raise ValueError(f"--iterations={args.iterations}: filter pruning prunes once")
     for flag in ("q", "sparsity", "distill"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag}: not used by {args.method}; use --ratio or --macs-budget")
-    cfg = FilterPruneStageConfig(
-        criterion=args.method.removeprefix("filter-"),
-        ratio=args.ratio,
-        per_layer=_per_layer(args.per_layer) or None,
-        macs_budget=args.macs_budget,
-        scope=args.scope,
-        min_channels=args.min_channels,
-        exclude=tuple(args.exclude),
-        epochs=args.retrain_epochs,
-        lr_scale=args.lr_scale,
-    )
-    report = run_filter_prune_stage(ctx, cfg)
-    # per-layer rows in the table format of this command: weights before -> after
-    report["filter_layers"] = report.pop("layers")
-    report["layers"] = {
-        r["name"]: {
-            "params": r["params_before"],
-            "kept": r["params_after"],
-            "kept_fraction": r["params_after"] / r["params_before"] if r["params_before"] else 1,
-        }
-        for r in report["filter_layers"]
-    }
-    report["params"] = report["params_after"]
-    return report
+    criterion = args.method.removeprefix("filter-")
+    cfg = filter_stage_config(args, criterion, parse_per_layer(args.per_layer))
+    return run_filter_prune(cfg, ctx)
 
 
 METHODS: dict[str, Runner] = {
@@ -116,7 +105,7 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag}={text!r}: must be comma-separated numbers") from exc
 
 
-def _per_layer(text: str | None) -> dict[str, Any]:
+def parse_per_layer(text: str | None) -> dict[str, Any]:
     """``fc1=0.9,fc2=0.8`` or a JSON file (``{name: sparsity}``, or a sensitivity output's
     ``per_layer.json``)."""
     if not text:
@@ -141,6 +130,11 @@ def _per_layer(text: str | None) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_prune(sub)
+    _add_sensitivity(sub)
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
         help="prune a checkpoint (connection pruning: magnitude, agp)",
@@ -154,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method",
         default="magnitude",
         help="magnitude | agp | filter-l1 | filter-l2 | filter-random | filter-largest "
-        "(default: magnitude)",
+        "(default: magnitude; filter-* is 'nncompress prune-filters')",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q", type=float, help="Han's quality parameter: prune |w| <= q * std(layer)")
@@ -184,6 +178,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(within --max-drop, or the smallest drop reaching --sparsity overall)",
     )
     p.add_argument("--max-drop", type=float, help="tolerated accuracy drop in points")
+    p.add_argument(
+        "--policy",
+        type=existing_file,
+        help="per-layer sparsities (magnitude) or filter ratios (filter-*) of a searched "
+        "policy.json ('nncompress search')",
+    )
     p.add_argument(
         "--sensitivities",
         default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,0.97,0.98",
@@ -233,6 +233,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_prune)
 
+
+def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sensitivity",
         help="per-layer pruning sensitivity curves (JSON + PNG)",
@@ -260,101 +262,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sensitivity)
 
 
-def _base_train_config(sidecar: dict, lr: float | None):
-    from ..engine import TrainConfig, config_from_dict
-
-    saved = (sidecar.get("extra") or {}).get("train_config")
-    cfg = config_from_dict(TrainConfig, saved, "train_config") if saved else TrainConfig()
-    return cfg.replace(lr=lr) if lr is not None else cfg
-
-
-def _save(model, path: Path, sidecar: dict, splits, metrics: dict, extra: dict) -> None:
-    from ..core.modules import folded_copy
-    from ..engine import save_checkpoint
-
-    arch = sidecar.get("architecture") or {}
-    save_checkpoint(
-        folded_copy(model),
-        path,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs") or {},
-        dataset=splits.describe(),
-        metrics=metrics,
-        history=list(sidecar.get("history") or []),
-        extra=extra,
-    )
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ..engine import evaluate, load_checkpoint
-    from ..stages.base import StageContext
+    from .filters import finish_pruning
 
     if args.method not in METHODS:
         raise ValueError(f"--method={args.method!r}: must be one of {sorted(METHODS)}")
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
-    progress = RichProgress(not args.quiet)
-    before = evaluate(model, splits.loader("test", 512), progress=progress)["accuracy"]
-    arch = sidecar.get("architecture") or {}
-    ctx = StageContext(
-        model=model,
-        splits=splits,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs") or {},
-        train_config=_base_train_config(sidecar, args.lr),
-        out_dir=args.out.parent,
-        progress=progress,
-    )
+    job = CheckpointJob(args)
+    before = job.accuracy()
+    ctx = job.context(args.out.parent, job.train_config(lr=args.lr))
     report = METHODS[args.method](args, ctx)
-    model = ctx.model
-    report["test_accuracy_before"] = before
-    after = report.get("test_accuracy")
-    if after is None:
-        after = evaluate(model, splits.loader("test", 512))["accuracy"]
-        report["test_accuracy"] = after
-    metrics = {
-        "test_accuracy": after,
-        "test_accuracy_before": before,
-        "nonzeros": report.get("nonzeros"),
-        "params": report.get("params"),
-    }
-    extra = dict(sidecar.get("extra") or {})
-    extra["pruning"] = {k: v for k, v in report.items() if k not in ("iterations", "agp")}
-    _save(model, args.out, sidecar, splits, metrics, extra)
-    if args.json:
-        print_json(report)
-        return 0
-    layers = report.get("layers", {})
-    rows = [
-        [n, r["params"], r["kept"], f"{100 * r['kept_fraction']:.1f}%"] for n, r in layers.items()
-    ]
-    print_table(f"{args.method} pruning", ["layer", "weights", "kept", "kept %"], rows)
-    if "dead_neurons" in report:
-        d = report["dead_neurons"]
-        out.print(
-            f"dead neurons removed: params {d['params_before']:,} -> {d['params_after']:,} "
-            + ", ".join(
-                f"{n}: {v['before']}->{v['after']}" for n, v in d["layers"].items() if "after" in v
-            )
-        )
-    if "macs_before" in report:
-        out.print(
-            f"MACs {report['macs_before']:,} -> {report['macs_after']:,} "
-            f"({100 * (1 - report['macs_kept']):.1f}% fewer), params "
-            f"{report['params_before']:,} -> {report['params_after']:,} (physically thinned)"
-        )
-    if report.get("nonzeros"):
-        out.print(
-            f"nonzero parameters {report['nonzeros']:,} / {report['params']:,} "
-            f"({report['compression']:.1f}x fewer)"
-        )
-    out.print(f"test accuracy {before:.2f}% -> {after:.2f}%  -> {args.out}")
-    return 0
+    job.model = ctx.model
+    return finish_pruning(job, args, report, before, f"{args.method} pruning")
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from ..core.files import atomic_write_json
-    from ..engine import load_checkpoint
     from ..prune.sensitivity import (
         sensitivity_analysis,
         thresholds_from_sensitivity,
@@ -364,15 +286,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     grid = _floats(args.sparsities, "--sparsities")
     if args.max_drop < 0:
         raise ValueError(f"--max-drop={args.max_drop}: must be >= 0")
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
+    job = CheckpointJob(args)
     res = sensitivity_analysis(
-        model,
-        splits.loader("val", 512),
+        job.model,
+        job.splits.loader("val", 512),
         grid,
         exclude=tuple(args.exclude),
         max_batches=args.val_batches,
-        progress=RichProgress(not args.quiet),
+        progress=job.progress,
     )
     files = write_sensitivity(res, args.out, title=f"{Path(args.checkpoint).name} sensitivity")
     per = thresholds_from_sensitivity(res, args.max_drop)

@@ -13,11 +13,14 @@ from .modules import (
     strip_parametrizations,
     strip_parametrizations_,
 )
+from .policy import POLICY_FORMAT, Policy
 from .progress import Progress, ProgressEvent, ProgressTask, progress_task
 from .select import LayerSelector, Selectable, matches_any, name_matches
 from .validate import check, config_error, is_int, is_number
 
 __all__ = [
+    "POLICY_FORMAT",
+    "Policy",
     "CheckpointError",
     "ConfigError",
     "FormatError",

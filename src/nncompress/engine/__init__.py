@@ -8,7 +8,7 @@ re-exported here for existing callers.
 
 from ..core.errors import CheckpointError, ConfigError, SpecError
 from ..core.files import atomic_write
-from ..core.modules import model_device, strip_parametrizations
+from ..core.modules import model_device, strip_parametrizations, strip_parametrizations_
 from ..core.progress import ProgressEvent
 from .checkpoint import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path
 from .config import TrainConfig, config_from_dict, config_to_dict
@@ -51,4 +51,5 @@ __all__ = [
     "seed_everything",
     "sidecar_path",
     "strip_parametrizations",
+    "strip_parametrizations_",
 ]

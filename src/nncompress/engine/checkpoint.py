@@ -22,7 +22,7 @@ from torch import nn
 from ..core.errors import CheckpointError, SpecError
 from ..core.files import atomic_write
 from ..core.modules import folded_copy
-from .modspec import apply_replacements, diff_modules, module_from_spec, module_to_spec
+from .modspec import build_architecture, describe_architecture
 
 __all__ = [
     "CheckpointError",
@@ -80,24 +80,14 @@ def save_checkpoint(
     caller passes. Without either, the whole model must be describable as a spec (e.g. an
     ``nn.Sequential`` of standard layers).
     """
-    from ..models import create
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"path='{path}': a checkpoint must end in .safetensors")
     plain = folded_copy(model)
-    model_kwargs = dict(model_kwargs or {})
     try:
-        if model_name is not None:
-            architecture = {
-                "model": model_name,
-                "kwargs": model_kwargs,
-                "replacements": diff_modules(plain, create(model_name, **model_kwargs)),
-            }
-        elif reference is not None:
-            architecture = {"model": None, "replacements": diff_modules(plain, reference)}
-        else:
-            architecture = {"model": None, "spec": module_to_spec(plain)}
+        architecture = describe_architecture(
+            plain, model_name=model_name, model_kwargs=model_kwargs, reference=reference
+        )
     except SpecError as exc:
         raise CheckpointError(f"cannot describe the model's structure: {exc}") from exc
     # tied weights (an embedding and its LM head) are one tensor under two names; safetensors
@@ -148,8 +138,6 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[n
     Rebuilds the architecture from the sidecar (or uses ``model``, with the recorded
     replacements applied) and loads the weights strictly. Never unpickles anything.
     """
-    from ..models import create
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
@@ -174,20 +162,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[n
             f"checkpoint '{path}': tensor data does not match the digest in its "
             "sidecar (file modified or corrupt)"
         )
-    arch = sidecar["architecture"]
     try:
-        if model is None:
-            if arch.get("model") is not None:
-                model = create(arch["model"], **arch.get("kwargs", {}))
-            elif "spec" in arch:
-                model = module_from_spec(arch["spec"])
-            else:
-                raise CheckpointError(
-                    f"checkpoint '{path}' records changes to a custom model: pass a freshly built "
-                    "instance of the original architecture as model="
-                )
-        if "replacements" in arch:
-            apply_replacements(model, arch["replacements"])
+        model = build_architecture(sidecar["architecture"], model)
     except (SpecError, ValueError) as exc:
         raise CheckpointError(f"checkpoint '{path}': cannot rebuild the model: {exc}") from exc
     try:

@@ -4,9 +4,14 @@ A checkpoint records its model as a registry name plus constructor arguments, an
 *replacements*: submodules whose type or shape differ from a freshly built model (thinned
 convolutions, low-rank factors, added exit heads, removed neurons). Each replacement is a spec
 ``{"type": "Conv2d", "kwargs": {...}, "children": {...}}`` over a closed set of module types, so
-loading never imports arbitrary names. nncompress's own module classes are listed by dotted path
-in :data:`EXTRA_TYPES` and must provide ``spec_kwargs()``; their children are rebuilt from specs
-and assigned after construction.
+loading never imports arbitrary names. A family makes its own module classes describable with
+one call, :func:`register_module` (a class decorator; the class provides ``spec_kwargs()``, its
+children are rebuilt from specs and assigned after construction). A spec naming a class not yet
+registered imports the family packages (:data:`nncompress.FAMILIES`) once, so a checkpoint with
+low-rank factors loads without importing :mod:`nncompress.lowrank` first.
+
+:func:`describe_architecture` and :func:`build_architecture` are the one describer and the one
+rebuilder of a model's architecture, used by checkpoints and ``.ncz`` metadata alike.
 """
 
 from __future__ import annotations
@@ -18,16 +23,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import SpecError
-from ..core.modules import folded_copy, own_parametrized_class_, strip_parametrizations
+from ..core.modules import (
+    folded_copy,
+    own_parametrized_class_,
+    set_submodule,
+    strip_parametrizations,
+)
 
 __all__ = [
     "SpecError",
     "apply_replacements",
+    "build_architecture",
+    "describe_architecture",
     "diff_modules",
     "folded_copy",
     "module_from_spec",
     "module_to_spec",
     "own_parametrized_class_",
+    "register_module",
+    "registered_modules",
     "strip_parametrizations",
 ]
 
@@ -95,16 +109,49 @@ _LEAVES: dict[str, tuple[type[nn.Module], Any]] = {
 }
 _CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 
-# nncompress's own module types, by dotted path (imported only when a spec names them).
-EXTRA_TYPES: dict[str, str] = {
-    "TTLinear": "nncompress.lowrank.tt.TTLinear",
-    "TTConv2d": "nncompress.lowrank.tt.TTConv2d",
-}
+# nncompress's own module types, registered by their families (register_module)
+_REGISTERED: dict[str, type[nn.Module]] = {}
 
 
-def _extra_class(name: str) -> type[nn.Module]:
-    module, _, cls = EXTRA_TYPES[name].rpartition(".")
-    return getattr(importlib.import_module(module), cls)
+def register_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: make an nncompress module type describable in checkpoints and ``.ncz``
+    files. The class provides ``spec_kwargs()`` (its constructor arguments, JSON-able); its
+    children are described and rebuilt as specs of their own."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_module: {cls!r} is not an nn.Module class")
+    if not callable(getattr(cls, "spec_kwargs", None)):
+        raise TypeError(f"register_module: {cls.__name__} must define spec_kwargs()")
+    name = cls.__name__
+    if name in _LEAVES or name in _CONTAINERS:
+        raise SpecError(f"register_module: {name} would shadow a torch.nn type")
+    old = _REGISTERED.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise SpecError(f"register_module: {name} is already registered by {old.__module__}")
+    _REGISTERED[name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import the family packages so that they register their module types."""
+    from .. import FAMILIES
+
+    for family in FAMILIES:
+        try:
+            importlib.import_module(f"nncompress.{family}")
+        except ImportError:  # a family not written yet, or a missing optional dependency
+            continue
+
+
+def registered_modules() -> dict[str, type[nn.Module]]:
+    """Every registered module type, by name (the families are imported first)."""
+    _discover()
+    return dict(_REGISTERED)
+
+
+def _registered(name: str) -> type[nn.Module] | None:
+    if name not in _REGISTERED:
+        _discover()
+    return _REGISTERED.get(name)
 
 
 def _type_name(m: nn.Module) -> str:
@@ -125,13 +172,14 @@ def module_to_spec(m: nn.Module, where: str = "") -> dict[str, Any]:
             "type": name,
             "children": {k: module_to_spec(c, f"{where}.{k}") for k, c in m.named_children()},
         }
-    if name in EXTRA_TYPES and isinstance(m, _extra_class(name)):
+    cls = _REGISTERED.get(name)
+    if cls is not None and isinstance(m, cls):
         return {
             "type": name,
             "kwargs": m.spec_kwargs(),
             "children": {k: module_to_spec(c, f"{where}.{k}") for k, c in m.named_children()},
         }
-    allowed = sorted([*_LEAVES, *_CONTAINERS, *EXTRA_TYPES])
+    allowed = sorted([*_LEAVES, *_CONTAINERS, *registered_modules()])
     raise SpecError(
         f"module '{where or '<root>'}' of type {name} cannot be saved as a structure "
         f"spec; supported types: {allowed}"
@@ -159,8 +207,9 @@ def module_from_spec(spec: dict[str, Any], where: str = "") -> nn.Module:
             for k, child in zip(children, built, strict=True):
                 container.add_module(k, child)
             return container
-        if kind in EXTRA_TYPES:
-            m = _extra_class(kind)(**kwargs)
+        cls = _registered(kind) if kind not in _LEAVES and kind not in _CONTAINERS else None
+        if cls is not None:
+            m = cls(**kwargs)
             for k, c in children.items():
                 setattr(m, k, module_from_spec(c, f"{where}.{k}"))
             return m
@@ -208,5 +257,60 @@ def apply_replacements(model: nn.Module, replacements: dict[str, Any]) -> nn.Mod
         if spec is None:
             delattr(parent, attr)
         else:
-            setattr(parent, attr, module_from_spec(spec, qual))
+            set_submodule(model, qual, module_from_spec(spec, qual))
+    return model
+
+
+def describe_architecture(
+    model: nn.Module,
+    *,
+    model_name: str | None = None,
+    model_kwargs: dict | None = None,
+    reference: nn.Module | None = None,
+) -> dict[str, Any]:
+    """The JSON description of ``model``'s architecture (the one describer).
+
+    With ``model_name`` (a :mod:`nncompress.models` registry name): the name, ``model_kwargs``
+    and the ``replacements`` turning a fresh registry model into ``model``. With ``reference``
+    (a fresh instance of a custom architecture): only the replacements. Otherwise the whole
+    model as a ``spec``. Raises :class:`SpecError` naming a module that cannot be described.
+    """
+    from ..models import create
+
+    if model_name is not None:
+        kwargs = dict(model_kwargs or {})
+        return {
+            "model": model_name,
+            "kwargs": kwargs,
+            "replacements": diff_modules(model, create(model_name, **kwargs)),
+        }
+    if reference is not None:
+        return {"model": None, "replacements": diff_modules(model, reference)}
+    return {"model": None, "spec": module_to_spec(model)}
+
+
+def build_architecture(arch: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """The (untrained) model an :func:`describe_architecture` description stands for (the one
+    rebuilder): a fresh registry model or spec, or ``model`` (a fresh instance of a custom
+    architecture), with the recorded replacements applied.
+
+    Raises :class:`SpecError` (or ``ValueError`` for bad registry arguments).
+    """
+    from ..models import create
+
+    if not isinstance(arch, dict):
+        raise SpecError(f"architecture={arch!r}: must be a mapping")
+    if model is None:
+        if arch.get("model") is not None:
+            model = create(arch["model"], **(arch.get("kwargs") or {}))
+        elif "spec" in arch:
+            model = module_from_spec(arch["spec"])
+        else:
+            raise SpecError(
+                "the architecture records changes to a custom model: pass a freshly built "
+                "instance of the original architecture as model= (load_checkpoint), or fill "
+                "one with load_compressed(model, path)"
+            )
+    if arch.get("replacements"):
+        apply_replacements(model, arch["replacements"])
     return model

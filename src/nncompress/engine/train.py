@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -344,6 +345,67 @@ def _freeze_others(model: nn.Module, params: Iterable[torch.Tensor] | None) -> l
     return frozen
 
 
+@dataclass
+class _Loop:
+    """What every step of :func:`fit` needs."""
+
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    callbacks: list[Callback]
+    loss_fn: LossFn
+    device: torch.device
+    total_steps: int
+    task: Any
+    train_mode: bool = True
+
+
+def _train_epoch(
+    model: nn.Module, loader: Iterable, loop: _Loop, epoch: int, step: int
+) -> tuple[dict, int]:
+    """One pass over ``loader``; returns the epoch's training metrics and the next step."""
+    cfg, optimizer, callbacks = loop.cfg, loop.optimizer, loop.callbacks
+    steps_per_epoch = len(loader)
+    model.train(loop.train_mode)
+    loss_sum, correct, seen, classified = 0.0, 0, 0, True
+    for batch in loader:
+        factor = _lr_factor(cfg, step, loop.total_steps, steps_per_epoch)
+        for g, lr in zip(optimizer.param_groups, loop.base_lrs, strict=True):
+            g["lr"] = lr * factor
+        x, y, (args, call) = _prepare(batch, loop.device, model)
+        raw = model(*args, **call)
+        loss = loop.loss_fn(raw, y, x)
+        out = main_output(raw).detach()
+        for cb in callbacks:
+            loss = cb.on_loss(model, loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for cb in callbacks:
+            cb.on_after_backward(model, step)
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for cb in callbacks:
+            cb.on_step_end(model, step)
+        step += 1
+        n_b = len(out)
+        loss_sum += float(loss.detach()) * n_b
+        if classified and _is_classification(out, y):
+            correct += int((out.argmax(1) == y).sum())
+        else:
+            classified = False  # accuracy only for (B, K) scores with (B,) labels
+        seen += n_b
+        info = {"epoch": epoch + 1, "loss": loss_sum / seen}
+        if classified:
+            info["acc"] = 100.0 * correct / seen
+        loop.task.advance(step, **info)
+    metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen)}
+    if classified:
+        metrics["train_accuracy"] = 100.0 * correct / max(1, seen)
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics, step
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable,
@@ -400,47 +462,14 @@ def fit(
     for cb in callbacks:
         cb.on_train_begin(model, optimizer)
     with progress_task(progress, "train", total_steps) as task:
+        loop = _Loop(
+            cfg, optimizer, base_lrs, callbacks, loss_fn, device, total_steps, task, train_mode
+        )
         try:
             for epoch in range(cfg.epochs):
                 for cb in callbacks:
                     cb.on_epoch_begin(model, epoch)
-                model.train(train_mode)
-                loss_sum, correct, seen, classified = 0.0, 0, 0, True
-                for batch in train_loader:
-                    factor = _lr_factor(cfg, step, total_steps, steps_per_epoch)
-                    for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                        g["lr"] = lr * factor
-                    x, y, (args, call) = _prepare(batch, device, model)
-                    raw = model(*args, **call)
-                    loss = loss_fn(raw, y, x)
-                    out = main_output(raw).detach()
-                    for cb in callbacks:
-                        loss = cb.on_loss(model, loss)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for cb in callbacks:
-                        cb.on_after_backward(model, step)
-                    if cfg.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    for cb in callbacks:
-                        cb.on_step_end(model, step)
-                    step += 1
-                    n_b = len(out)
-                    loss_sum += float(loss.detach()) * n_b
-                    if classified and _is_classification(out, y):
-                        correct += int((out.argmax(1) == y).sum())
-                    else:
-                        classified = False
-                    seen += n_b
-                    info = {"epoch": epoch + 1, "loss": loss_sum / seen}
-                    if classified:
-                        info["acc"] = 100.0 * correct / seen
-                    task.advance(step, **info)
-                metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen)}
-                if classified:
-                    metrics["train_accuracy"] = 100.0 * correct / max(1, seen)
-                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                metrics, step = _train_epoch(model, train_loader, loop, epoch, step)
                 if val_loader is not None:
                     val = evaluate(model, val_loader)
                     metrics["val_loss"] = val["loss"]

@@ -12,6 +12,7 @@ from .container import (
     inspect_bytes,
     inspect_file,
     load_compressed,
+    pq_block_hints,
     round_for_storage_,
     save_compressed,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "inspect_bytes",
     "inspect_file",
     "load_compressed",
+    "pq_block_hints",
     "round_for_storage_",
     "save_compressed",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .container import decode_file
+from .decode import decode_file
 
 __all__ = ["CHECKPOINT_KEY", "checkpoint_metadata", "decode_to_checkpoint", "model_from_metadata"]
 
@@ -42,8 +42,7 @@ def model_from_metadata(metadata: Any) -> tuple[nn.Module, dict[str, Any]]:
 
     Returns ``(model, checkpoint_info)``; raises ``ValueError`` naming what is missing.
     """
-    from ..engine.modspec import SpecError, apply_replacements, module_from_spec
-    from ..models import create
+    from ..engine.modspec import build_architecture
 
     info = metadata.get(CHECKPOINT_KEY) if isinstance(metadata, dict) else None
     if not isinstance(info, dict) or not isinstance(info.get("architecture"), dict):
@@ -51,20 +50,9 @@ def model_from_metadata(metadata: Any) -> tuple[nn.Module, dict[str, Any]]:
             "the file's metadata has no 'checkpoint.architecture' (it was not written from a "
             "checkpoint); decode it with decode_file() and load the tensors into your model"
         )
-    arch = info["architecture"]
     try:
-        if arch.get("model") is not None:
-            model = create(arch["model"], **(arch.get("kwargs") or {}))
-        elif "spec" in arch:
-            model = module_from_spec(arch["spec"])
-        else:
-            raise ValueError(
-                "the file records changes to a custom model; rebuild it yourself and use "
-                "load_compressed(model, path)"
-            )
-        if arch.get("replacements"):
-            apply_replacements(model, arch["replacements"])
-    except (SpecError, TypeError, KeyError) as exc:
+        model = build_architecture(info["architecture"])
+    except (ValueError, TypeError, KeyError) as exc:  # SpecError is a ValueError
         raise ValueError(f"cannot rebuild the model from the file's metadata: {exc}") from exc
     return model, info
 

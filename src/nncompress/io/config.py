@@ -10,11 +10,12 @@ from ..coding.sparse import MAX_INDEX_BITS
 from ..core.errors import ConfigError
 from ..core.validate import check as _check
 from ..core.validate import is_int as _is_int
+from .pq_scheme import DEFAULT_BLOCK_SIZES, PQ_MAX_D
 
 __all__ = ["CODECS", "EncodeConfig", "SCHEMES"]
 
 CODECS = ("huffman", "ans", "raw")
-SCHEMES = ("auto", "dense", "codebook")
+SCHEMES = ("auto", "dense", "codebook", "pq")
 ORDERS = ("auto", "C", "F")
 LAYOUTS = ("auto", "sparse", "dense")
 DTYPES = ("fp32", "fp16")
@@ -51,6 +52,12 @@ class EncodeConfig:
         float16 (integer buffers are always exact).
     max_codebook_bits : a floating tensor with at most 2**max_codebook_bits distinct nonzero
         values may be stored as a codebook plus codes.
+    pq_block_sizes : subvector sizes ``d`` tried for the 'pq' scheme (product quantization:
+        a codebook of distinct ``d``-value subvectors plus a code per subvector) on every
+        float tensor of 2+ dims; the block size of a product-quantized layer of the model
+        being encoded is always tried. Empty: only those.
+    pq_block_size : per-tensor ``d`` (a tensor name, or a module name: then its tensors of 2+
+        dims): forces the 'pq' scheme with that block size.
     """
 
     codec: str = "huffman"
@@ -65,6 +72,8 @@ class EncodeConfig:
     codebook_dtype: str = "fp32"
     dense_dtype: str = "fp32"
     max_codebook_bits: int = 8
+    pq_block_sizes: tuple[int, ...] = DEFAULT_BLOCK_SIZES
+    pq_block_size: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.codec in CODECS, "codec", self.codec, f"must be one of {CODECS}")
@@ -104,6 +113,23 @@ class EncodeConfig:
             f"must be an integer in [1, {MAX_CODEBOOK_BITS}]",
         )
 
+        d_rule = f"must be an integer in [1, {PQ_MAX_D}]"
+        _check(
+            isinstance(self.pq_block_sizes, (tuple, list)),
+            "pq_block_sizes",
+            self.pq_block_sizes,
+            "must be a list of block sizes",
+        )
+        object.__setattr__(self, "pq_block_sizes", tuple(self.pq_block_sizes))
+        for v in self.pq_block_sizes:
+            _check(_is_int(v) and 1 <= v <= PQ_MAX_D, "pq_block_sizes entry", v, d_rule)
+        _check(
+            isinstance(self.pq_block_size, dict), "pq_block_size", self.pq_block_size, "a mapping"
+        )
+        for k, v in self.pq_block_size.items():
+            _check(isinstance(k, str) and k != "", "pq_block_size key", k, "must be a name")
+            _check(_is_int(v) and 1 <= v <= PQ_MAX_D, f"pq_block_size['{k}']", v, d_rule)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -134,7 +160,7 @@ def match_override(overrides: dict[str, Any], name: str) -> Any | None:
 
 def check_overrides(config: EncodeConfig, names: list[str]) -> None:
     """Every override key must match at least one tensor (else ConfigError naming it)."""
-    for fname in ("index_bits", "scheme"):
+    for fname in ("index_bits", "scheme", "pq_block_size"):
         for key in getattr(config, fname):
             if not any(n == key or n.startswith(key + ".") for n in names):
                 raise ConfigError(

@@ -219,7 +219,7 @@ def decode_to_hf_folder(
     """Decode a ``.ncz`` written from a Hugging Face model into a folder that
     ``AutoModel.from_pretrained(out)`` loads (the tensors bit for bit as decoded, except
     factorised layers, which are multiplied out). ``out`` must not exist or be empty."""
-    from .container import decode_file
+    from .decode import decode_file
 
     state, metadata = decode_file(path)
     model = model_from_hf_metadata(metadata)

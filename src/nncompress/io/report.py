@@ -55,7 +55,7 @@ class TensorReport:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    scheme: str  # 'dense', 'codebook', 'affine' (group-wise integer codes) or 'alias'
+    scheme: str  # 'dense', 'codebook', 'pq', 'affine' (group-wise codes) or 'alias'
     layout: str | None  # codebook tensors: 'sparse' (relative index) or 'dense' (a code each)
     numel: int
     nonzeros: int
@@ -73,6 +73,7 @@ class TensorReport:
     index_bits_coded: int = 0  # actual bits of the relative-index stream
     dense_bits: int = 0
     streams: tuple[StreamReport, ...] = field(default=())
+    block_size: int = 0  # pq: values per subvector d (one code per subvector)
 
     @property
     def original_bits(self) -> int:
@@ -95,6 +96,12 @@ class TensorReport:
     @property
     def compression(self) -> float:
         return self.original_bits / (8 * self.total_bytes) if self.total_bytes else 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All the tensor's bytes (codebook, codes, frames) per element: for a pq tensor
+        ``log2(k)/d`` (less when entropy-coded) plus the codebook's share."""
+        return 8 * self.total_bytes / self.numel if self.numel else 0.0
 
     def _per_nz(self, bits: int) -> float:
         n = self.nonzeros if self.layout == "sparse" else self.numel
@@ -125,6 +132,7 @@ class TensorReport:
             "table_bits",
             "kept",
             "compression",
+            "bits_per_weight",
             "weight_bits_per_code_pq",
             "weight_bits_per_code",
             "index_bits_per_nz_pq",
@@ -201,9 +209,11 @@ class EncodeReport:
     def rows(self) -> tuple[list[str], list[list[Any]]]:
         """Headers and rows of the per-tensor table (as ``nncompress inspect`` prints it).
 
-        'w P+Q' / 'w H': weight-code bits per code, fixed ceil(log2 k) / as coded; 'b': index
-        bits; 'fill': filler entries; 'i P+Q' / 'i H': index bits per nonzero, fixed b (fillers
-        included) / as coded; 'x': compression of the tensor vs its dense size.
+        'w P+Q' / 'w H': weight-code bits per code, fixed ceil(log2 k) / as coded (pq: code
+        bits per weight, i.e. per code / d); 'd': pq block size; 'b': index bits; 'fill':
+        filler entries; 'i P+Q' / 'i H': index bits per nonzero, fixed b (fillers included) / as
+        coded; 'bits/w': all the tensor's bits per element (pq: codes plus the codebook's
+        share); 'x': compression of the tensor vs its dense size.
         """
         headers = [
             "name",
@@ -212,19 +222,21 @@ class EncodeReport:
             "k",
             "w P+Q",
             "w H",
+            "d",
             "b",
             "fill",
             "i P+Q",
             "i H",
             "bytes",
+            "bits/w",
             "x",
         ]
         rows = []
         for t in self.tensors:
-            coded = t.scheme in ("codebook", "affine")
+            coded = t.scheme in ("codebook", "affine", "pq")
             if t.scheme == "dense":
                 scheme = "dense" if t.dense_store == "raw" else "dense16"
-            elif t.scheme in ("affine", "alias"):
+            elif t.scheme in ("pq", "affine", "alias"):
                 scheme = t.scheme
             else:
                 scheme = "sparse" if t.layout == "sparse" else "codes"
@@ -237,11 +249,13 @@ class EncodeReport:
                     t.codebook_size or "",
                     round(t.weight_bits_per_code_pq, 2) if coded else "",
                     round(t.weight_bits_per_code, 2) if coded else "",
+                    t.block_size or "",
                     t.index_bits if sparse else "",
                     t.fillers if sparse else "",
                     round(t.index_bits_per_nz_pq, 2) if sparse else "",
                     round(t.index_bits_per_nz, 2) if sparse else "",
                     t.total_bytes,
+                    round(t.bits_per_weight, 3),
                     round(t.compression, 2),
                 ]
             )

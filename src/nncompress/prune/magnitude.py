@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
 from ..core.modules import folded_copy, own_parametrized_class_
+from ..core.policy import Policy
 from ..core.progress import Progress, progress_task
 from ..core.select import LayerSelector, Selectable
 from ..core.validate import config_error
@@ -355,6 +356,14 @@ class MagnitudeConfig:
         """The layers this config prunes (``include`` types, minus ``exclude`` names)."""
         return layer_selector(self.include, self.exclude)
 
+    @classmethod
+    def from_policy(cls, policy: Policy) -> MagnitudeConfig:
+        """One sparsity per layer a :class:`~nncompress.core.Policy` names (a searched policy)."""
+        if not policy.sparsity:
+            raise ConfigError("policy.sparsity is empty: this policy prunes no connections")
+        per = {k: {"sparsity": v} for k, v in policy.sparsity.items()}
+        return cls(sparsity=0.0, per_layer=per)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "q": self.q,
@@ -457,18 +466,24 @@ def _prune_global(
 
 def prune_(
     model: nn.Module,
-    config: MagnitudeConfig,
+    config: MagnitudeConfig | Policy,
     *,
     filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
 ) -> dict[str, LayerPruning]:
     """Prune ``model`` in place by weight magnitude (Han 2015) and return a per-layer report.
 
+    ``config`` may also be a :class:`~nncompress.core.Policy` (e.g. from a policy search): its
+    per-layer sparsities are applied to the layers it names, the others are left alone.
+
     Each selected layer gets (or tightens) a :class:`PruningMask`. In q mode the threshold is
     ``q * std`` of the layer's surviving weights (:func:`magnitude_threshold`); in sparsity mode
     exactly ``round(s * n)`` weights of the layer (or of all layers, ``scope='global'``) are
     pruned, counting those already pruned.
     """
+    if isinstance(config, Policy):
+        config = MagnitudeConfig.from_policy(config)
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     layers = prunable_layers(model, config.include, config.exclude, filter)
     unknown = sorted(set(config.per_layer) - set(layers))
     if unknown:

@@ -38,8 +38,10 @@ __all__ = [
     "DropoutAdjuster",
     "adjusted_dropout",
     "agp_prune",
+    "agp_prune_",
     "agp_sparsity",
     "iterative_prune",
+    "iterative_prune_",
     "iteration_config",
 ]
 
@@ -193,7 +195,7 @@ class IterationReport:
         }
 
 
-def iterative_prune(
+def iterative_prune_(
     model: nn.Module,
     config: MagnitudeConfig,
     train_loader: Iterable,
@@ -292,7 +294,7 @@ class AGPConfig:
     initial_sparsity : ``s_i`` at ``start_step``.
     start_step : ``t0`` (optimizer steps, counted from 0 within the training run).
     end_step : ``t0 + n * dt``, the step at which ``s_f`` is reached exactly; ``None`` = the
-        last step of the run (set by :func:`agp_prune`).
+        last step of the run (set by :func:`agp_prune_`).
     frequency : ``dt``, steps between mask updates (the end step is always an update).
     scope, per_layer (final sparsity by layer name), include, exclude : as in
         :class:`MagnitudeConfig`.
@@ -397,7 +399,7 @@ class AGPCallback(Callback):
             self._update(model, step)
 
 
-def agp_prune(
+def agp_prune_(
     model: nn.Module,
     config: AGPConfig,
     train_loader: Iterable,
@@ -454,3 +456,13 @@ def agp_prune(
         if adjuster is not None:
             adjuster.restore()
     return cb, hist.epochs
+
+
+def iterative_prune(*args: Any, **kwargs: Any) -> list[IterationReport]:
+    """Deprecated name of :func:`iterative_prune_` (it changes the model in place)."""
+    return iterative_prune_(*args, **kwargs)
+
+
+def agp_prune(*args: Any, **kwargs: Any) -> tuple[AGPCallback, list[dict]]:
+    """Deprecated name of :func:`agp_prune_` (it changes the model in place)."""
+    return agp_prune_(*args, **kwargs)

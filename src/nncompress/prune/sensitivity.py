@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,67 @@ def thresholds_from_sensitivity(
     return out
 
 
+def _loss_curves(result: SensitivityResult, names: list[str]) -> dict[str, list[float]]:
+    """Accuracy loss of every layer at every grid point, made non-increasing in accuracy (a
+    running minimum)."""
+    loss: dict[str, list[float]] = {}
+    for n in names:
+        run, acc_min = [], result.baseline
+        for a in result.curves[n]:
+            acc_min = min(acc_min, a)
+            run.append(result.baseline - acc_min)
+        loss[n] = run
+    return loss
+
+
+def _greedy_moves(
+    result: SensitivityResult,
+    loss: dict[str, list[float]],
+    pos: dict[str, int],
+    per: dict[str, float],
+    enough: Callable[[dict[str, float]], bool],
+) -> None:
+    """Move layers up the grid, smallest loss per weight removed first, until ``enough(per)``;
+    then step layers back down while it still holds, largest loss saved per weight given back
+    first (the last move may overshoot). Updates ``pos`` and ``per`` in place."""
+    names, grid = list(result.curves), result.sparsities
+    while not enough(per):
+        best: tuple[float, float, str, int] | None = None
+        for n in names:
+            cur_loss = loss[n][pos[n]] if pos[n] >= 0 else 0.0
+            cur_s = per[n]
+            for j in range(pos[n] + 1, len(grid)):
+                gain = (grid[j] - cur_s) * result.params[n]
+                if gain <= 0:
+                    continue
+                ratio = max(0.0, loss[n][j] - cur_loss) / gain
+                key = (ratio, -gain, n, j)
+                if best is None or key < best:
+                    best = key
+        if best is None:  # pragma: no cover - excluded by the reachability check
+            break
+        _, _, n, j = best
+        pos[n], per[n] = j, grid[j]
+    while True:
+        undo: tuple[float, str, int] | None = None
+        for n in names:
+            if pos[n] < 0:
+                continue
+            j = pos[n] - 1
+            trial = {**per, n: grid[j] if j >= 0 else 0.0}
+            if not enough(trial):
+                continue
+            saved = loss[n][pos[n]] - (loss[n][j] if j >= 0 else 0.0)
+            back = (per[n] - trial[n]) * result.params[n]
+            key = (-saved / back, n, j)
+            if undo is None or key < undo:
+                undo = key
+        if undo is None:
+            break
+        _, n, j = undo
+        pos[n], per[n] = j, grid[j] if j >= 0 else 0.0
+
+
 def sparsities_for_budget(
     result: SensitivityResult,
     target_sparsity: float,
@@ -217,53 +278,11 @@ def sparsities_for_budget(
             f"target_sparsity={target_sparsity}: no tolerated drop in {drops[-1]} points reaches "
             "it with method='uniform'"
         )
-    # greedy: drop[n][j] = accuracy loss at grid point j (non-increasing accuracy assumed)
-    loss: dict[str, list[float]] = {}
-    for n in names:
-        run, acc_min = [], result.baseline
-        for a in result.curves[n]:
-            acc_min = min(acc_min, a)
-            run.append(result.baseline - acc_min)
-        loss[n] = run
+    # greedy: loss[n][j] = accuracy loss at grid point j (non-increasing accuracy assumed)
+    loss = _loss_curves(result, names)
     pos = {n: -1 for n in names}  # -1 = unpruned
     per = {n: 0.0 for n in names}
-    while reached(per) < target_sparsity - 1e-12:
-        best: tuple[float, float, str, int] | None = None
-        for n in names:
-            cur_loss = loss[n][pos[n]] if pos[n] >= 0 else 0.0
-            cur_s = per[n]
-            for j in range(pos[n] + 1, len(grid)):
-                gain = (grid[j] - cur_s) * result.params[n]
-                if gain <= 0:
-                    continue
-                ratio = max(0.0, loss[n][j] - cur_loss) / gain
-                key = (ratio, -gain, n, j)
-                if best is None or key < best:
-                    best = key
-        if best is None:  # pragma: no cover - excluded by the reachability check
-            break
-        _, _, n, j = best
-        pos[n], per[n] = j, grid[j]
-    # the last move may overshoot: step layers back down while the target still holds, the
-    # largest loss saved per weight given back first
-    while True:
-        undo: tuple[float, str, int] | None = None
-        for n in names:
-            if pos[n] < 0:
-                continue
-            j = pos[n] - 1
-            trial = {**per, n: grid[j] if j >= 0 else 0.0}
-            if reached(trial) < target_sparsity - 1e-12:
-                continue
-            saved = loss[n][pos[n]] - (loss[n][j] if j >= 0 else 0.0)
-            back = (per[n] - trial[n]) * result.params[n]
-            key = (-saved / back, n, j)
-            if undo is None or key < undo:
-                undo = key
-        if undo is None:
-            break
-        _, n, j = undo
-        pos[n], per[n] = j, grid[j] if j >= 0 else 0.0
+    _greedy_moves(result, loss, pos, per, lambda p: reached(p) >= target_sparsity - 1e-12)
     predicted = sum(loss[n][pos[n]] for n in names if pos[n] >= 0)
     return predicted, per
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.policy import Policy
 from ..core.progress import Progress, progress_task
 from ..core.select import LayerSelector
 from ..core.validate import check as _check
@@ -171,6 +172,17 @@ class FilterPruneConfig:
         """The producers this config may prune (a group is skipped when any producer is
         excluded)."""
         return LayerSelector(exclude=self.exclude)
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> FilterPruneConfig:
+        """``per_layer`` ratios (and criterion, min_channels) of a :class:`~nncompress.core.Policy`."""
+        if not policy.filter:
+            raise ConfigError("policy.filter is empty: this policy prunes no filters")
+        return cls(
+            per_layer=dict(policy.filter),
+            criterion=policy.criterion,
+            min_channels=policy.min_channels,
+        )
 
     def replace(self, **changes: Any) -> FilterPruneConfig:
         return dataclasses.replace(self, **changes)
@@ -382,7 +394,7 @@ def plan_filters(
 
 def prune_filters_(
     model: nn.Module,
-    config: FilterPruneConfig,
+    config: FilterPruneConfig | Policy,
     example_input: torch.Tensor,
     *,
     progress: Progress | None = None,
@@ -392,7 +404,8 @@ def prune_filters_(
     Parameters
     ----------
     model : a trained model (any architecture :mod:`nncompress.prune.graph` can trace).
-    config : :class:`FilterPruneConfig`.
+    config : :class:`FilterPruneConfig`, or a :class:`~nncompress.core.Policy` (its per-layer
+        filter ratios, e.g. from a policy search).
     example_input : one batch of inputs, used to trace shapes and count MACs.
     progress : receives :class:`~nncompress.engine.ProgressEvent` during the MAC bisection.
 
@@ -401,6 +414,8 @@ def prune_filters_(
     FilterPruneReport : params and MACs before/after, per layer and in total, and the plan.
         Retrain afterwards (:func:`nncompress.engine.finetune`).
     """
+    if isinstance(config, Policy):
+        config = FilterPruneConfig.from_policy(config)
     graph = build_dependency_graph(model, example_input)
     chosen = plan_filters(model, config, example_input, graph=graph, progress=progress)
     macs_before = graph.macs()

@@ -1,5 +1,6 @@
 """Quantization: trained weight sharing (k-means, activation-weighted k-means), linear integer
-quantization, weight-only low-bit quantization without tracing (RTN, GPTQ)."""
+quantization, product quantization (Stock et al.), weight-only low-bit quantization without
+tracing (RTN, GPTQ, mixed precision under a size budget)."""
 
 from .awkmeans import AwareKMeansConfig, share_weights_aware_, weighted_kmeans_1d
 from .gptq import HessianAccumulator, gptq_quantize, layer_output_error
@@ -23,7 +24,9 @@ from .linear import (
     WeightFakeQuant,
     calibrate,
     convert,
+    convert_,
     fold_batchnorm,
+    fold_batchnorm_,
     layer_precisions,
     prepare,
     prepare_qat,
@@ -43,6 +46,23 @@ from .observers import (
     percentile_threshold,
 )
 from .onnx_export import ExportError, evaluate_onnx, export_onnx, onnx_metadata, onnx_stats
+from .pq import (
+    PQFit,
+    PQWeight,
+    ProductQuantizer,
+    block_grams,
+    k_for_budget,
+    layer_rows,
+    output_error,
+    pq_bits,
+    pq_em,
+    pq_em_grams,
+    reconstruct,
+    subvectors,
+)
+from .pq_config import PQConfig, PQLayerReport, PQReport
+from .pq_finetune import refresh_batchnorm_
+from .pq_transform import pq_from_values_, pq_layers, pq_plan, pq_quantize_
 from .primitives import (
     QParams,
     affine_qparams,
@@ -90,7 +110,9 @@ __all__ = [
     "WeightFakeQuant",
     "calibrate",
     "convert",
+    "convert_",
     "fold_batchnorm",
+    "fold_batchnorm_",
     "layer_precisions",
     "prepare",
     "prepare_qat",
@@ -128,4 +150,25 @@ __all__ = [
     "share_weights_",
     "shared_layers",
     "sharing_compression_rate",
+    # product quantization (pq, pq_config, pq_finetune, pq_transform)
+    "PQConfig",
+    "PQFit",
+    "PQLayerReport",
+    "PQReport",
+    "PQWeight",
+    "ProductQuantizer",
+    "block_grams",
+    "k_for_budget",
+    "layer_rows",
+    "output_error",
+    "pq_bits",
+    "pq_em",
+    "pq_em_grams",
+    "pq_from_values_",
+    "pq_layers",
+    "pq_plan",
+    "pq_quantize_",
+    "reconstruct",
+    "refresh_batchnorm_",
+    "subvectors",
 ]

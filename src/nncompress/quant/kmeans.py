@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
+from ..core.policy import Policy
 from ..core.progress import Progress, progress_task
 from ..core.select import LayerSelector, Selectable
 from ..core.validate import check as _check
@@ -366,6 +367,13 @@ class KMeansConfig:
             "must be an integer >= 1",
         )
 
+    @classmethod
+    def from_policy(cls, policy: Policy) -> KMeansConfig:
+        """``per_layer`` bits of a :class:`~nncompress.core.Policy` (a searched policy)."""
+        if not policy.bits:
+            raise ConfigError("policy.bits is empty: this policy shares no weights")
+        return cls(per_layer=dict(policy.bits))
+
     def bits_for(self, name: str, module: nn.Module) -> int:
         if name in self.per_layer:
             return self.per_layer[name]
@@ -531,7 +539,7 @@ def _share_layer(
 
 def share_weights_(
     model: nn.Module,
-    config: KMeansConfig | None = None,
+    config: KMeansConfig | Policy | None = None,
     *,
     filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
@@ -547,11 +555,16 @@ def share_weights_(
 
     Parameters
     ----------
+    config : :class:`KMeansConfig`, or a :class:`~nncompress.core.Policy` (its per-layer bits,
+        e.g. from a policy search; only the layers it names are shared).
     filter : which layers (a :class:`~nncompress.core.LayerSelector`, a predicate
         ``(name, module) -> bool`` or names/globs), among the Linear, Conv, Embedding and
         Hugging Face Conv1D layers (default: all). Layers sharing one weight (tied) share one
         codebook.
     """
+    if isinstance(config, Policy):
+        config = KMeansConfig.from_policy(config)
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     cfg = config or KMeansConfig()
     layers = _candidates(model, filter)
     names = {n for n, _ in layers}

@@ -24,9 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import operator
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +37,18 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import NncompressError
 from ..core.files import atomic_write
-from ..core.modules import strip_parametrizations
-from ..core.progress import progress_task
-from .linear import ActivationQuantizer, WeightFakeQuant, fold_batchnorm
+from ..core.fx import TraceError, op_kind, trace
+from ..core.modules import strip_parametrizations_
+from .fakequant import ActivationQuantizer, WeightFakeQuant
+from .fold import fold_batchnorm_
+from .onnx_run import _int4_only as _int4_only  # re-exported (running the exported files)
+from .onnx_run import (
+    evaluate_onnx,
+    make_session,
+    measure_onnx_latency,
+    onnx_metadata,
+    onnx_stats,
+)
 from .primitives import QParams, pack_int4, quantize_affine
 
 __all__ = [
@@ -303,13 +310,12 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     model = copy.deepcopy(model).eval()
-    fold_batchnorm(model)
-    strip_parametrizations(model)
+    fold_batchnorm_(model)
+    strip_parametrizations_(model)
     try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:
-        raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
-    return gm
+        return trace(model)
+    except TraceError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def export_onnx(
@@ -397,12 +403,7 @@ def export_onnx(
 
 def _relu_absorbed(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
     """A ReLU whose only user is a converted quantizer with ``zero_point == qmin``."""
-    is_relu = (
-        (node.op == "call_module" and isinstance(mods.get(node.target), nn.ReLU))
-        or (node.op == "call_function" and node.target in (torch.relu, nn.functional.relu))
-        or (node.op == "call_method" and node.target == "relu")
-    )
-    if not is_relu or len(node.users) != 1:
+    if op_kind(node, mods) != "relu" or len(node.users) != 1:
         return False
     user = next(iter(node.users))
     q = mods.get(user.target) if user.op == "call_module" else None
@@ -413,231 +414,34 @@ def _relu_absorbed(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
 
 
 def _function_node(b: _Builder, node: fx.Node, env: dict) -> Any:
-    t = node.target
-    args = node.args
-    if node.op == "call_method" and t == "size":
+    kind, t, args = op_kind(node, {}), node.target, node.args
+    if kind == "shape":
         return None  # only used by view/reshape(x.size(0), -1)
-    if t in (torch.flatten, "flatten"):
+    if kind == "flatten":
         start = _arg(node, 1, "start_dim", 0)
         end = _arg(node, 2, "end_dim", -1)
         if end != -1:
             raise ExportError(f"{node.name}: flatten(end_dim={end}) not supported")
         x = b.use(env[args[0]])
         return b.requant(x, b.node("Flatten", [x], node.name, axis=start), node.name)
-    if t in ("view", "reshape") or t is torch.reshape:
-        shape = list(args[1:]) if t in ("view", "reshape") else list(args[1])
+    if kind == "reshape":
+        shape = list(args[1:]) if node.op == "call_method" else list(args[1])
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = list(shape[0])
         if len(shape) == 2 and shape[1] == -1:
             x = b.use(env[args[0]])
             return b.requant(x, b.node("Flatten", [x], node.name, axis=1), node.name)
         raise ExportError(f"{node.name}: {t} to shape {shape} not supported (only (N, -1))")
-    if t in (torch.relu, nn.functional.relu, "relu"):
+    if kind == "relu":
         x = b.use(env[args[0]])
         return b.requant(x, b.node("Relu", [x], node.name), node.name)
-    if t in (operator.add, torch.add, operator.iadd, "add", "__add__"):
+    if kind == "add":
         if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
             raise ExportError(f"{node.name}: add is supported between two tensors only")
         return b.node("Add", [b.use(env[args[0]]), b.use(env[args[1]])], node.name)
-    if t in ("contiguous",):
-        return env[args[0]]
-    if t is nn.functional.dropout:
+    if kind in ("identity", "dropout"):
         return env[args[0]]
     raise ExportError(
         f"{node.name}: function/method {getattr(t, '__name__', t)!r} is not supported by the "
         "ONNX exporter (supported: flatten, view/reshape to (N, -1), relu, add)"
     )
-
-
-# --------------------------------------------------------------------------- running
-
-
-def _int4_only(path: str | Path) -> bool:
-    """True when the file's quantized weights are all 4-bit (no 8-bit weight initializers)."""
-    m = onnx.load(str(path), load_external_data=False)
-    dq_inputs = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
-    kinds = {t.data_type for t in m.graph.initializer if t.name in dq_inputs and len(t.dims) > 1}
-    four = {TensorProto.INT4, TensorProto.UINT4}
-    return bool(kinds & four) and not (kinds - four)
-
-
-def make_session(path: str | Path, threads: int = 1, *, fold_int4: bool | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (inter-op: 1), all graph
-    optimisations on (they are what turn QDQ patterns into integer kernels).
-
-    ``fold_int4`` (default: automatic, when every quantized weight is 4-bit): turn off
-    onnxruntime's QDQ fusion so that it constant-folds the int4 weights into float once at
-    session start. onnxruntime has no int4 convolution/GEMM kernel for these patterns, and with
-    fusion on it would dequantize the weights on every run.
-    """
-    import onnxruntime as ort
-
-    if threads < 1:
-        raise ValueError(f"threads={threads}: must be >= 1")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if fold_int4 is None:
-        fold_int4 = _int4_only(path)
-    if fold_int4:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``metadata_props`` of an ONNX file, JSON values decoded."""
-    m = onnx.load(str(path), load_external_data=False)
-    out: dict[str, Any] = {}
-    for p in m.metadata_props:
-        try:
-            out[p.key] = json.loads(p.value)
-        except json.JSONDecodeError:
-            out[p.key] = p.value
-    return out
-
-
-def evaluate_onnx(
-    path_or_session: Any,
-    loader: Iterable,
-    *,
-    threads: int = 1,
-    progress: Any = None,
-) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of an ONNX model over ``(x, y)`` batches."""
-    sess = (
-        make_session(path_or_session, threads)
-        if isinstance(path_or_session, str | Path)
-        else path_or_session
-    )
-    in_name = sess.get_inputs()[0].name
-    correct, total, loss_sum = 0, 0, 0.0
-    n = len(loader) if hasattr(loader, "__len__") else None
-    with progress_task(progress, "evaluate (onnxruntime)", n) as task:
-        for i, (x, y) in enumerate(loader):
-            logits = sess.run(None, {in_name: x.numpy().astype(np.float32)})[0]
-            out = torch.from_numpy(logits)
-            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-            task.advance(i + 1)
-    if total == 0:
-        raise ValueError("evaluate_onnx: the loader yielded no samples")
-    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total}
-
-
-def measure_onnx_latency(
-    sess: Any,
-    input_shape: tuple[int, ...],
-    batch: int,
-    *,
-    repeats: int = 50,
-    warmup: int = 5,
-    seed: int = 0,
-) -> float:
-    """Median wall time (ms) of one ``sess.run`` on a random batch; warm-up runs excluded."""
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
-
-
-_ELEM_BITS = {
-    TensorProto.FLOAT: 32,
-    TensorProto.INT8: 8,
-    TensorProto.UINT8: 8,
-    TensorProto.INT32: 32,
-    TensorProto.INT64: 64,
-    TensorProto.FLOAT16: 16,
-    TensorProto.INT4: 4,
-    TensorProto.UINT4: 4,
-}
-
-
-def _graph_macs(model: onnx.ModelProto) -> int | None:
-    """MACs per sample of Conv/Gemm/MatMul nodes, from shapes inferred at batch 1."""
-    m = copy.deepcopy(model)
-    for inp in m.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_value:
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = 1
-    try:
-        m = onnx.shape_inference.infer_shapes(m)
-    except Exception:  # shape inference is best effort
-        return None
-    shapes = {}
-    for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value for d in dims]
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    # weights reached through DequantizeLinear keep their initializer's shape
-    for n in m.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in shapes:
-            shapes.setdefault(n.output[0], shapes[n.input[0]])
-    total = 0
-    for n in m.graph.node:
-        if n.op_type in ("Conv", "QLinearConv", "ConvInteger"):
-            w = shapes.get(n.input[1] if n.op_type != "QLinearConv" else n.input[3])
-            out = shapes.get(n.output[0])
-            if not w or not out or 0 in out:
-                return None
-            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))
-        elif n.op_type in ("Gemm", "MatMul"):
-            w = shapes.get(n.input[1])
-            if not w:
-                return None
-            total += int(np.prod(w))
-    return total
-
-
-def onnx_stats(
-    path: str | Path,
-    *,
-    batches: tuple[int, ...] = (1, 64),
-    repeats: int = 50,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """File bytes, initializer dtypes/bytes, graph MACs and measured onnxruntime latency."""
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    inits = []
-    by_dtype: dict[str, int] = {}
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        bits = _ELEM_BITS.get(t.data_type)
-        nbytes = len(t.raw_data) if t.raw_data else (n * bits + 7) // 8 if bits else 0
-        dt = TensorProto.DataType.Name(t.data_type).lower()
-        inits.append({"name": t.name, "dtype": dt, "shape": list(t.dims), "bytes": nbytes})
-        by_dtype[dt] = by_dtype.get(dt, 0) + nbytes
-    meta = onnx_metadata(path)
-    shape = tuple(meta.get("input_shape") or ())
-    latency = {}
-    if shape and batches:
-        sess = make_session(path, threads)
-        for bsz in batches:
-            latency[f"batch_{bsz}"] = measure_onnx_latency(sess, shape, bsz, repeats=repeats)
-    ops: dict[str, int] = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {
-        "file": str(path),
-        "file_bytes": path.stat().st_size,
-        "initializer_bytes": sum(by_dtype.values()),
-        "bytes_by_dtype": by_dtype,
-        "initializers": inits,
-        "ops": ops,
-        "macs": _graph_macs(model),
-        "input_shape": list(shape),
-        "latency_ms": latency,
-        "threads": threads,
-        "metadata": meta,
-    }

@@ -1,0 +1,589 @@
+"""Reading ``.ncz`` files: every length, count and shape is validated against the remaining
+bytes and sane limits before anything is allocated, each section's CRC32 is checked, and any
+damage raises :class:`~nncompress.io.FormatError` (never another exception)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..coding.affine import dequantize_codes
+from ..coding.bitpack import CodingError
+from ..coding.sparse import MAX_INDEX_BITS, relative_index_decode
+from .errors import FormatError
+from .format import (
+    _CODEBOOK_DTYPES,
+    _FRAME,
+    _PREFIX,
+    _STORE_BYTES,
+    _TORCH_DTYPES,
+    DEFAULT_MAX_ELEMENTS,
+    MAX_NDIM,
+    PLAUSIBLE_ELEMENTS_PER_BYTE,
+    PLAUSIBLE_FREE_ELEMENTS,
+    _decode_stream,
+    _fail,
+    _inflate,
+    _raw_width,
+    _split_sections,
+    _stream_report,
+    alias_report,
+    needed_minor,
+    nonzero_count,
+)
+from .pq_scheme import PQ_MAX_D, PQ_MAX_K, pq_table
+from .report import EncodeReport, TensorReport
+
+__all__ = [
+    "decode_bytes",
+    "decode_entry",
+    "decode_file",
+    "inspect_bytes",
+    "inspect_file",
+    "load_compressed",
+]
+
+
+def _req(entry: dict, key: str, kind: type | tuple, where: str) -> Any:
+    if key not in entry:
+        raise _fail(f"{where}: field '{key}' missing")
+    v = entry[key]
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
+        raise _fail(f"{where}: field '{key}'={v!r} has the wrong type")
+    return v
+
+
+def _req_int(entry: dict, key: str, lo: int, hi: int, where: str) -> int:
+    v = _req(entry, key, int, where)
+    if not lo <= v <= hi:
+        raise _fail(f"{where}: {key}={v} outside [{lo}, {hi}]")
+    return v
+
+
+def _check_dense(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """Fields of a ``dense`` entry; returns its section references."""
+    store = _req(e, "store", str, where)
+    if store not in ("raw", "float16") or (store == "float16" and dtype != "float32"):
+        raise _fail(f"{where}: store={store!r} not valid for dtype {dtype}")
+    return [_req_int(e, "data", 2, n_sections - 1, where)]
+
+
+def _check_codebook(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """Fields of a ``codebook`` entry (and of its layout); returns its section references."""
+    if dtype not in _CODEBOOK_DTYPES:
+        raise _fail(f"{where}: codebook scheme for dtype {dtype}")
+    if numel == 0:
+        raise _fail(f"{where}: codebook scheme for an empty tensor")
+    k = _req_int(e, "k", 0, 1 << 16, where)
+    nnz = _req_int(e, "nnz", 0, numel, where)
+    if (k == 0) != (nnz == 0):
+        raise _fail(f"{where}: k={k} inconsistent with nnz={nnz}")
+    cb = _req(e, "cb", str, where)
+    if cb not in ("float16", dtype):
+        raise _fail(f"{where}: codebook dtype {cb!r} not valid for {dtype}")
+    refs = [_req_int(e, "codebook", 2, n_sections - 1, where)]
+    layout = _req(e, "layout", str, where)
+    streams = ["codes"]
+    if layout == "sparse":
+        _req_int(e, "b", 1, MAX_INDEX_BITS, where)
+        _req_int(e, "entries", nnz, numel, where)
+        if _req(e, "order", str, where) not in ("C", "F"):
+            raise _fail(f"{where}: order={e['order']!r} must be 'C' or 'F'")
+        streams.append("index")
+    elif layout != "dense":
+        raise _fail(f"{where}: layout={layout!r} must be 'sparse' or 'dense'")
+    for s in streams:
+        ref = _req(e, s, dict, where)
+        if _req(ref, "codec", str, f"{where} {s}") not in ("raw", "huffman", "ans"):
+            raise _fail(f"{where}: {s} codec={ref['codec']!r} unknown")
+        refs.append(_req_int(ref, "sec", 2, n_sections - 1, f"{where} {s}"))
+    return refs
+
+
+def _check_pq(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """Fields of a ``pq`` entry (docs/format.md); returns its section references."""
+    if dtype not in _CODEBOOK_DTYPES:
+        raise _fail(f"{where}: pq scheme for dtype {dtype}")
+    d = _req_int(e, "d", 1, PQ_MAX_D, where)
+    if numel == 0 or numel % d:
+        raise _fail(f"{where}: d={d} does not divide the {numel} elements")
+    _req_int(e, "k", 1, PQ_MAX_K, where)
+    _req(e, "zero", bool, where)
+    cb = _req(e, "cb", str, where)
+    if cb not in ("float16", dtype):
+        raise _fail(f"{where}: codebook dtype {cb!r} not valid for {dtype}")
+    ref = _req(e, "codes", dict, where)
+    if _req(ref, "codec", str, f"{where} codes") not in ("raw", "huffman", "ans"):
+        raise _fail(f"{where}: codes codec={ref['codec']!r} unknown")
+    return [
+        _req_int(e, "codebook", 2, n_sections - 1, where),
+        _req_int(ref, "sec", 2, n_sections - 1, f"{where} codes"),
+    ]
+
+
+def _check_affine(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """Fields of an ``affine`` entry (format 1.2, docs/format.md); its section references."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise _fail(f"{where}: affine scheme for dtype {dtype}")
+    _req_int(e, "bits", 2, 8, where)
+    rows = _req_int(e, "rows", 1, max(numel, 1), where)
+    cols = _req_int(e, "cols", 1, max(numel, 1), where)
+    g = _req_int(e, "group", 1, cols, where)
+    if rows * cols != numel or cols % g:
+        raise _fail(f"{where}: rows={rows} x cols={cols} (group {g}) does not fit {numel}")
+    transpose = _req(e, "transpose", bool, where)
+    want = [cols, rows] if transpose else [rows, cols]
+    if e["shape"] != want:
+        raise _fail(f"{where}: shape {e['shape']} is not the {want} of its codes")
+    refs = []
+    for s in ("codes", "zero"):
+        if s == "zero" and s not in e:
+            continue
+        ref = _req(e, s, dict, where)
+        if _req(ref, "codec", str, f"{where} {s}") not in ("raw", "huffman", "ans"):
+            raise _fail(f"{where}: {s} codec={ref['codec']!r} unknown")
+        refs.append(_req_int(ref, "sec", 2, n_sections - 1, f"{where} {s}"))
+    refs.append(_req_int(e, "scale", 2, n_sections - 1, where))
+    return refs
+
+
+def _check_alias(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """An ``alias`` entry names its target; the target is checked in :func:`_check_header`."""
+    _req(e, "of", str, where)
+    return []
+
+
+_ENTRY_CHECKS = {
+    "dense": _check_dense,
+    "codebook": _check_codebook,
+    "pq": _check_pq,
+    "affine": _check_affine,
+    "alias": _check_alias,
+}
+
+
+def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: int) -> list[dict]:
+    if not isinstance(header, dict) or header.get("format") != "nncompress-ncz":
+        raise _fail("header: not an nncompress-ncz header")
+    entries = header.get("tensors")
+    if not isinstance(entries, list):
+        raise _fail("header: 'tensors' must be a list")
+    used: set[int] = set()
+    total = 0
+    names: set[str] = set()
+    for i, e in enumerate(entries):
+        where = f"header tensor {i}"
+        if not isinstance(e, dict):
+            raise _fail(f"{where}: must be an object")
+        name = _req(e, "name", str, where)
+        where = f"tensor '{name}'"
+        if name in names:
+            raise _fail(f"{where}: duplicate name")
+        names.add(name)
+        dtype = _req(e, "dtype", str, where)
+        if dtype not in _TORCH_DTYPES:
+            raise _fail(f"{where}: dtype={dtype!r} not one of {sorted(_TORCH_DTYPES)}")
+        shape = _req(e, "shape", list, where)
+        if len(shape) > MAX_NDIM or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= max_elements for d in shape
+        ):
+            raise _fail(f"{where}: shape={shape!r} is not a list of <= {MAX_NDIM} sizes")
+        numel = math.prod(shape)
+        total += numel
+        if total > max_elements:
+            raise _fail(
+                f"{where}: the file declares more than max_elements={max_elements} elements"
+            )
+        scheme = _req(e, "scheme", str, where)
+        if scheme not in _ENTRY_CHECKS:
+            raise _fail(f"{where}: scheme={scheme!r} must be one of {sorted(_ENTRY_CHECKS)}")
+        refs = _ENTRY_CHECKS[scheme](e, dtype, numel, n_sections, where)
+        if scheme == "alias":  # an earlier stored tensor of the same dtype and shape
+            target = next((x for x in entries[:i] if x.get("name") == e["of"]), None)
+            if target is None or target.get("scheme") == "alias":
+                raise _fail(f"{where}: alias of {e['of']!r}, which is not an earlier stored tensor")
+            if target.get("dtype") != dtype or target.get("shape") != shape:
+                raise _fail(f"{where}: alias of {e['of']!r} with a different dtype or shape")
+            total -= numel  # stored once
+        for r in refs:
+            if r in used:
+                raise _fail(f"{where}: section {r} referenced twice")
+            used.add(r)
+    if len(used) != n_sections - 2:
+        raise _fail(f"header references {len(used)} of the {n_sections - 2} data sections")
+    if total > PLAUSIBLE_FREE_ELEMENTS and total > PLAUSIBLE_ELEMENTS_PER_BYTE * file_bytes:
+        raise _fail(
+            f"the file declares {total} elements in only {file_bytes} bytes: implausible "
+            "(refused before allocating)"
+        )
+    return entries
+
+
+def _decode_dense(e: dict, secs: list[memoryview], with_report: bool):
+    """A ``dense`` entry: the raw bytes, or float16 widened to float32."""
+    name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
+    numel = math.prod(shape)
+    tdtype = _TORCH_DTYPES[dtype]
+    data = secs[e["data"]]
+    store = e["store"]
+    item = 2 if store == "float16" else torch.empty(0, dtype=tdtype).element_size()
+    if len(data) != numel * item:
+        raise _fail(f"tensor '{name}': dense data has {len(data)} bytes, expected {numel * item}")
+    if numel == 0:
+        t = torch.empty(shape, dtype=tdtype)
+    elif store == "float16":
+        arr = np.frombuffer(data, dtype="<f2").astype(np.float32)
+        t = torch.from_numpy(arr).reshape(shape)
+    else:
+        t = torch.frombuffer(bytearray(data), dtype=tdtype).reshape(shape).clone()
+    rep = None
+    if with_report:
+        rep = TensorReport(
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            scheme="dense",
+            layout=None,
+            numel=numel,
+            nonzeros=nonzero_count(t),
+            total_bytes=len(data) + _FRAME.size,
+            dense_store=store,
+            dense_bits=8 * len(data),
+        )
+    return t, rep
+
+
+def _codes_dense(e, secs, codebook, ftype, with_report):
+    """``layout='dense'``: a code per element, zero inserted into the codebook if present."""
+    where, shape, k, nnz = f"tensor '{e['name']}'", tuple(e["shape"]), e["k"], e["nnz"]
+    numel = math.prod(shape)
+    codes_ref = e["codes"]
+    alphabet = k + 1 if nnz < numel else k
+    codes, payload = _decode_stream(
+        codes_ref["codec"], secs[codes_ref["sec"]], numel, alphabet, f"{where} codes"
+    )
+    if nnz < numel:
+        zpos = int(np.searchsorted(codebook, 0.0)) if k else 0
+        table = np.insert(codebook, zpos, ftype(0.0))  # (k+1,)
+        if int(np.count_nonzero(codes != zpos)) != nnz:
+            raise _fail(f"{where}: nnz={nnz} does not match the decoded codes")
+    else:
+        table = codebook
+    arr = table[codes].reshape(shape)  # (numel,) -> shape
+    streams = []
+    if with_report:
+        streams.append(
+            _stream_report(
+                "codes", codes_ref["codec"], codes, alphabet, secs, codes_ref["sec"], payload
+            )
+        )
+    fields = dict(
+        layout="dense",
+        weight_bits_pq=numel * _raw_width(alphabet),
+        weight_bits=8 * len(secs[codes_ref["sec"]]),
+        total_bytes=len(secs[e["codebook"]]) + len(secs[codes_ref["sec"]]) + 2 * _FRAME.size,
+    )
+    return arr, fields, streams
+
+
+def _codes_sparse(e, secs, codebook, ftype, with_report):
+    """``layout='sparse'``: relative-index positions of the nonzeros, and their codes."""
+    where, shape, k, nnz = f"tensor '{e['name']}'", tuple(e["shape"]), e["k"], e["nnz"]
+    numel = math.prod(shape)
+    codes_ref, idx_ref = e["codes"], e["index"]
+    b, n_entries, order = e["b"], e["entries"], e["order"]
+    entries, i_payload = _decode_stream(
+        idx_ref["codec"], secs[idx_ref["sec"]], n_entries, 1 << b, f"{where} index"
+    )
+    try:
+        pos = relative_index_decode(entries, b, numel)
+    except CodingError as exc:
+        raise _fail(f"{where} index: {exc}") from exc
+    if pos.size != nnz:
+        raise _fail(f"{where}: index stream holds {pos.size} nonzeros, header says {nnz}")
+    codes, c_payload = _decode_stream(
+        codes_ref["codec"], secs[codes_ref["sec"]], nnz, max(k, 1), f"{where} codes"
+    )
+    flat = np.zeros(numel, dtype=ftype)
+    if nnz:
+        flat[pos] = codebook[codes]
+    arr = np.ascontiguousarray(flat.reshape(shape, order=order))
+    streams = []
+    if with_report:
+        streams.append(
+            _stream_report(
+                "codes", codes_ref["codec"], codes, max(k, 1), secs, codes_ref["sec"], c_payload
+            )
+        )
+        streams.append(
+            _stream_report(
+                "index", idx_ref["codec"], entries, 1 << b, secs, idx_ref["sec"], i_payload
+            )
+        )
+    fields = dict(
+        layout="sparse",
+        order=order,
+        index_bits=b,
+        fillers=int(entries.size - nnz),
+        weight_bits_pq=nnz * _raw_width(max(k, 1)),
+        weight_bits=8 * len(secs[codes_ref["sec"]]),
+        index_bits_pq=int(entries.size) * b,
+        index_bits_coded=8 * len(secs[idx_ref["sec"]]),
+        total_bytes=len(secs[e["codebook"]])
+        + len(secs[codes_ref["sec"]])
+        + len(secs[idx_ref["sec"]])
+        + 3 * _FRAME.size,
+    )
+    return arr, fields, streams
+
+
+def _decode_codebook(e: dict, secs: list[memoryview], with_report: bool):
+    """A ``codebook`` entry: the codebook, then the codes in their layout."""
+    name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
+    k, nnz, cb = e["k"], e["nnz"], e["cb"]
+    ftype = _CODEBOOK_DTYPES[dtype][0]
+    cb_data = secs[e["codebook"]]
+    if len(cb_data) != k * _STORE_BYTES[cb]:
+        raise _fail(f"tensor '{name}': codebook has {len(cb_data)} bytes, expected {k} x {cb}")
+    codebook = np.frombuffer(cb_data, dtype="<f2" if cb == "float16" else "<f4").astype(ftype)
+    layout = _codes_dense if e["layout"] == "dense" else _codes_sparse
+    arr, fields, streams = layout(e, secs, codebook, ftype, with_report)
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[dtype])
+    rep = None
+    if with_report:
+        rep = TensorReport(
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            scheme="codebook",
+            numel=math.prod(shape),
+            nonzeros=nnz,
+            codebook_size=k,
+            codebook_dtype=cb,
+            codebook_bits=8 * len(cb_data),
+            streams=tuple(streams),
+            **fields,
+        )
+    return t, rep
+
+
+def _decode_pq(e: dict, secs: list[memoryview], with_report: bool):
+    """A ``pq`` entry: ``table[codes]`` reshaped, the table being the codebook plus an all-zero
+    row when ``zero``."""
+    name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
+    numel = math.prod(shape)
+    d, k, zero, cb = e["d"], e["k"], e["zero"], e["cb"]
+    where = f"tensor '{name}'"
+    cb_data = secs[e["codebook"]]
+    if len(cb_data) != k * d * _STORE_BYTES[cb]:
+        raise _fail(f"{where}: codebook has {len(cb_data)} bytes, expected {k} x {d} x {cb}")
+    codebook = np.frombuffer(cb_data, dtype="<f2" if cb == "float16" else "<f4")
+    codebook = codebook.astype(_CODEBOOK_DTYPES[dtype][0]).reshape(k, d)  # (k, d)
+    ref = e["codes"]
+    alphabet = k + int(zero)
+    codes, payload = _decode_stream(
+        ref["codec"], secs[ref["sec"]], numel // d, alphabet, f"{where} codes"
+    )
+    arr = pq_table(codebook, zero)[codes].reshape(shape)  # (numel/d, d) -> shape
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[dtype])
+    rep = None
+    if with_report:
+        rep = TensorReport(
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            scheme="pq",
+            layout=None,
+            numel=numel,
+            nonzeros=int(np.count_nonzero(arr)),
+            total_bytes=len(cb_data) + len(secs[ref["sec"]]) + 2 * _FRAME.size,
+            codebook_size=k,
+            codebook_dtype=cb,
+            codebook_bits=8 * len(cb_data),
+            weight_bits_pq=int(codes.size) * _raw_width(alphabet),
+            weight_bits=8 * len(secs[ref["sec"]]),
+            streams=(
+                _stream_report("codes", ref["codec"], codes, alphabet, secs, ref["sec"], payload),
+            ),
+            block_size=d,
+        )
+    return t, rep
+
+
+def _decode_affine(e: dict, secs: list[memoryview], with_report: bool):
+    """An ``affine`` entry: ``(q - z) * s`` per group (:func:`dequantize_codes`, the formula the
+    quantized model computes with), transposed back for Conv1D-layout tensors."""
+    where = f"tensor '{e['name']}'"
+    bits, g, rows, cols = e["bits"], e["group"], e["rows"], e["cols"]
+    n_groups = rows * (cols // g)
+    c_ref = e["codes"]
+    codes, c_pay = _decode_stream(
+        c_ref["codec"], secs[c_ref["sec"]], rows * cols, 1 << bits, f"{where} codes"
+    )
+    s_data = secs[e["scale"]]
+    if len(s_data) != 2 * n_groups:
+        raise _fail(f"{where}: scale section has {len(s_data)} bytes, expected {2 * n_groups}")
+    scale = torch.from_numpy(np.frombuffer(s_data, dtype="<f2").astype(np.float16)).reshape(
+        rows, -1
+    )
+    zero = zs = z_pay = None
+    if "zero" in e:
+        z_ref = e["zero"]
+        zs, z_pay = _decode_stream(
+            z_ref["codec"], secs[z_ref["sec"]], n_groups, 1 << bits, f"{where} zero"
+        )
+        zero = torch.from_numpy(zs.astype(np.uint8)).reshape(rows, -1)
+    q = torch.from_numpy(codes.astype(np.uint8)).reshape(rows, cols)
+    w = dequantize_codes(q, scale, zero, bits, g, _TORCH_DTYPES[e["dtype"]])  # (rows, cols)
+    if e["transpose"]:
+        w = w.T.contiguous()
+    rep = None
+    if with_report:
+        streams = [
+            _stream_report("codes", c_ref["codec"], codes, 1 << bits, secs, c_ref["sec"], c_pay)
+        ]
+        side = len(s_data)
+        if zs is not None:
+            z_ref = e["zero"]
+            streams.append(
+                _stream_report("zero", z_ref["codec"], zs, 1 << bits, secs, z_ref["sec"], z_pay)
+            )
+            side += len(secs[z_ref["sec"]])
+        rep = TensorReport(
+            name=e["name"],
+            shape=tuple(e["shape"]),
+            dtype=e["dtype"],
+            scheme="affine",
+            layout=None,
+            numel=rows * cols,
+            nonzeros=int(torch.count_nonzero(w)),
+            total_bytes=len(secs[c_ref["sec"]]) + side + _FRAME.size * len(streams) + _FRAME.size,
+            codebook_size=n_groups,
+            codebook_dtype="float16",
+            codebook_bits=8 * side,
+            weight_bits_pq=rows * cols * bits,
+            weight_bits=8 * len(secs[c_ref["sec"]]),
+            streams=tuple(streams),
+        )
+    return w, rep
+
+
+_DECODERS = {
+    "dense": _decode_dense,
+    "codebook": _decode_codebook,
+    "pq": _decode_pq,
+    "affine": _decode_affine,
+}
+
+
+def decode_entry(
+    e: dict, secs: list[memoryview], *, with_report: bool
+) -> tuple[torch.Tensor, TensorReport | None]:
+    """Decode one validated header entry (by its scheme); ``secs`` indexed by the entry's
+    references."""
+    return _DECODERS[e["scheme"]](e, secs, with_report)
+
+
+def _decode(
+    data: bytes | memoryview, *, max_elements: int, with_report: bool
+) -> tuple[dict[str, torch.Tensor], Any, EncodeReport | None]:
+    try:
+        with np.errstate(all="ignore"):  # damaged codebooks may hold NaN/inf: not an error here
+            return _decode_checked(data, max_elements=max_elements, with_report=with_report)
+    except FormatError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except MemoryError as exc:
+        raise FormatError(f"file declares sizes too large to decode: {exc}") from exc
+    except Exception as exc:  # safety net: any other failure on damaged input is a FormatError
+        raise FormatError(f"malformed .ncz file: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_checked(
+    data: bytes | memoryview, *, max_elements: int, with_report: bool
+) -> tuple[dict[str, torch.Tensor], Any, EncodeReport | None]:
+    secs = _split_sections(data)
+    header = _inflate(secs[0], "header")
+    metadata = _inflate(secs[1], "metadata")
+    entries = _check_header(header, len(secs), max_elements, len(data))
+    minor = _PREFIX.unpack_from(data, 0)[2]
+    needed = needed_minor(entries)
+    if minor != needed:  # like ZIP's "version needed to extract": exactly what the file uses
+        raise _fail(
+            f"format version 1.{minor} does not match the file's contents, which need 1.{needed} "
+            "(1.1 with a pq tensor; 1.2 with an affine or alias tensor or a 1.2 dtype)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    reports = []
+    for e in entries:
+        if e["scheme"] == "alias":  # stored once: a copy of the earlier tensor
+            t = state[e["of"]].clone()
+            rep = alias_report(e["name"], t) if with_report else None
+        else:
+            t, rep = decode_entry(e, secs, with_report=with_report)
+        state[e["name"]] = t
+        reports.append(rep)
+    report = None
+    if with_report:
+        report = EncodeReport(
+            tensors=tuple(reports),
+            prefix_bytes=_PREFIX.size,
+            header_bytes=len(secs[0]) + _FRAME.size,
+            metadata_bytes=len(secs[1]) + _FRAME.size,
+            total_bytes=len(data),
+        )
+    return state, metadata, report
+
+
+def decode_bytes(
+    data: bytes | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Decode ``.ncz`` bytes: ``(state_dict, metadata)``; :class:`FormatError` if damaged."""
+    state, metadata, _ = _decode(data, max_elements=max_elements, with_report=False)
+    return state, metadata
+
+
+def _read(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compressed file '{path}' does not exist")
+    return path.read_bytes()
+
+
+def decode_file(
+    path: str | Path, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Read and decode a ``.ncz`` file: ``(state_dict, metadata)``.
+
+    ``max_elements`` bounds the total number of tensor elements the file may declare (raise
+    it for models beyond ~268M parameters).
+    """
+    return decode_bytes(_read(path), max_elements=max_elements)
+
+
+def inspect_bytes(data: bytes | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """Itemised :class:`EncodeReport` of ``.ncz`` bytes (decodes every stream)."""
+    _, _, report = _decode(data, max_elements=max_elements, with_report=True)
+    return report
+
+
+def inspect_file(path: str | Path, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> EncodeReport:
+    """Itemised :class:`EncodeReport` of a ``.ncz`` file: per-tensor scheme, codebook, code
+    and index bits (fixed "P+Q" and coded), fillers, entropies, and totals."""
+    return inspect_bytes(_read(path), max_elements=max_elements)
+
+
+def load_compressed(model: nn.Module, path: str | Path) -> Any:
+    """Fill ``model`` (strictly, by name) from a ``.ncz`` file; returns the file's metadata."""
+    state, metadata = decode_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"'{path}': the decoded tensors do not fit the model: {exc}") from exc
+    return metadata
