@@ -70,7 +70,7 @@ def test_registry_lists_and_rejects():
 
 
 def test_default_kwargs_fit_the_dataset_from_the_registry():
-    from nncompress.models import MODELS, default_kwargs
+    from nncompress.models import default_kwargs
 
     assert default_kwargs("lenet-300-100", (1, 8, 8), 10) == {"num_classes": 10, "in_features": 64}
     assert default_kwargs("lenet-5", (1, 28, 28), 10) == {

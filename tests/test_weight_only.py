@@ -248,3 +248,23 @@ def test_damaged_affine_and_alias_files_decode_or_raise_format_error():
             decode_bytes(bytes(buf))
         except FormatError:
             pass
+
+
+def test_weight_only_recipe_stage(digits_data):
+    from nncompress.models import create
+    from nncompress.stages import stage_entry
+    from nncompress.stages.base import StageContext
+
+    cls, run = stage_entry("weight_only")
+    cfg = cls(bits=4, group_size=16, per_channel_fallback=True, calibration=128, batch_size=32)
+    assert cfg.algorithm == WeightOnlyConfig(bits=4, group_size=16, per_channel_fallback=True)
+    model = create("lenet-300-100", in_features=64).eval()
+    from nncompress.engine import TrainConfig
+
+    ctx = StageContext(model, digits_data, "lenet-300-100", {}, TrainConfig(), None)
+    out = run(ctx, cfg)
+    assert [r["name"] for r in out["layers"]] == ["fc1", "fc2", "fc3"]
+    assert all(r["method"] == "gptq" for r in out["layers"])
+    assert set(quantized_layers(model)) == {"fc1", "fc2", "fc3"}
+    with pytest.raises(ConfigError, match="calibration=0"):
+        cls(calibration=0)

@@ -44,6 +44,9 @@ STAGES: dict[str, StageEntry] = {
         "nncompress.stages.decompose", "DecomposeStageConfig", "run_decompose_stage"
     ),
     "pq": StageEntry("nncompress.stages.pq", "PQStageConfig", "run_pq_stage"),
+    "weight_only": StageEntry(
+        "nncompress.stages.weight_only", "WeightOnlyStageConfig", "run_weight_only_stage"
+    ),
 }
 
 
