@@ -168,68 +168,78 @@ def perplexity(model, ids, n_batches=None) -> float:
 # ------------------------------------------------------------------------------ methods
 
 
-def uniform(model, calib, budget, method, log):
-    """The largest grid configuration whose fixed-width file fits, quantized by ``method``."""
-    best = None
+def grid_sizes(model) -> list[tuple[int, int, int | None]]:
+    """``(fixed-width file bytes, bits, group)`` of every uniform grid configuration (RTN; the
+    layout and so the size are the same for GPTQ)."""
+    out = []
     for bits in GRID_BITS:
         for g in GRID_GROUPS:
             m = copy.deepcopy(model)
-            try:
-                quantize_weights_(m, wcfg(bits=bits, group_size=g, method="rtn"))
-            except ValueError:
-                continue
-            size = file_bytes(m, codec="raw")
-            if size <= budget and (best is None or size > best[0]):
-                best = (size, bits, g)
-    if best is None:
+            quantize_weights_(m, wcfg(bits=bits, group_size=g, method="rtn"))
+            out.append((file_bytes(m, codec="raw"), bits, g))
+    return out
+
+
+def uniform(model, calib, budget, method, sizes):
+    """The largest grid configuration whose fixed-width file fits, quantized by ``method``."""
+    fits = [c for c in sizes if c[0] <= budget]
+    if not fits:
         return None, {}
-    _, bits, g = best
+    _, bits, g = max(fits, key=lambda c: c[0])
     m = copy.deepcopy(model)
     cfg = wcfg(bits=bits, group_size=g, method=method, calibration_batches=None)
     quantize_weights_(m, cfg, calib if method == "gptq" else None)
     return m, {"bits": bits, "group_size": g}
 
 
-def kmeans(model, calib, budget, log):
-    best = None
+def kmeans_models(model, calib) -> list[tuple[int, int, object]]:
+    """``(fixed-width bytes, bits, model)`` of activation-weighted k-means at 1..8 bits."""
+    out = []
     for bits in range(1, 9):
         m = copy.deepcopy(model)
         share_weights_aware_(m, AwareKMeansConfig(bits=bits, calibration_batches=None), calib)
-        size = file_bytes(m, codec="raw")
-        if size <= budget:
-            best = (m, bits)
-        else:
-            break
-    return (best[0], {"bits": best[1]}) if best else (None, {})
+        out.append((file_bytes(m, codec="raw"), bits, m))
+    return out
 
 
-def mixed(model, calib, budget, log):
+MIXED = MixedPrecisionConfig(
+    bit_choices=(2, 3, 4, 5, 6, 8, 16),
+    quant=wcfg(group_size=64, calibration_batches=None),
+    sensitivity_batches=4,
+)
+
+
+def mixed(model, calib, budget, cache):
     m = copy.deepcopy(model)
-    cfg = MixedPrecisionConfig(
-        bit_choices=(2, 3, 4, 5, 6, 8, 16),
-        quant=wcfg(group_size=64, calibration_batches=None),
-        sensitivity_batches=4,
+    plan, _ = quantize_mixed_(
+        m, calib, MIXED, target_bytes=budget, measure=file_bytes, distortion=cache.get("d")
     )
-    plan, _ = quantize_mixed_(m, calib, cfg, target_bytes=budget, measure=file_bytes)
+    cache["d"] = plan.distortion  # the scan of the float model, reused for the other budgets
     hist = {}
     for b in plan.bits.values():
         hist[b] = hist.get(b, 0) + 1
     return m, {"bits_histogram": {str(k): v for k, v in sorted(hist.items())}}
 
 
-def run_methods(model, calib, score, log, ratios, smoke):
+def run_methods(model, calib, score, log, ratios):
     base = dense_bytes(model)
+    t0 = time.perf_counter()
+    sizes = grid_sizes(model)
+    kms = kmeans_models(model, calib)
+    log(f"  grid and k-means sizes in {time.perf_counter() - t0:.0f} s")
+    cache: dict = {}
     rows = []
     for ratio in ratios:
         budget = int(base / ratio)
         for name in ("rtn", "gptq", "kmeans", "mixed"):
             t0 = time.perf_counter()
             if name in ("rtn", "gptq"):
-                m, info = uniform(model, calib, budget, name, log)
+                m, info = uniform(model, calib, budget, name, sizes)
             elif name == "kmeans":
-                m, info = kmeans(model, calib, budget, log)
+                fit = [k for k in kms if k[0] <= budget]
+                m, info = (fit[-1][2], {"bits": fit[-1][1]}) if fit else (None, {})
             else:
-                m, info = mixed(model, calib, budget, log)
+                m, info = mixed(model, calib, budget, cache)
             if m is None:
                 log(f"  {ratio}x {name}: no configuration fits")
                 continue
@@ -238,6 +248,7 @@ def run_methods(model, calib, score, log, ratios, smoke):
                 "ratio_target": ratio,
                 "method": name,
                 "bytes": size,
+                "budget": budget,
                 "ratio": base / size,
                 "seconds": time.perf_counter() - t0,
                 **info,
@@ -265,9 +276,7 @@ def part_vit(seeds, args, log):
 
         dense = score(model)
         log(f"vit seed {seed} dense: {dense}")
-        rows = run_methods(
-            model, calib, score, log, RATIOS[:1] if args.smoke else RATIOS, args.smoke
-        )
+        rows = run_methods(model, calib, score, log, RATIOS[:1] if args.smoke else RATIOS)
         for r in rows:
             r["test_drop"] = dense["test_accuracy"] - r["test_accuracy"]
         out.append({"seed": seed, "train": train_metrics, "dense": dense, "rows": rows})
@@ -304,16 +313,14 @@ def part_gpt(seeds, args, log):
         n_eval = 2 if args.smoke else None
 
         def score(m, n_eval=n_eval):
-            return {
-                "val_perplexity": perplexity(m, corpus.val, n_eval),
+            return {  # val: the first 64 windows (informative only; nothing is chosen on it)
+                "val_perplexity": perplexity(m, corpus.val, n_eval or 2),
                 "test_perplexity": perplexity(m, corpus.test, n_eval),
             }
 
         dense = score(model)
         log(f"gpt seed {seed} dense: {dense}")
-        rows = run_methods(
-            model, calib, score, log, RATIOS[:1] if args.smoke else RATIOS, args.smoke
-        )
+        rows = run_methods(model, calib, score, log, RATIOS[:1] if args.smoke else RATIOS)
         for r in rows:
             r["test_increase"] = r["test_perplexity"] / dense["test_perplexity"] - 1
         out.append(

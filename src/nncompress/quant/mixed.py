@@ -364,6 +364,7 @@ def quantize_mixed_(
     progress: Callable[[ProgressEvent], None] | None = None,
     measure: Callable[[nn.Module], int] | None = None,
     refine: int = 2,
+    distortion: dict[str, dict[int, float]] | None = None,
 ) -> tuple[MixedPrecisionPlan, WeightOnlyReport]:
     """Plan widths with :func:`plan_mixed_precision`, then quantize in place with them.
 
@@ -374,13 +375,20 @@ def quantize_mixed_(
     ``refine`` refinements: the plan's sizes are fixed-width upper bounds, so the entropy-coded
     file usually comes out smaller; the slack is added to the budget of a new plan (same
     scan), which is kept only if its measured file still fits the original budget. The
-    returned plan's ``budget`` is always the caller's.
+    returned plan's ``budget`` is always the caller's. ``distortion``: a previous plan's scan
+    of the same float model (e.g. for another budget), reused instead of measuring.
     """
     cfg = config or MixedPrecisionConfig()
     batches = list(calibration) if not isinstance(calibration, list) else calibration
     kwargs = dict(metadata=metadata, filter=filter, progress=progress)
     plan = plan_mixed_precision(
-        model, batches, cfg, target_bytes=target_bytes, target_ratio=target_ratio, **kwargs
+        model,
+        batches,
+        cfg,
+        target_bytes=target_bytes,
+        target_ratio=target_ratio,
+        distortion=distortion,
+        **kwargs,
     )
     budget = plan.budget
     original = copy.deepcopy(model) if measure is not None and refine > 0 else None
