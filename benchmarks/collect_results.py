@@ -41,6 +41,7 @@ SECTIONS = [
         "benchmarks/lowrank_latency.py",
     ),
     ("distill-lenet-5", "Knowledge distillation", "benchmarks/distill.py --teacher lenet-5"),
+    ("pq", "Product quantization — Stock et al. 2020", "benchmarks/pq.py"),
 ]
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from _common import RESULTS, baseline, write_result
-from nncompress.core import LayerSelector, atomic_write, folded_copy
+from nncompress.core import ConfigError, LayerSelector, atomic_write, folded_copy
 from nncompress.data import fashion_mnist
 from nncompress.engine import TrainConfig, evaluate, load_checkpoint
 from nncompress.io import (
@@ -58,6 +58,7 @@ from nncompress.quant import (
     shared_layers,
 )
 from nncompress.quant.pq_finetune import distill, refresh_batchnorm_
+from nncompress.quant.pq_transform import QUANTIZABLE
 
 OUT = Path(__file__).resolve().parent / "out" / "pq"
 log = logging.getLogger("pq")
@@ -259,12 +260,16 @@ def _file_bytes(model: nn.Module, config: EncodeConfig) -> int:
 
 
 def _stand_in(model: nn.Module, plan: dict, seed: int) -> nn.Module:
-    """A copy whose planned layers hold k random fp16 codewords at random codes (all-zero
-    blocks kept): its raw-coded file is the size of the quantized one with fixed-width codes."""
+    """A copy whose planned layers hold k random fp16 codewords at uniformly random codes
+    (all-zero blocks kept) and whose other float tensors are made incompressible (BatchNorm
+    statistics change after quantization): its file bounds the quantized model's."""
     g = torch.Generator().manual_seed(seed)
     out = folded_copy(model)
     mods = dict(out.named_modules())
     with torch.no_grad():
+        for t in list(out.parameters()) + list(out.buffers()):  # the rest: incompressible
+            if t.is_floating_point():
+                t.add_(1e-3 * torch.randn(t.shape, generator=g))
         for name, p in plan.items():
             w = mods[name].weight
             d, k = p["block_size"], p["k"]
@@ -278,26 +283,34 @@ def _stand_in(model: nn.Module, plan: dict, seed: int) -> nn.Module:
     return out
 
 
-def _budget(model, blocks, target, fp32_bytes, exclude, max_k) -> tuple[float, int]:
-    """The largest bits-per-weight budget (grid of 0.01) whose stand-in file meets the ratio
-    target; returns (budget, planned bytes)."""
+def _pq_config(blocks: dict, max_k: int, bpw: float, model, exclude) -> PQConfig:
+    """The budget's config; a layer too small for the budget (its codebook alone exceeds it)
+    gets k = 2 instead of stopping the search (such layers hold a few hundred weights)."""
+    cfg = PQConfig(**blocks, k=max_k, bits_per_weight=bpw)
+    small = {}
+    for name in (QUANTIZABLE & LayerSelector(exclude=exclude)).select(model):
+        try:
+            pq_plan(model, cfg, filter=[name])
+        except ConfigError as exc:
+            if "cannot be met" not in str(exc):
+                raise
+            small[name] = 2
+    return replace(cfg, per_layer_k={**cfg.per_layer_k, **small}) if small else cfg
+
+
+def _budget(model, blocks, target, fp32_bytes, exclude, max_k, steps=12):
+    """The largest bits-per-weight budget (bisection to 0.01) whose stand-in file meets the
+    ratio target; returns (budget, planned bytes, per-layer k overrides)."""
     limit = fp32_bytes / target
     lo, hi, best = 0.05, 8.0, None
-    for _ in range(12):  # bisection on the budget (bytes grow with it)
+    for _ in range(steps):  # bisection on the budget (bytes grow with it)
         mid = round((lo + hi) / 2, 2)
-        try:
-            plan = pq_plan(
-                model,
-                PQConfig(**blocks, k=max_k, bits_per_weight=mid),
-                filter=LayerSelector(exclude=exclude),
-            )
-        except Exception:  # a layer cannot meet this budget
-            lo = mid
-            continue
+        cfg = _pq_config(blocks, max_k, mid, model, exclude)
+        plan = pq_plan(model, cfg, filter=LayerSelector(exclude=exclude))
         ds = {n: p["block_size"] for n, p in plan.items()}
         size = _file_bytes(_stand_in(model, plan, 0), _with_blocks(ENC, ds))
         if size <= limit:
-            best, lo = (mid, size), mid
+            best, lo = (mid, size, cfg.per_layer_k), mid
         else:
             hi = mid
         if hi - lo <= 0.011:
@@ -445,9 +458,11 @@ def run_row(
         out["timings"]["prune_s"] = out["prune"]["wall_s"]
     fp32 = encode_state_dict(folded_copy(model), replace(ENC, dense_dtype="fp32"))[1].original_bytes
     if row.method == "pq":
-        bpw, planned = _budget(model, row.blocks, row.target, fp32, row.exclude, row.max_k)
+        bpw, planned, small = _budget(
+            model, row.blocks, row.target, fp32, row.exclude, row.max_k, 7 if smoke else 12
+        )
         cfg = PQConfig(
-            **row.blocks,
+            **{**row.blocks, "per_layer_k": {**row.blocks.get("per_layer_k", {}), **small}},
             k=row.max_k,
             bits_per_weight=bpw,
             objective=row.objective,
@@ -461,7 +476,8 @@ def run_row(
         rep = pq_quantize_(
             model, cfg, calib, teacher=teacher, filter=LayerSelector(exclude=row.exclude)
         )
-        out.update(bits_per_weight_budget=bpw, planned_bytes=planned, pq=rep.to_dict())
+        out.update(bits_per_weight_budget=bpw, planned_bytes=planned, k_2_layers=small)
+        out["pq"] = rep.to_dict()
         out["timings"].update(
             capture_s=rep.timings["capture_s"],
             em_s=rep.timings["em_s"],
@@ -508,13 +524,15 @@ def _baseline_acc(name: str, splits) -> float:
 
 
 def _dc_ratio(name: str) -> str:
+    """The Deep Compression recipe's ratio and accuracy (results/deep_compression.json)."""
     path = RESULTS / "deep_compression.json"
     try:
-        data = json.loads(path.read_text())
-        rows = data["models"][name]["variants"]
-        r = next(v for v in rows if v.get("variant") == "recipe")
-        return f"{r['ratio']:.1f}x at {r['final_accuracy']:.2f}% (baseline {r['baseline_accuracy']:.2f}%)"
-    except (OSError, KeyError, StopIteration, TypeError, ValueError):
+        r = json.loads(path.read_text())["models"][name]["variants"]["recipe"]
+        return (
+            f"{r['compression_ratio']:.1f}x at {r['final_accuracy']:.2f}% (its baseline "
+            f"{r['baseline_accuracy']:.2f}%, results/deep_compression.md)"
+        )
+    except (OSError, KeyError, TypeError, ValueError):
         return "n/a"
 
 

@@ -28,6 +28,7 @@ from nncompress.io import (
     save_compressed,
 )
 from nncompress.io.container import MAGIC
+from nncompress.io.format import section_crc
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -417,12 +418,14 @@ def test_fuzz_mutations_behind_valid_crcs(codec, seed):
     secs = _sections(base)
     for _ in range(FILES_PER_EXAMPLE):
         data = bytearray(base)
-        start, length = secs[int(rng.integers(0, len(secs)))]
+        i = int(rng.integers(0, len(secs)))
+        start, length = secs[i]
         if length == 0:
             continue
         for _ in range(int(rng.integers(1, 5))):
             data[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
-        struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start : start + length])))
+        crc = section_crc(i, bytes(data[start : start + length]))
+        struct.pack_into("<I", data, start - 4, crc)
         _decode_or_format_error(bytes(data))
 
 
@@ -430,8 +433,8 @@ def test_wrong_magic_version_and_trailing_bytes():
     data = BASES["huffman"]
     with pytest.raises(FormatError, match="magic"):
         decode_bytes(b"PK\x03\x04" + data[4:])
-    with pytest.raises(FormatError, match="version 2.0"):
-        decode_bytes(data[:8] + struct.pack("<HH", 2, 0) + data[12:])
+    with pytest.raises(FormatError, match="version 2."):
+        decode_bytes(data[:8] + struct.pack("<H", 2) + data[10:])
     with pytest.raises(FormatError, match="unexpected bytes"):
         decode_bytes(data + b"\x00")
     with pytest.raises(FormatError, match="too short"):
@@ -467,7 +470,7 @@ def _header_of(data: bytes):
         (lambda e: e["codes"].update(codec="lzma"), "codec"),
         (lambda e: e.update(order="Z"), "order"),
         (lambda e: e.update(nnz=e["nnz"] - 1, entries=e["nnz"] - 1), "symbol count"),
-        (lambda e: e.update(nnz=e["nnz"] - 1), "nonzeros"),
+        (lambda e: e.update(nnz=e["nnz"] - 1), "symbol count=60: larger"),
         (lambda e: e.update(k=e["k"] + 1), "codebook has"),
     ],
 )

@@ -24,6 +24,8 @@ from nncompress.io import (
     save_compressed,
 )
 from nncompress.io.container import MAGIC
+from nncompress.io.format import section_crc
+from nncompress.io.fuzz import NczParts
 from nncompress.quant import PQConfig, pq_quantize_
 
 
@@ -66,14 +68,23 @@ def test_pq_round_trip_bit_exact(codec):
     # 12 codewords + the reserved all-zero code: 4-bit fixed-width codes
     assert conv.weight_bits_pq == 128 * 4
     assert report.total_bytes == len(data)
-    assert data[10:12] == struct.pack("<H", 1)  # a file with a pq tensor is version 1.1
+    assert data[10:12] == struct.pack("<H", 2)  # every file written now is 1.2 (bound CRCs)
     plain, _ = encode_state_dict({"b": state["fc.bias"]})
-    assert plain[10:12] == struct.pack("<H", 0)  # ... and one without is still 1.0
-    # the minor version is exactly the one the contents need (like ZIP's "version needed")
+    # 1.0 / 1.1 files carry exactly the minor their contents need (like ZIP's "version
+    # needed"): 1.1 with a pq tensor, 1.0 without
+    old_pq, old_plain = _as_version(data, 1), _as_version(plain, 0)
+    assert decode_bytes(old_pq)[0]["fc.weight"].equal(back["fc.weight"])
     with pytest.raises(FormatError, match="need 1.1"):
-        decode_bytes(data[:10] + struct.pack("<H", 0) + data[12:])
+        decode_bytes(_as_version(data, 0))
     with pytest.raises(FormatError, match="need 1.0"):
-        decode_bytes(plain[:10] + struct.pack("<H", 1) + plain[12:])
+        decode_bytes(_as_version(plain, 1))
+    assert decode_bytes(old_plain)[0]["b"].equal(state["fc.bias"])
+
+
+def _as_version(data: bytes, minor: int) -> bytes:
+    parts = NczParts.parse(data)
+    parts.minor = minor
+    return parts.assemble()
 
 
 def _tiny_net() -> nn.Module:
@@ -222,12 +233,14 @@ def test_fuzz_pq_sections_behind_valid_crcs(codec, seed):
     secs = _sections(base)
     for _ in range(8):
         data = bytearray(base)
-        start, length = secs[int(rng.integers(0, len(secs)))]
+        i = int(rng.integers(0, len(secs)))
+        start, length = secs[i]
         if length == 0:
             continue
         for _ in range(int(rng.integers(1, 5))):
             data[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
-        struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start : start + length])))
+        crc = section_crc(i, bytes(data[start : start + length]))
+        struct.pack_into("<I", data, start - 4, crc)
         try:
             state, _ = decode_bytes(bytes(data))
         except FormatError as exc:

@@ -65,7 +65,7 @@ def test_registry_lists_and_rejects():
     assert [m.name for m in list_models()] == list(MODELS)
     with pytest.raises(ValueError, match="model='alexnet'"):
         create("alexnet")
-    with pytest.raises(ValueError, match="bad constructor arguments"):
+    with pytest.raises(ValueError, match="unknown argument"):
         create("lenet-5", nonsense=1)
 
 

@@ -41,7 +41,7 @@ def test_retrain_spec_is_validated_once_and_names_the_stage_key():
     from nncompress.stages.decompose import DecomposeStageConfig
     from nncompress.stages.quantize import QuantizeStageConfig
 
-    with pytest.raises(ConfigError, match=r"^lr_scale=0: must be a number > 0"):
+    with pytest.raises(ConfigError, match=r"^lr_scale=0: must be a number in \(0, 100\]"):
         RetrainSpec(lr_scale=0)
     with pytest.raises(ConfigError, match=r"^augment=1: must be true, false or null"):
         RetrainSpec(augment=1)

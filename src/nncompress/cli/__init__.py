@@ -7,11 +7,13 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 # Explicit registry of command modules (no discovery by name lookup).
 COMMAND_MODULES = [
     "nncompress.cli.basic",
     "nncompress.cli.codec",
+    "nncompress.cli.conditional",
     "nncompress.cli.distill",
     "nncompress.cli.filters",
     "nncompress.cli.hf",
@@ -23,10 +25,18 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: nncompress prune: argument --q: invalid float
+    value: 'x'`` and exit code 2 (no usage block, no traceback)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nncompress",
         description="Compress trained PyTorch networks: pruning, weight sharing, quantization, "
         "low-rank decomposition, distillation and entropy-coded storage.",
@@ -39,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)  # pragma: no cover - the parser always has its sub-commands
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        from .common import check_arguments
+
+        check_arguments(_subparser(parser, args.command), args)  # before any work
         return int(args.func(args) or 0)
-    # every nncompress input error (ConfigError, CheckpointError, DataError, FormatError...)
-    # is a ValueError
-    except (ValueError, FileNotFoundError) as exc:
+    # every nncompress input error (ConfigError, CheckpointError, DataError, FormatError,
+    # TrainingError...) is a ValueError; OSError: a file that could not be read or written
+    except (ValueError, OSError) as exc:
         from .common import console
 
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        text = str(exc) if not isinstance(exc, OSError) or str(exc) else type(exc).__name__
+        console.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True, markup=True)
         return 2
 
 

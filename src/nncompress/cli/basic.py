@@ -11,11 +11,13 @@ from .common import (
     add_json_arg,
     add_quiet_arg,
     checkpoint_out,
+    console,
     dataset_for,
     existing_file,
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 from .hf import existing_path
 
@@ -128,7 +130,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "checkpoint",
         type=existing_path,
-        help="checkpoint (.safetensors), .onnx, or a Hugging Face folder / .ncz written from one",
+        help="checkpoint (.safetensors; exit models print their exit histogram), ONNX model, "
+        "cascade manifest (.json from nncompress cascade --out), or a Hugging Face folder / "
+        ".ncz written from one (with --reference and --text)",
     )
     add_data_args(p)
     p.add_argument(
@@ -286,6 +290,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"test accuracy {metrics['test_accuracy']:.2f}%  ({metrics['train_wall_time_s']:.1f} s)"
         f"  -> {args.out}"
     )
+    from ..recipe.report import at_chance
+
+    if at_chance(metrics["test_accuracy"], splits.num_classes):
+        console.print(
+            f"[bold red]WARNING: test accuracy {metrics['test_accuracy']:.2f}% is at chance "
+            f"level ({100 / splits.num_classes:.1f}% for {splits.num_classes} classes): the "
+            "model learned nothing; check --lr, --epochs and the data[/bold red]",
+            highlight=False,
+        )
     return 0
 
 
@@ -306,8 +319,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         return cmd_eval_hf(args)
     # --- end Hugging Face ---
+    # --- exit models and cascades (nncompress.cli.conditional) ---
+    from ..conditional import ConditionalModel
+
+    if args.checkpoint.suffix == ".json":
+        from .conditional import cmd_eval_conditional, load_for_eval
+
+        return cmd_eval_conditional(args, *load_for_eval(args.checkpoint, args.data_dir))
     model, sidecar = load_checkpoint(args.checkpoint)
     splits = dataset_for(sidecar, args.data_dir)
+    if isinstance(model, ConditionalModel):
+        from .conditional import cmd_eval_conditional
+
+        return cmd_eval_conditional(args, model, splits)
+    # --- end exit models ---
     res = evaluate(model, splits.loader(args.split, 512), progress=RichProgress(not args.quiet))
     return print_accuracy(args, res)
 
@@ -374,6 +399,11 @@ def show_stats(stats, as_json: bool, title: str) -> None:
         rows,
     )
     out.print(f"dense fp32 bytes: {d['bytes_fp32']:,}")
+    if d.get("expected_macs") is not None:
+        out.print(
+            f"expected MACs per sample (held-out exit rates): {d['expected_macs']:,.0f} "
+            f"({d['expected_macs'] / d['macs']:.3f}x of every branch's {d['macs']:,})"
+        )
     for k, v in d["latency_ms"].items():
         out.print(f"latency {k.replace('_', ' ')}: {v:.3f} ms (median)")
 
@@ -383,6 +413,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..stats import model_stats
 
     batches = _parse_batches(args.batches)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats}: must be >= 1")
+    refuse_inapplicable(args, {"repeats": (bool(batches), "not with --batches '' (no latency)")})
     # --- ONNX models (nncompress.cli.quant) ---
     if args.checkpoint.suffix == ".onnx":
         from .quant import cmd_stats_onnx
@@ -391,10 +424,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     # --- end ONNX ---
     model, sidecar = load_checkpoint(args.checkpoint)
     shape = tuple((sidecar.get("dataset") or {}).get("input_shape") or ())
+    conditional = callable(getattr(model, "forward_all", None))
+    if conditional:  # random inputs leave at arbitrary exits: their latency means nothing
+        batches = ()
     stats = model_stats(
         model, shape or None, latency_batches=batches if shape else (), repeats=args.repeats
     )
     show_stats(stats, args.json, str(args.checkpoint))
+    if conditional and not args.json:
+        out.print(
+            "latency of an exit model depends on its inputs: measure it over data "
+            "(nncompress.stats.measure_latency_over, benchmarks/early_exit.py)"
+        )
     return 0
 
 

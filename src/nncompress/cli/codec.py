@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import RichProgress, add_json_arg, add_quiet_arg, existing_file, out, print_json
+from .common import (
+    RichProgress,
+    add_json_arg,
+    add_quiet_arg,
+    checkpoint_out,
+    existing_file,
+    out,
+    print_json,
+    refuse_inapplicable,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,7 +87,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
         "'nncompress eval' and load_checkpoint() read.",
     )
     p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
-    p.add_argument("--out", type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument("--out", type=checkpoint_out, help="output checkpoint (.safetensors)")
     p.add_argument(
         "--hf-out",
         type=Path,
@@ -88,6 +97,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer-from", type=Path, help="with --hf-out: copy tokenizer files from this folder"
     )
+    add_max_bytes_arg(p)
     p.set_defaults(func=cmd_decode)
 
 
@@ -101,8 +111,36 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
     p.add_argument("--streams", action="store_true", help="also list every coded stream")
+    add_max_bytes_arg(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_inspect)
+
+
+def _byte_count(text: str) -> int:
+    """argparse type of ``--max-bytes``: an integer >= 1, optionally with a K/M/G suffix."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': must be a byte count >= 1 (e.g. 4G, 500M)")
+    return value
+
+
+def add_max_bytes_arg(p: argparse.ArgumentParser) -> None:
+    from ..io import DEFAULT_MAX_BYTES
+
+    p.add_argument(
+        "--max-bytes",
+        type=_byte_count,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help="refuse a file declaring more than N bytes of tensors, before allocating "
+        "(default: 2G; K/M/G suffixes)",
+    )
 
 
 def _table(title: str, headers: list[str], rows: list[list]) -> None:
@@ -170,6 +208,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from ..engine import load_checkpoint
     from ..io import EncodeConfig, checkpoint_metadata, save_compressed
 
+    if args.out.suffix != ".ncz":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .ncz")
+    auto = "not with --auto-index-bits (every width in [2, 12] is tried)"
+    refuse_inapplicable(
+        args,
+        {
+            "index_bits_conv": (not args.auto_index_bits, auto),
+            "index_bits_fc": (not args.auto_index_bits, auto),
+        },
+    )
     config = EncodeConfig(
         codec=args.codec,
         index_bits_conv=args.index_bits_conv,
@@ -205,7 +253,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     # --- end Hugging Face ---
     if args.out is None:
         raise ValueError("decode: give --out (a checkpoint) or --hf-out (a Hugging Face folder)")
-    path = decode_to_checkpoint(args.file, args.out)
+    path = decode_to_checkpoint(args.file, args.out, max_bytes=args.max_bytes)
     out.print(f"wrote {path} (+ {path.with_suffix('.json').name})", highlight=False)
     return 0
 
@@ -213,7 +261,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..io import inspect_file
 
-    report = inspect_file(args.file)
+    report = inspect_file(args.file, max_bytes=args.max_bytes)
     if args.json:
         print_json({"file": str(args.file), **report.to_dict()})
     else:

@@ -139,9 +139,22 @@ class CheckpointJob:
 
         self.path = Path(args.checkpoint)
         self.model, self.sidecar = load_checkpoint(self.path)
-        self.splits = dataset_for(self.sidecar, getattr(args, "data_dir", None))
+        self._data_dir = getattr(args, "data_dir", None)
+        self._splits = None
         show = not getattr(args, "quiet", False) if bars is None else bars
         self.progress = RichProgress(show)
+
+    @property
+    def splits(self):
+        """The dataset the checkpoint names, loaded on first use (so checks of the model, such
+        as layer selections, fail before the data is read)."""
+        if self._splits is None:
+            self._splits = dataset_for(self.sidecar, self._data_dir)
+        return self._splits
+
+    @splits.setter
+    def splits(self, value) -> None:
+        self._splits = value
 
     @property
     def architecture(self) -> dict:
@@ -199,3 +212,59 @@ class CheckpointJob:
             history=list(self.sidecar.get("history") or []),
             extra=extra,
         )
+
+
+# commands whose --out is a folder (every other --out is a file)
+DIR_OUTPUTS = ("run", "sensitivity", "demo", "search", "compress")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks every command gets before it does any work: no NaN / infinite number in any
+    option (``--lr inf``), an ``--out`` that can be written (a folder for the commands of
+    :data:`DIR_OUTPUTS`, a file otherwise, and a checkpoint's sidecar beside it), and
+    ``args._given``: the options given with a value other than their default (for
+    :func:`refuse_inapplicable`). Raises :class:`ConfigError` naming the option."""
+    import math
+
+    from ..core.errors import ConfigError
+    from ..core.files import output_problem
+
+    given, flags = set(), {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        value = getattr(args, action.dest, None)
+        flag = max(action.option_strings, key=len)
+        flags[action.dest] = flag
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{flag}={v}: must be a finite number")
+        if value != action.default:
+            given.add(action.dest)
+    args._given, args._flags = given, flags
+    out_path = getattr(args, "out", None)
+    if out_path is not None:
+        kind = "dir" if args.command in DIR_OUTPUTS else "file"
+        problem = output_problem(out_path, kind)
+        if problem is None and kind == "file" and Path(out_path).suffix == ".safetensors":
+            problem = output_problem(Path(out_path).with_suffix(".json"), "file")
+        if problem:
+            raise ConfigError(f"--out={str(out_path)!r}: {problem}")
+
+
+def refuse_inapplicable(args: argparse.Namespace, rules: dict[str, tuple[bool, str]]) -> None:
+    """Refuse an option given (not left at its default) that does nothing in this call.
+
+    ``rules`` maps an option's dest to ``(applies, when)``: an option that does not apply is
+    an error naming it, its value and ``when`` it applies (``--qat-epochs=3: only with
+    --method qat``), instead of being silently ignored."""
+    from ..core.errors import ConfigError
+
+    given = getattr(args, "_given", set())
+    for dest, (applies, when) in rules.items():
+        if dest in given and not applies:
+            flag = getattr(args, "_flags", {}).get(dest, "--" + dest.replace("_", "-"))
+            value = getattr(args, dest)
+            shown = "" if isinstance(value, bool) else f"={value}"
+            raise ConfigError(f"{flag}{shown}: does not apply here; {when}")

@@ -14,6 +14,7 @@ from .common import (
     existing_file,
     out,
     print_json,
+    refuse_inapplicable,
 )
 
 
@@ -75,6 +76,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .basic import _model_kwargs
 
     # validate everything before loading data or training
+    refuse_inapplicable(
+        args, {"alpha": (not args.label_free, "not with --label-free (soft targets only)")}
+    )
     if args.student not in MODELS:
         raise ValueError(f"--student={args.student!r}: must be one of {sorted(MODELS)}")
     kd = DistillConfig(temperature=args.temperature, alpha=args.alpha, label_free=args.label_free)

@@ -16,6 +16,7 @@ from .common import (
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 
 __all__ = ["filter_stage_config", "register", "run_filter_prune"]
@@ -160,12 +161,33 @@ def finish_pruning(job: CheckpointJob, args, report: dict, before: float, title:
     return 0
 
 
+def policy_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
+    """With ``--policy`` the ratios come from the policy: the ratio options do not apply;
+    without retraining epochs neither do the learning-rate options."""
+    free = getattr(args, "policy", None) is None
+    when = "not with --policy (the policy sets every layer's ratio)"
+    retrain = args.retrain_epochs > 0
+    no_retrain = "only with --retrain-epochs > 0 (nothing is retrained)"
+    return {
+        "criterion": (free, when),
+        "ratio": (free, when),
+        "macs_budget": (free, when),
+        "per_layer": (free, when),
+        "min_channels": (free, when),
+        "scope": (free, when),
+        "lr": (retrain, no_retrain),
+        "lr_scale": (retrain, no_retrain),
+    }
+
+
 def cmd_prune_filters(args: argparse.Namespace) -> int:
     from .prune import parse_per_layer
 
+    refuse_inapplicable(args, policy_rules(args))
     per_layer = parse_per_layer(args.per_layer)
     cfg = filter_stage_config(args, args.criterion, per_layer)  # validated before loading
     job = CheckpointJob(args)
+    cfg.check_model(job.model)  # --exclude / --per-layer names that match no layer
     before = job.accuracy()
     ctx = job.context(args.out.parent, job.train_config(lr=args.lr))
     report = run_filter_prune(cfg, ctx)

@@ -14,6 +14,7 @@ from .common import (
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 
 
@@ -97,6 +98,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_decompose(args: argparse.Namespace) -> int:
     from ..stages.decompose import DecomposeStageConfig, decompose_and_finetune
 
+    tune = args.finetune_epochs > 0
+    no_tune = "only with --finetune-epochs > 0 (nothing is fine-tuned)"
+    refuse_inapplicable(
+        args,
+        {
+            "tt_cores": (args.method == "tt", f"only with --method tt (got {args.method})"),
+            "restore_best": (tune, no_tune),
+            "lr": (tune, no_tune),
+            "lr_scale": (tune, no_tune),
+            "no_distill": (tune, no_tune),
+            "augment": (tune, no_tune),
+            "batch_size": (tune, no_tune),
+        },
+    )
     # the same stage config a recipe's {stage: decompose, ...} builds
     stage = DecomposeStageConfig(
         method=args.method,
@@ -116,6 +131,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         distill=not args.no_distill,
     )
     job = CheckpointJob(args)
+    stage.check_model(job.model)  # --layers that match no layer of the model
     base = job.train_config()
     tcfg = job.train_config(
         augment=args.augment or base.augment,

@@ -118,7 +118,7 @@ def cmd_quantize_pq(args: argparse.Namespace) -> int:
         plain, args.out, enc, checkpoint_metadata(job.sidecar), progress=job.progress
     )
     state, meta = decode_file(args.out)
-    decoded, _ = model_from_metadata(meta)
+    decoded, _ = model_from_metadata(meta, state)
     decoded.load_state_dict(state)
     after = job.accuracy(decoded, batch=500)
     layers = [

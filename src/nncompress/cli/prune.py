@@ -20,17 +20,18 @@ from .common import (
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 
-# --method name -> runner(args, ctx) returning the report dict: connection pruning here, the
-# 'filter-*' methods of 'nncompress prune-filters' (nncompress.cli.filters) with their flags.
-Runner = Callable[[argparse.Namespace, Any], dict]
+# connection pruning here, the 'filter-*' methods of 'nncompress prune-filters'
+# (nncompress.cli.filters) with their flags
+Runner = Callable[[Any, Any], dict]
 
 
-def _run_connection(args: argparse.Namespace, ctx) -> dict:
-    from ..stages.prune import PruneStageConfig, run_prune_stage
+def _connection_config(args: argparse.Namespace):
+    from ..stages.prune import PruneStageConfig
 
-    cfg = PruneStageConfig(
+    return PruneStageConfig(
         method=args.method,
         q=args.q,
         sparsity=args.sparsity,
@@ -53,6 +54,11 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
         remove_dead=args.remove_dead,
         distill=_distill(args.distill),
     )
+
+
+def _run_connection(cfg, ctx) -> dict:
+    from ..stages.prune import run_prune_stage
+
     return run_prune_stage(ctx, cfg)
 
 
@@ -73,28 +79,60 @@ def _distill(text: str | None) -> dict[str, float] | None:
     return {"temperature": values[0], "alpha": values[1]}
 
 
-def _run_filter(args: argparse.Namespace, ctx) -> dict:
-    """``--method filter-CRITERION``: the ``prune-filters`` command with ``prune``'s flags,
-    refusing the connection-pruning flags it does not use."""
-    from .filters import filter_stage_config, run_filter_prune
+def _filter_config(args: argparse.Namespace):
+    """``--method filter-CRITERION``: the ``prune-filters`` command with ``prune``'s flags
+    (the connection-pruning flags it does not use are refused by :func:`_prune_rules`)."""
+    from .filters import filter_stage_config
 
-    if args.iterations != 1:
-        raise ValueError(f"--iterations={args.iterations}: filter pruning prunes once")
-    for flag in ("q", "sparsity", "distill"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag}: not used by {args.method}; use --ratio or --macs-budget")
     criterion = args.method.removeprefix("filter-")
-    cfg = filter_stage_config(args, criterion, parse_per_layer(args.per_layer))
+    return filter_stage_config(args, criterion, parse_per_layer(args.per_layer))
+
+
+def _run_filter(cfg, ctx) -> dict:
+    from .filters import run_filter_prune
+
     return run_filter_prune(cfg, ctx)
 
 
-METHODS: dict[str, Runner] = {
-    "magnitude": _run_connection,
-    "agp": _run_connection,
-    "filter-l1": _run_filter,
-    "filter-l2": _run_filter,
-    "filter-random": _run_filter,
-    "filter-largest": _run_filter,
+def _prune_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
+    """Which options apply to this ``prune`` call (the others are refused, not ignored)."""
+    m = args.method
+    filt = m.startswith("filter-")
+    retrain = args.retrain_epochs > 0
+    sens = args.allocate_sensitivity
+    no_retrain = "only with --retrain-epochs > 0 (nothing is retrained)"
+    conn = (retrain and not filt, f"not with --method {m}" if filt else no_retrain)
+    return {
+        "q": (not filt, f"--method {m} takes --ratio or --macs-budget"),
+        "sparsity": (not filt, f"--method {m} takes --ratio or --macs-budget"),
+        "ratio": (filt, f"only with --method filter-* (got {m}); use --q or --sparsity"),
+        "macs_budget": (filt, f"only with --method filter-* (got {m})"),
+        "min_channels": (filt, f"only with --method filter-* (got {m})"),
+        "iterations": (m == "magnitude", f"only with --method magnitude (got {m})"),
+        "agp_frequency": (m == "agp", f"only with --method agp (got {m})"),
+        "agp_initial_sparsity": (m == "agp", f"only with --method agp (got {m})"),
+        "allocate_sensitivity": (not filt, f"not with --method {m}"),
+        "max_drop": (sens, "only with --allocate-sensitivity"),
+        "sensitivities": (sens, "only with --allocate-sensitivity"),
+        "remove_dead": (not filt, f"not with --method {m} (filters are removed physically)"),
+        "no_dropout_adjust": conn,
+        "distill": conn,
+        "l1": conn,
+        "weight_decay": conn,
+        "l1_then_l2": (retrain and args.l1 is not None, "only with --l1 and --retrain-epochs > 0"),
+        "lr": (retrain, no_retrain),
+        "lr_scale": (retrain, no_retrain),
+    }
+
+
+# --method name -> (config from the flags, runner(config, ctx) returning the report)
+METHODS: dict[str, tuple[Callable[[argparse.Namespace], Any], Runner]] = {
+    "magnitude": (_connection_config, _run_connection),
+    "agp": (_connection_config, _run_connection),
+    "filter-l1": (_filter_config, _run_filter),
+    "filter-l2": (_filter_config, _run_filter),
+    "filter-random": (_filter_config, _run_filter),
+    "filter-largest": (_filter_config, _run_filter),
 }
 
 
@@ -263,20 +301,27 @@ def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .filters import finish_pruning
+    from .filters import finish_pruning, policy_rules
 
     if args.method not in METHODS:
         raise ValueError(f"--method={args.method!r}: must be one of {sorted(METHODS)}")
+    refuse_inapplicable(args, _prune_rules(args))
+    if args.method.startswith("filter-"):
+        refuse_inapplicable(args, policy_rules(args))
+    build, run = METHODS[args.method]
+    cfg = build(args)  # every option validated before anything is loaded
     job = CheckpointJob(args)
+    cfg.check_model(job.model)  # --exclude / --per-layer names that match no layer
     before = job.accuracy()
     ctx = job.context(args.out.parent, job.train_config(lr=args.lr))
-    report = METHODS[args.method](args, ctx)
+    report = run(cfg, ctx)
     job.model = ctx.model
     return finish_pruning(job, args, report, before, f"{args.method} pruning")
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from ..core.files import atomic_write_json
+    from ..core.select import unmatched
     from ..prune.sensitivity import (
         sensitivity_analysis,
         thresholds_from_sensitivity,
@@ -284,9 +329,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     )
 
     grid = _floats(args.sparsities, "--sparsities")
+    if not grid or not all(0 < s < 1 for s in grid):
+        raise ValueError(f"--sparsities={args.sparsities!r}: must be numbers in (0, 1)")
     if args.max_drop < 0:
         raise ValueError(f"--max-drop={args.max_drop}: must be >= 0")
+    if args.val_batches is not None and args.val_batches < 1:
+        raise ValueError(f"--val-batches={args.val_batches}: must be >= 1")
     job = CheckpointJob(args)
+    bad = unmatched(args.exclude, job.model)
+    if bad:
+        raise ValueError(f"--exclude={bad}: matches no layer of the model")
     res = sensitivity_analysis(
         job.model,
         job.splits.loader("val", 512),

@@ -18,6 +18,7 @@ from .common import (
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 from .pq import add_pq_args, cmd_quantize_pq
 
@@ -99,10 +100,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_quantize)
 
 
+_PQ_ONLY = ("block_size", "k", "bits_per_weight", "objective", "layer_steps", "layer_lr",
+            "global_steps", "global_lr", "exclude", "codec")  # fmt: skip
+_LINEAR_ONLY = ("weights", "activations", "per_channel", "observer", "keep_first_last",
+                "reduce_range", "threads")  # fmt: skip
+
+
+def _quantize_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
+    """Which options apply to this ``quantize`` call (the others are refused, not ignored)."""
+    m = args.method
+    rules = {k: (m == "pq", f"only with --method pq (got {m})") for k in _PQ_ONLY}
+    rules.update({k: (m != "pq", f"only with --method ptq or qat (got {m})") for k in _LINEAR_ONLY})
+    rules.update(
+        qat_epochs=(m == "qat", f"only with --method qat (got {m})"),
+        lr_scale=(m == "qat", f"only with --method qat (got {m})"),
+        lsq=(m == "qat", f"only with --method qat (got {m})"),
+    )
+    if m != "pq" and args.activations == "none":
+        rules["observer"] = (False, "only with quantized activations (got --activations none)")
+    return rules
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..quant.onnx_export import export_onnx
     from ..stages.quantize import QuantizeStageConfig, run_quantize_stage
 
+    refuse_inapplicable(args, _quantize_rules(args))
     if args.method == "pq":
         if args.out.suffix != ".ncz":
             raise ValueError(f"--out={str(args.out)!r}: must end in .ncz with --method pq")

@@ -101,6 +101,8 @@ def print_run_report(report: dict[str, Any]) -> None:
             ],
         )
     ratio = report.get("compression_ratio")
+    for w in report.get("warnings") or []:
+        out.print(f"[bold red]WARNING: {w}[/bold red]", highlight=False)
     out.print(
         f"baseline {_pct(report['baseline_accuracy'])} -> final {_pct(report['final_accuracy'])}"
         f" ({report['final_accuracy_source']})"
@@ -113,10 +115,11 @@ def print_run_report(report: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..recipe import load_recipe, run_recipe
+    from ..recipe import load_recipe, preflight, quick_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)  # every validation error, before any work
-    if args.check:
+    if args.check:  # every check the run makes before its first stage
+        preflight(quick_recipe(recipe) if args.quick else recipe, args.out, str(args.recipe))
         out.print(f"{args.recipe}: valid ({len(recipe.stages)} stages)")
         return 0
     report = run_recipe(

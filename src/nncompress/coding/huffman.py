@@ -236,8 +236,8 @@ class HuffmanStream:
             raise CodingError("huffman block size=0")
         nb = -(-n // B)
         w = r.u8("huffman block-length width")
-        if w > 40:
-            raise CodingError(f"huffman block-length width={w}: must be <= 40")
+        if w > 32:
+            raise CodingError(f"huffman block-length width={w}: must be <= 32")
         if packed_size(nb - 1, w) > r.remaining:
             raise CodingError("huffman block table truncated")
         head = r.packed(nb - 1, w, "huffman block table")

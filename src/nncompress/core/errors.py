@@ -8,7 +8,14 @@ derive from :class:`NncompressError` in their own packages.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "FormatError", "NncompressError", "SpecError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "FormatError",
+    "NncompressError",
+    "SpecError",
+    "TrainingError",
+]
 
 
 class NncompressError(Exception):
@@ -31,3 +38,8 @@ class SpecError(NncompressError, ValueError):
 class FormatError(NncompressError, ValueError):
     """A ``.ncz`` file is damaged or not an nncompress file (bad magic, version, CRC, lengths,
     shapes or streams). Raised instead of any other exception while decoding."""
+
+
+class TrainingError(NncompressError, ValueError):
+    """Training cannot go on: the loss became NaN or infinite (a learning rate too large, or
+    bad data). Raised at once, so nothing is saved from the diverged model."""

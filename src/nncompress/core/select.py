@@ -24,7 +24,7 @@ from torch import nn
 from .errors import ConfigError
 from .modules import plain_type
 
-__all__ = ["LayerSelector", "Selectable", "matches_any", "name_matches"]
+__all__ = ["LayerSelector", "Selectable", "matches_any", "name_matches", "unmatched"]
 
 Predicate = Callable[[str, nn.Module], bool]
 #: what a ``filter=`` argument may be
@@ -39,6 +39,14 @@ def name_matches(name: str, pattern: str) -> bool:
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """``name`` matches at least one of ``patterns`` (see :func:`name_matches`)."""
     return any(name_matches(name, p) for p in patterns)
+
+
+def unmatched(patterns: Iterable[str], model: nn.Module, *, types: bool = False) -> list[str]:
+    """The patterns (names or globs; with ``types``, also module class names) that select no
+    module of ``model``: a selection that matches nothing is almost always a typo."""
+    names = [n for n, _ in model.named_modules() if n]
+    kinds = {plain_type(m).__name__ for _, m in model.named_modules()} if types else set()
+    return [p for p in patterns if p not in kinds and not any(name_matches(n, p) for n in names)]
 
 
 def _patterns(value: Any, what: str) -> tuple[str, ...]:

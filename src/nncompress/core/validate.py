@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check", "config_error", "is_int", "is_number"]
+__all__ = [
+    "check",
+    "check_field_types",
+    "config_error",
+    "first_non_finite",
+    "is_finite_number",
+    "is_int",
+    "is_number",
+]
 
 
 def config_error(field: str, value: Any, allowed: str, layer: str = "") -> ConfigError:
@@ -30,3 +40,52 @@ def is_int(v: Any) -> bool:
 def is_number(v: Any) -> bool:
     """An ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """A finite ``int`` or ``float`` that is not a ``bool``."""
+    return is_number(v) and math.isfinite(v)
+
+
+def first_non_finite(obj: Any, path: str = "") -> str | None:
+    """The path of the first non-finite float (NaN, inf, YAML's ``.inf`` or ``1e400``) in a
+    nested structure of mappings and lists, or ``None``."""
+    stack = [(obj, path)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return at or "value"
+        if isinstance(v, dict):
+            stack.extend((x, f"{at}.{k}" if at else str(k)) for k, x in v.items())
+        elif isinstance(v, list | tuple):
+            stack.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
+    return None
+
+
+# simple annotations a config field may have, and what its value must then be
+_SIMPLE = {
+    "int": (is_int, "an integer"),
+    "float": (is_finite_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_field_types(obj: Any) -> None:
+    """Check every field of the dataclass ``obj`` whose annotation is simple (``int``,
+    ``float``, ``bool``, ``str``, each optionally ``| None``) against its value: ``epochs: 1.5``,
+    ``epochs: true`` or ``lr: .inf`` fail here with the field's name, before a loop or an
+    optimizer sees them. Other annotations are left to the config's own checks."""
+    for f in dataclasses.fields(obj):
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        parts = [p.strip() for p in ann.split("|")]
+        optional = "None" in parts
+        parts = [p for p in parts if p != "None"]
+        if len(parts) != 1 or parts[0] not in _SIMPLE:
+            continue
+        test, what = _SIMPLE[parts[0]]
+        v = getattr(obj, f.name)
+        if v is None and optional:
+            continue
+        if not test(v):
+            raise config_error(f.name, v, f"must be {what}" + (" or null" if optional else ""))

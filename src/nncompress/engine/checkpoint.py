@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..core.errors import CheckpointError, SpecError
 from ..core.files import atomic_write
 from ..core.modules import folded_copy
-from .modspec import build_architecture, describe_architecture
+from .modspec import build_architecture, describe_architecture, validate_architecture
 
 __all__ = [
     "CheckpointError",
@@ -30,6 +31,7 @@ __all__ = [
     "read_sidecar",
     "save_checkpoint",
     "sidecar_path",
+    "validate_sidecar",
 ]
 
 FORMAT = "nncompress-checkpoint/1"
@@ -51,6 +53,23 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys sorted.
+
+    safetensors 0.8 writes the metadata map in hash order, which changes from one process to
+    the next, so two identical checkpoints differed in those bytes (issue 19). The header is
+    rewritten (compact JSON padded with spaces to 8 bytes, as safetensors pads it); the tensor
+    entries keep their order and offsets, which are relative to the data that follows.
+    """
+    n = struct.unpack_from("<Q", data, 0)[0]
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
 
 
 def _version() -> str:
@@ -111,31 +130,127 @@ def save_checkpoint(
     }
     blob = json.dumps(sidecar, indent=2, sort_keys=True).encode()
     meta = {"format": FORMAT, "sidecar_sha256": hashlib.sha256(_canonical(sidecar)).hexdigest()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    data = _sorted_header(save(tensors, metadata=meta))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_bytes(blob))
     return path
 
 
+MAX_SIDECAR_BYTES = 64 << 20
+MAX_JSON_DEPTH = 200  # nesting of a sidecar's JSON (a module tree is far shallower)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _json_depth_ok(text: str, limit: int) -> bool:
+    """Whether ``text`` nests brackets at most ``limit`` deep (outside strings), checked
+    before parsing so a hostile nesting never reaches the recursive parser."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _typed(data: dict, key: str, kinds: tuple, where: str, *, required: bool = True) -> None:
+    if key not in data:
+        if required:
+            raise CheckpointError(f"{where}: field '{key}' is missing")
+        return
+    v = data[key]
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise CheckpointError(f"{where}: field '{key}'={v!r:.60} must be {names}")
+
+
+def validate_sidecar(data: Any, where: str) -> dict[str, Any]:
+    """Check every field of a checkpoint sidecar before anything is built from it: the format,
+    the field types (architecture, dataset, metrics, history, extra, digests, version), the
+    dataset description (name, sizes, shape) and the architecture
+    (:func:`nncompress.engine.modspec.validate_architecture`). Raises :class:`CheckpointError`
+    naming the field."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: format must be {FORMAT!r}")
+    _typed(data, "architecture", (dict,), where)
+    _typed(data, "dataset", (dict, type(None)), where, required=False)
+    _typed(data, "metrics", (dict,), where, required=False)
+    _typed(data, "history", (list,), where, required=False)
+    _typed(data, "extra", (dict,), where, required=False)
+    _typed(data, "tensors_sha256", (str,), where)
+    _typed(data, "nncompress_version", (str,), where, required=False)
+    ds = data.get("dataset")
+    if ds is not None:
+        dwhere = f"{where}: dataset"
+        _typed(ds, "name", (str,), dwhere)
+        _typed(ds, "num_classes", (int,), dwhere, required=False)
+        _typed(ds, "input_shape", (list,), dwhere, required=False)
+        _typed(ds, "mean", (int, float), dwhere, required=False)
+        _typed(ds, "std", (int, float), dwhere, required=False)
+        _typed(ds, "sizes", (dict,), dwhere, required=False)
+        shape = ds.get("input_shape", [1])
+        if not 1 <= len(shape) <= 4 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape
+        ):
+            raise CheckpointError(f"{dwhere}.input_shape={shape!r:.60}: 1-4 sizes in [1, 65536]")
+        if not 1 <= ds.get("num_classes", 1) <= 1 << 20:
+            raise CheckpointError(f"{dwhere}.num_classes={ds['num_classes']}: in [1, 2**20]")
+    try:
+        validate_architecture(data["architecture"])
+    except SpecError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    return data
+
+
 def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The validated sidecar of checkpoint ``path`` (:func:`validate_sidecar`)."""
     side = sidecar_path(path)
     if not side.is_file():
         raise CheckpointError(
             f"checkpoint sidecar '{side}' is missing (it is written beside "
             f"'{Path(path).name}' by save_checkpoint)"
         )
+    if side.stat().st_size > MAX_SIDECAR_BYTES:
+        raise CheckpointError(
+            f"checkpoint sidecar '{side}': {side.stat().st_size} bytes, at most "
+            f"{MAX_SIDECAR_BYTES} (not a sidecar nncompress writes)"
+        )
     try:
-        data = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = side.read_text()
+        if not _json_depth_ok(text, MAX_JSON_DEPTH):
+            raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"checkpoint sidecar '{side}' is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint sidecar '{side}': format must be {FORMAT!r}")
-    return data
+    return validate_sidecar(data, f"checkpoint sidecar '{side}'")
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Load a checkpoint written by :func:`save_checkpoint`: ``(model, sidecar)``.
 
-    Rebuilds the architecture from the sidecar (or uses ``model``, with the recorded
+    Every field of the sidecar is validated first; the architecture is then built on the
+    ``meta`` device and must need exactly the tensors the weights file holds, before the model
+    is built for real (so a hostile sidecar cannot make this allocate more than the weights
+    file). Rebuilds the architecture from the sidecar (or uses ``model``, with the recorded
     replacements applied) and loads the weights strictly. Never unpickles anything.
     """
     path = Path(path)
@@ -148,7 +263,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[n
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"checkpoint '{path}' is not a readable safetensors file: {exc}"
         ) from exc
@@ -162,8 +277,9 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[n
             f"checkpoint '{path}': tensor data does not match the digest in its "
             "sidecar (file modified or corrupt)"
         )
+    present = {k: tuple(v.shape) for k, v in tensors.items()}
     try:
-        model = build_architecture(sidecar["architecture"], model)
+        model = build_architecture(sidecar["architecture"], model, expect=present)
     except (SpecError, ValueError) as exc:
         raise CheckpointError(f"checkpoint '{path}': cannot rebuild the model: {exc}") from exc
     try:

@@ -12,11 +12,20 @@ low-rank factors loads without importing :mod:`nncompress.lowrank` first.
 
 :func:`describe_architecture` and :func:`build_architecture` are the one describer and the one
 rebuilder of a model's architecture, used by checkpoints and ``.ncz`` metadata alike.
+
+A registered type may also *wrap* a whole model (an early-exit network holds the original model
+and adds exit heads): such a class names the child holding the wrapped model in its class
+attribute ``spec_wraps``. :func:`unwrap` peels wrappers off the root, so the wrapped model is
+described as usual (registry name + replacements, or a spec), and the wrappers are recorded under
+``"wrappers"`` as specs without that child; :func:`rewrap` rebuilds them around the rebuilt model
+by calling the class with the wrapped model, the recorded kwargs and the rebuilt children as
+keyword arguments. A wrapper can only sit at the root of a model.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 from torch import nn
@@ -42,7 +51,11 @@ __all__ = [
     "own_parametrized_class_",
     "register_module",
     "registered_modules",
+    "rewrap",
     "strip_parametrizations",
+    "unwrap",
+    "validate_architecture",
+    "validate_spec",
 ]
 
 
@@ -174,6 +187,11 @@ def module_to_spec(m: nn.Module, where: str = "") -> dict[str, Any]:
         }
     cls = _REGISTERED.get(name)
     if cls is not None and isinstance(m, cls):
+        if getattr(cls, "spec_wraps", None):
+            raise SpecError(
+                f"module '{where or '<root>'}' of type {name} wraps a whole model and can only "
+                "be described at the root of a model"
+            )
         return {
             "type": name,
             "kwargs": m.spec_kwargs(),
@@ -209,13 +227,63 @@ def module_from_spec(spec: dict[str, Any], where: str = "") -> nn.Module:
             return container
         cls = _registered(kind) if kind not in _LEAVES and kind not in _CONTAINERS else None
         if cls is not None:
+            if getattr(cls, "spec_wraps", None):
+                raise SpecError(f"spec for '{where}': {kind} can only wrap the root model")
             m = cls(**kwargs)
             for k, c in children.items():
                 setattr(m, k, module_from_spec(c, f"{where}.{k}"))
             return m
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise SpecError(f"spec for '{where}' ({kind}): bad arguments {kwargs}: {exc}") from exc
     raise SpecError(f"spec for '{where}': unknown module type {kind!r}")
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Peel registered wrappers off the root: ``(wrapped model, [wrapper spec, outermost first])``.
+
+    A wrapper spec is ``{"type", "kwargs", "children"}`` without the wrapped child (named by the
+    class attribute ``spec_wraps``).
+    """
+    wrappers: list[dict[str, Any]] = []
+    while True:
+        cls = _REGISTERED.get(_type_name(model))
+        inner = getattr(cls, "spec_wraps", None) if cls is not None else None
+        if not inner or not isinstance(model, cls):
+            return model, wrappers
+        wrappers.append(
+            {
+                "type": cls.__name__,
+                "kwargs": model.spec_kwargs(),
+                "children": {
+                    k: module_to_spec(c, k) for k, c in model.named_children() if k != inner
+                },
+            }
+        )
+        model = getattr(model, inner)
+
+
+def rewrap(model: nn.Module, wrappers: Any) -> nn.Module:
+    """Rebuild the wrappers recorded by :func:`unwrap` around ``model`` (innermost first)."""
+    if not isinstance(wrappers, list):
+        raise SpecError(f"wrappers={wrappers!r}: must be a list of module specs")
+    for i, spec in reversed(list(enumerate(wrappers))):
+        where = f"wrappers[{i}]"
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        cls = _registered(kind) if isinstance(kind, str) else None
+        if cls is None or not getattr(cls, "spec_wraps", None):
+            allowed = sorted(
+                k for k, c in registered_modules().items() if getattr(c, "spec_wraps", None)
+            )
+            raise SpecError(f"{where}: type {kind!r} is not a model wrapper; allowed: {allowed}")
+        kwargs, children = spec.get("kwargs", {}), spec.get("children", {})
+        if not isinstance(kwargs, dict) or not isinstance(children, dict):
+            raise SpecError(f"{where}: 'kwargs' and 'children' must be mappings")
+        built = {k: module_from_spec(c, f"{where}.{k}") for k, c in children.items()}
+        try:
+            model = cls(**{cls.spec_wraps: model}, **kwargs, **built)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SpecError(f"{where} ({kind}): cannot rebuild with {kwargs}: {exc}") from exc
+    return model
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
@@ -255,6 +323,8 @@ def apply_replacements(model: nn.Module, replacements: dict[str, Any]) -> nn.Mod
         except AttributeError as exc:
             raise SpecError(f"replacement '{qual}': parent module not found") from exc
         if spec is None:
+            if attr not in dict(parent.named_children()):
+                raise SpecError(f"replacement '{qual}': no such module to delete")
             delattr(parent, attr)
         else:
             set_submodule(model, qual, module_from_spec(spec, qual))
@@ -273,33 +343,208 @@ def describe_architecture(
     With ``model_name`` (a :mod:`nncompress.models` registry name): the name, ``model_kwargs``
     and the ``replacements`` turning a fresh registry model into ``model``. With ``reference``
     (a fresh instance of a custom architecture): only the replacements. Otherwise the whole
-    model as a ``spec``. Raises :class:`SpecError` naming a module that cannot be described.
+    model as a ``spec``. A registered wrapper at the root (an early-exit network) is recorded
+    under ``"wrappers"`` and the model it wraps is described as above (``reference`` is then a
+    fresh instance of the wrapped model). Raises :class:`SpecError` naming a module that cannot
+    be described.
     """
     from ..models import create
 
+    inner, wrappers = unwrap(model)
     if model_name is not None:
         kwargs = dict(model_kwargs or {})
-        return {
+        arch = {
             "model": model_name,
             "kwargs": kwargs,
-            "replacements": diff_modules(model, create(model_name, **kwargs)),
+            "replacements": diff_modules(inner, create(model_name, **kwargs)),
         }
-    if reference is not None:
-        return {"model": None, "replacements": diff_modules(model, reference)}
-    return {"model": None, "spec": module_to_spec(model)}
+    elif reference is not None:
+        arch = {"model": None, "replacements": diff_modules(inner, reference)}
+    else:
+        arch = {"model": None, "spec": module_to_spec(inner)}
+    if wrappers:
+        arch["wrappers"] = wrappers
+    return arch
 
 
-def build_architecture(arch: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+# what a description read from a file may hold (checked before anything is built)
+MAX_SPEC_DEPTH = 64  # nesting of module specs
+MAX_SPEC_MODULES = 100_000  # module specs in one architecture
+MAX_LIST = 64  # items of a list-valued constructor argument
+MAX_INT = 1 << 31  # |integer| constructor arguments
+_ARCH_KEYS = ("model", "kwargs", "replacements", "spec", "wrappers")
+MAX_WRAPPERS = 8
+_SPEC_KEYS = ("type", "kwargs", "children")
+
+
+def _check_value(v: Any, where: str) -> None:
+    """A constructor argument from a file: a bool, bounded int, finite float, short string,
+    null, or a short flat list of those."""
+    items = v if isinstance(v, list) else [v]
+    if isinstance(v, list) and len(v) > MAX_LIST:
+        raise SpecError(f"{where}: a list of {len(v)} items (at most {MAX_LIST})")
+    for x in items:
+        ok = (
+            x is None
+            or isinstance(x, bool)
+            or (isinstance(x, int) and -MAX_INT <= x <= MAX_INT)
+            or (isinstance(x, float) and math.isfinite(x))
+            or (isinstance(x, str) and len(x) <= 64)
+        )
+        if not ok:
+            raise SpecError(
+                f"{where}={x!r:.80}: must be a bool, an integer in [-2**31, 2**31], a finite "
+                "number, a string of <= 64 characters, null, or a flat list of those"
+            )
+
+
+def _check_kwargs(kwargs: Any, where: str) -> None:
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"{where}: 'kwargs' must be a mapping, got {type(kwargs).__name__}")
+    for k, v in kwargs.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise SpecError(f"{where}: argument name {k!r} is not an identifier")
+        _check_value(v, f"{where}.kwargs.{k}")
+
+
+def validate_spec(spec: Any, where: str = "<root>", budget: list[int] | None = None) -> None:
+    """Check a module spec read from a file before anything is built: known type names,
+    mappings where mappings belong, constructor arguments of plain bounded values, nesting at
+    most ``MAX_SPEC_DEPTH`` deep and ``MAX_SPEC_MODULES`` modules. Raises :class:`SpecError`."""
+    budget = budget if budget is not None else [MAX_SPEC_MODULES]
+    stack = [(spec, where, 0)]  # iterative: a hostile nesting cannot exhaust the stack
+    while stack:
+        sp, at, depth = stack.pop()
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"spec for '{at}': nested more than {MAX_SPEC_DEPTH} levels deep")
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SpecError(f"architecture: more than {MAX_SPEC_MODULES} module specs")
+        if not isinstance(sp, dict) or not isinstance(sp.get("type"), str):
+            raise SpecError(f"spec for '{at}' must be a mapping with a 'type' string")
+        unknown = sorted(set(sp) - set(_SPEC_KEYS))
+        if unknown:
+            raise SpecError(
+                f"spec for '{at}': unknown key(s) {unknown}; allowed {list(_SPEC_KEYS)}"
+            )
+        kind = sp["type"]
+        if kind not in _LEAVES and kind not in _CONTAINERS and _registered(kind) is None:
+            raise SpecError(f"spec for '{at}': unknown module type {kind!r:.80}")
+        _check_kwargs(sp.get("kwargs", {}), f"spec for '{at}'")
+        children = sp.get("children", {})
+        if not isinstance(children, dict):
+            raise SpecError(f"spec for '{at}': 'children' must be a mapping")
+        for name, child in children.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise SpecError(f"spec for '{at}': child name {name!r:.80} is not a module name")
+            stack.append((child, f"{at}.{name}", depth + 1))
+
+
+def validate_architecture(arch: Any) -> None:
+    """Check an architecture description read from a file (a checkpoint sidecar or a ``.ncz``'s
+    metadata) field by field before anything is built: the registry name, its constructor
+    arguments (names, types and ranges, :func:`nncompress.models.check_kwargs`), every
+    replacement's qualified name and spec (:func:`validate_spec`). Raises :class:`SpecError`
+    naming the field."""
+    from ..models import MODELS, check_kwargs
+
+    if not isinstance(arch, dict):
+        raise SpecError(f"architecture={arch!r:.80}: must be a mapping")
+    unknown = sorted(set(arch) - set(_ARCH_KEYS))
+    if unknown:
+        raise SpecError(f"architecture: unknown key(s) {unknown}; allowed {list(_ARCH_KEYS)}")
+    name = arch.get("model")
+    if name is not None:
+        if not isinstance(name, str) or name not in MODELS:
+            raise SpecError(f"architecture.model={name!r:.80}: must be one of {sorted(MODELS)}")
+        kwargs = arch.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise SpecError("architecture.kwargs: must be a mapping")
+        try:
+            check_kwargs(name, kwargs)
+        except ValueError as exc:
+            raise SpecError(f"architecture.kwargs: {exc}") from exc
+    budget = [MAX_SPEC_MODULES]
+    if "spec" in arch:
+        validate_spec(arch["spec"], "<root>", budget)
+    reps = arch.get("replacements") or {}
+    if not isinstance(reps, dict):
+        raise SpecError("architecture.replacements: must be a mapping of module name -> spec")
+    for qual, spec in reps.items():
+        if not isinstance(qual, str) or not qual or not all(qual.split(".")):
+            raise SpecError(f"architecture.replacements: {qual!r:.80} is not a module name")
+        if spec is not None:
+            validate_spec(spec, qual, budget)
+    wrappers = arch.get("wrappers") or []
+    if not isinstance(wrappers, list) or len(wrappers) > MAX_WRAPPERS:
+        raise SpecError(f"architecture.wrappers: must be a list of at most {MAX_WRAPPERS} specs")
+    for i, spec in enumerate(wrappers):
+        validate_spec(spec, f"wrappers[{i}]", budget)
+
+
+def _shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _compare_shapes(built: dict, present: dict, where: str) -> None:
+    """Refuse when the tensors an architecture needs are not exactly those present."""
+    missing = sorted(set(built) - set(present))
+    extra = sorted(set(present) - set(built))
+    wrong = sorted(k for k in set(built) & set(present) if tuple(built[k]) != tuple(present[k]))
+    if missing or extra or wrong:
+        need = sum(math.prod(s) for s in built.values())
+        have = sum(math.prod(s) for s in present.values())
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected {extra[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"'{k}' is {tuple(present[k])}, the architecture needs {built[k]}")
+        raise SpecError(
+            f"{where}: the architecture needs {need:,} values in {len(built)} tensors, the "
+            f"weights present hold {have:,} in {len(present)} ({'; '.join(parts)})"
+        )
+
+
+def build_architecture(
+    arch: dict[str, Any],
+    model: nn.Module | None = None,
+    *,
+    expect: dict[str, tuple[int, ...]] | None = None,
+) -> nn.Module:
     """The (untrained) model an :func:`describe_architecture` description stands for (the one
     rebuilder): a fresh registry model or spec, or ``model`` (a fresh instance of a custom
-    architecture), with the recorded replacements applied.
+    architecture; of the wrapped model for a wrapper such as an early-exit network), with the
+    recorded replacements applied and the recorded wrappers rebuilt around it.
+
+    The description is validated first (:func:`validate_architecture`). With ``expect`` (name
+    -> shape of the weights actually present), the architecture is first built on the
+    ``meta`` device (no memory) and refused unless its tensors are exactly those: a hostile
+    description cannot make this allocate more than the weights it comes with.
 
     Raises :class:`SpecError` (or ``ValueError`` for bad registry arguments).
     """
+    validate_architecture(arch)
+    if expect is not None and model is None:
+        import torch
+
+        try:
+            with torch.device("meta"):
+                ghost = _build(arch, None)
+        except (TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as exc:
+            raise SpecError(f"architecture cannot be built: {exc}") from exc
+        _compare_shapes(_shapes_of(ghost), expect, "architecture")
+    try:
+        return _build(arch, model)
+    except (RuntimeError, OverflowError) as exc:
+        raise SpecError(f"architecture cannot be built: {exc}") from exc
+
+
+def _build(arch: dict[str, Any], model: nn.Module | None) -> nn.Module:
     from ..models import create
 
-    if not isinstance(arch, dict):
-        raise SpecError(f"architecture={arch!r}: must be a mapping")
     if model is None:
         if arch.get("model") is not None:
             model = create(arch["model"], **(arch.get("kwargs") or {}))
@@ -313,4 +558,6 @@ def build_architecture(arch: dict[str, Any], model: nn.Module | None = None) -> 
             )
     if arch.get("replacements"):
         apply_replacements(model, arch["replacements"])
+    if arch.get("wrappers"):
+        model = rewrap(model, arch["wrappers"])
     return model

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import TrainingError
 from ..core.modules import model_device
 from ..core.progress import Progress, ProgressEvent, progress_task
 from .batches import LABEL_KEYS, main_output, split_batch, to_device
@@ -375,9 +376,17 @@ def _train_epoch(
         x, y, (args, call) = _prepare(batch, loop.device, model)
         raw = model(*args, **call)
         loss = loop.loss_fn(raw, y, x)
-        out = main_output(raw).detach()
+        # a model with several outputs (early exits) lists them; the last is the final one
+        out = main_output(raw[-1] if isinstance(raw, (list, tuple)) else raw).detach()
         for cb in callbacks:
             loss = cb.on_loss(model, loss)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                f"(lr={optimizer.param_groups[0]['lr']:.4g}): training diverged, nothing is "
+                "saved; lower the learning rate (or check the data)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for cb in callbacks:
@@ -389,7 +398,7 @@ def _train_epoch(
             cb.on_step_end(model, step)
         step += 1
         n_b = len(out)
-        loss_sum += float(loss.detach()) * n_b
+        loss_sum += value * n_b
         if classified and _is_classification(out, y):
             correct += int((out.argmax(1) == y).sum())
         else:

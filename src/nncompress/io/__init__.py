@@ -5,6 +5,7 @@ bit-exactly; itemise its size. See docs/format.md for the byte-level specificati
 from .checkpoint import checkpoint_metadata, decode_to_checkpoint
 from .config import EncodeConfig
 from .container import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ELEMENTS,
     decode_bytes,
     decode_file,
@@ -20,6 +21,7 @@ from .errors import FormatError
 from .report import EncodeReport, StreamReport, TensorReport
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ELEMENTS",
     "EncodeConfig",
     "EncodeReport",

@@ -37,11 +37,17 @@ def checkpoint_metadata(
     return meta
 
 
-def model_from_metadata(metadata: Any) -> tuple[nn.Module, dict[str, Any]]:
+def model_from_metadata(
+    metadata: Any, state: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build the (untrained) model described by a ``.ncz``'s checkpoint metadata.
 
-    Returns ``(model, checkpoint_info)``; raises ``ValueError`` naming what is missing.
+    Every field of the description is validated first (as a checkpoint sidecar's); with
+    ``state`` (the decoded tensors), the architecture must need exactly those tensors, checked
+    on the ``meta`` device before the model is built. Returns ``(model, checkpoint_info)``;
+    raises ``ValueError`` naming what is missing or wrong.
     """
+    from ..engine.checkpoint import FORMAT, validate_sidecar
     from ..engine.modspec import build_architecture
 
     info = metadata.get(CHECKPOINT_KEY) if isinstance(metadata, dict) else None
@@ -50,19 +56,22 @@ def model_from_metadata(metadata: Any) -> tuple[nn.Module, dict[str, Any]]:
             "the file's metadata has no 'checkpoint.architecture' (it was not written from a "
             "checkpoint); decode it with decode_file() and load the tensors into your model"
         )
+    validate_sidecar({**info, "format": FORMAT, "tensors_sha256": ""}, "the file's metadata")
+    expect = None if state is None else {k: tuple(v.shape) for k, v in state.items()}
     try:
-        model = build_architecture(info["architecture"])
+        model = build_architecture(info["architecture"], expect=expect)
     except (ValueError, TypeError, KeyError) as exc:  # SpecError is a ValueError
         raise ValueError(f"cannot rebuild the model from the file's metadata: {exc}") from exc
     return model, info
 
 
-def decode_to_checkpoint(path: str | Path, out: str | Path) -> Path:
-    """Decode ``path`` (.ncz) into a checkpoint ``out`` (.safetensors + .json sidecar)."""
+def decode_to_checkpoint(path: str | Path, out: str | Path, **limits: int) -> Path:
+    """Decode ``path`` (.ncz) into a checkpoint ``out`` (.safetensors + .json sidecar).
+    ``limits``: ``max_elements`` / ``max_bytes`` of :func:`decode_file`."""
     from ..engine.checkpoint import save_checkpoint
 
-    state, metadata = decode_file(path)
-    model, info = model_from_metadata(metadata)
+    state, metadata = decode_file(path, **limits)
+    model, info = model_from_metadata(metadata, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -10,9 +10,10 @@ from .decode import (
     load_compressed,
 )
 from .encode import encode_state_dict, pq_block_hints, round_for_storage_, save_compressed
-from .format import DEFAULT_MAX_ELEMENTS, MAGIC, VERSION
+from .format import DEFAULT_MAX_BYTES, DEFAULT_MAX_ELEMENTS, MAGIC, VERSION
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ELEMENTS",
     "MAGIC",
     "VERSION",

@@ -1,6 +1,8 @@
 """Reading ``.ncz`` files: every length, count and shape is validated against the remaining
-bytes and sane limits before anything is allocated, each section's CRC32 is checked, and any
-damage raises :class:`~nncompress.io.FormatError` (never another exception)."""
+bytes and the caller's limits (``max_elements``, ``max_bytes``) before anything is allocated,
+each section's CRC32 is checked, streams are decoded in chunks straight into the output (so
+decoding allocates the declared tensors plus O(file size)), and any damage raises
+:class:`~nncompress.io.FormatError` (never another exception)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import torch
 from torch import nn
 
 from ..coding.affine import dequantize_codes
-from ..coding.bitpack import CodingError
-from ..coding.sparse import MAX_INDEX_BITS, relative_index_decode
+from ..coding.sparse import MAX_INDEX_BITS
 from .errors import FormatError
 from .format import (
     _CODEBOOK_DTYPES,
@@ -22,19 +23,22 @@ from .format import (
     _PREFIX,
     _STORE_BYTES,
     _TORCH_DTYPES,
+    BOUND_CRC_MINOR,
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ELEMENTS,
     MAX_NDIM,
     PLAUSIBLE_ELEMENTS_PER_BYTE,
     PLAUSIBLE_FREE_ELEMENTS,
-    _decode_stream,
+    SCHEME_MINOR,
     _fail,
     _inflate,
     _raw_width,
     _split_sections,
-    _stream_report,
     alias_report,
     needed_minor,
     nonzero_count,
+    open_stream,
+    stream_report,
 )
 from .pq_scheme import PQ_MAX_D, PQ_MAX_K, pq_table
 from .report import EncodeReport, TensorReport
@@ -127,7 +131,7 @@ def _check_pq(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> l
 
 
 def _check_affine(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
-    """Fields of an ``affine`` entry (format 1.2, docs/format.md); its section references."""
+    """Fields of an ``affine`` entry (format 1.3, docs/format.md); its section references."""
     if dtype not in ("float32", "float16", "bfloat16"):
         raise _fail(f"{where}: affine scheme for dtype {dtype}")
     _req_int(e, "bits", 2, 8, where)
@@ -153,7 +157,7 @@ def _check_affine(e: dict, dtype: str, numel: int, n_sections: int, where: str) 
 
 
 def _check_alias(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
-    """An ``alias`` entry names its target; the target is checked in :func:`_check_header`."""
+    """An ``alias`` entry names its target; :func:`_check_header` checks the target."""
     _req(e, "of", str, where)
     return []
 
@@ -167,14 +171,20 @@ _ENTRY_CHECKS = {
 }
 
 
-def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: int) -> list[dict]:
+def _check_header(
+    header: Any, n_sections: int, max_elements: int, file_bytes: int, max_bytes: int | None = None
+) -> list[dict]:
+    """Every entry's fields (by its scheme), the section references, and the declared output
+    (elements and bytes) against the limits, before anything is allocated."""
+    if max_bytes is None:
+        max_bytes = DEFAULT_MAX_BYTES
     if not isinstance(header, dict) or header.get("format") != "nncompress-ncz":
         raise _fail("header: not an nncompress-ncz header")
     entries = header.get("tensors")
     if not isinstance(entries, list):
         raise _fail("header: 'tensors' must be a list")
     used: set[int] = set()
-    total = 0
+    total = total_bytes = 0
     names: set[str] = set()
     for i, e in enumerate(entries):
         where = f"header tensor {i}"
@@ -192,12 +202,21 @@ def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: i
         if len(shape) > MAX_NDIM or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= max_elements for d in shape
         ):
-            raise _fail(f"{where}: shape={shape!r} is not a list of <= {MAX_NDIM} sizes")
+            raise _fail(
+                f"{where}: shape={shape!r}: must be a list of at most {MAX_NDIM} integer sizes "
+                f"in [0, max_elements={max_elements}]"
+            )
         numel = math.prod(shape)
         total += numel
+        total_bytes += numel * _ITEMSIZE[dtype]
         if total > max_elements:
             raise _fail(
                 f"{where}: the file declares more than max_elements={max_elements} elements"
+            )
+        if total_bytes > max_bytes:
+            raise _fail(
+                f"{where}: the file declares more than max_bytes={max_bytes} bytes of tensors "
+                "(refused before allocating; raise max_bytes for a larger model)"
             )
         scheme = _req(e, "scheme", str, where)
         if scheme not in _ENTRY_CHECKS:
@@ -209,7 +228,6 @@ def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: i
                 raise _fail(f"{where}: alias of {e['of']!r}, which is not an earlier stored tensor")
             if target.get("dtype") != dtype or target.get("shape") != shape:
                 raise _fail(f"{where}: alias of {e['of']!r} with a different dtype or shape")
-            total -= numel  # stored once
         for r in refs:
             if r in used:
                 raise _fail(f"{where}: section {r} referenced twice")
@@ -224,23 +242,48 @@ def _check_header(header: Any, n_sections: int, max_elements: int, file_bytes: i
     return entries
 
 
+# little-endian numpy dtype each tensor dtype is read as (bfloat16 as its uint16 bits, bool as
+# bytes that must be 0 or 1)
+_NP_RAW = {
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "float64": "<f8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "u1",
+    "uint16": "<u2",
+    "uint32": "<u4",
+    "uint64": "<u8",
+    "complex64": "<c8",
+    "complex128": "<c16",
+    "float8_e4m3fn": "u1",
+    "float8_e5m2": "u1",
+}
+_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NP_RAW.items()}
+
+
 def _decode_dense(e: dict, secs: list[memoryview], with_report: bool):
     """A ``dense`` entry: the raw bytes, or float16 widened to float32."""
     name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
     numel = math.prod(shape)
-    tdtype = _TORCH_DTYPES[dtype]
     data = secs[e["data"]]
     store = e["store"]
-    item = 2 if store == "float16" else torch.empty(0, dtype=tdtype).element_size()
+    item = 2 if store == "float16" else _ITEMSIZE[dtype]
     if len(data) != numel * item:
         raise _fail(f"tensor '{name}': dense data has {len(data)} bytes, expected {numel * item}")
-    if numel == 0:
-        t = torch.empty(shape, dtype=tdtype)
-    elif store == "float16":
-        arr = np.frombuffer(data, dtype="<f2").astype(np.float32)
-        t = torch.from_numpy(arr).reshape(shape)
+    if store == "float16":
+        arr = np.frombuffer(data, dtype="<f2").astype(np.float32)  # (numel,) the output
     else:
-        t = torch.frombuffer(bytearray(data), dtype=tdtype).reshape(shape).clone()
+        arr = np.frombuffer(data, dtype=_NP_RAW[dtype]).copy()  # (numel,) the output
+        if dtype == "bool" and arr.size and int(arr.max()) > 1:
+            raise _fail(f"tensor '{name}': bool bytes must be 0 or 1, found {int(arr.max())}")
+    t = torch.from_numpy(arr.reshape(shape))
+    if dtype in ("bfloat16", "bool", "float8_e4m3fn", "float8_e5m2"):
+        t = t.view(_TORCH_DTYPES[dtype])  # same item size: reinterpret the bits
     rep = None
     if with_report:
         rep = TensorReport(
@@ -250,7 +293,7 @@ def _decode_dense(e: dict, secs: list[memoryview], with_report: bool):
             scheme="dense",
             layout=None,
             numel=numel,
-            nonzeros=nonzero_count(t),
+            nonzeros=int(np.count_nonzero(arr)),
             total_bytes=len(data) + _FRAME.size,
             dense_store=store,
             dense_bits=8 * len(data),
@@ -259,87 +302,139 @@ def _decode_dense(e: dict, secs: list[memoryview], with_report: bool):
 
 
 def _codes_dense(e, secs, codebook, ftype, with_report):
-    """``layout='dense'``: a code per element, zero inserted into the codebook if present."""
+    """``layout='dense'``: a code per element, zero inserted into the codebook if present;
+    decoded chunk by chunk straight into the output."""
     where, shape, k, nnz = f"tensor '{e['name']}'", tuple(e["shape"]), e["k"], e["nnz"]
     numel = math.prod(shape)
     codes_ref = e["codes"]
     alphabet = k + 1 if nnz < numel else k
-    codes, payload = _decode_stream(
+    stream = open_stream(
         codes_ref["codec"], secs[codes_ref["sec"]], numel, alphabet, f"{where} codes"
     )
+    zpos = -1
+    table = codebook
     if nnz < numel:
         zpos = int(np.searchsorted(codebook, 0.0)) if k else 0
         table = np.insert(codebook, zpos, ftype(0.0))  # (k+1,)
-        if int(np.count_nonzero(codes != zpos)) != nnz:
-            raise _fail(f"{where}: nnz={nnz} does not match the decoded codes")
-    else:
-        table = codebook
-    arr = table[codes].reshape(shape)  # (numel,) -> shape
-    streams = []
-    if with_report:
-        streams.append(
-            _stream_report(
-                "codes", codes_ref["codec"], codes, alphabet, secs, codes_ref["sec"], payload
-            )
-        )
+    out = np.empty(numel, dtype=ftype)  # (numel,) the output
+    pos = zeros = 0
+    for chunk in stream.chunks(count=with_report):
+        out[pos : pos + chunk.size] = table[chunk]
+        zeros += int(np.count_nonzero(chunk == zpos))
+        pos += chunk.size
+    if numel - zeros != nnz:
+        raise _fail(f"{where}: nnz={nnz} does not match the decoded codes")
+    streams = [stream_report("codes", stream)] if with_report else []
     fields = dict(
         layout="dense",
         weight_bits_pq=numel * _raw_width(alphabet),
         weight_bits=8 * len(secs[codes_ref["sec"]]),
         total_bytes=len(secs[e["codebook"]]) + len(secs[codes_ref["sec"]]) + 2 * _FRAME.size,
     )
-    return arr, fields, streams
+    return out.reshape(shape), fields, streams
+
+
+class _Taker:
+    """Takes exactly ``r`` symbols at a time from a stream's chunks."""
+
+    def __init__(self, chunks) -> None:
+        self._it = iter(chunks)
+        self._buf = np.zeros(0, dtype=np.int64)
+
+    def take(self, r: int, what: str) -> np.ndarray:
+        parts, have = [self._buf], self._buf.size
+        while have < r:
+            nxt = next(self._it, None)
+            if nxt is None:
+                raise _fail(f"{what}: stream ended early")
+            parts.append(nxt)
+            have += nxt.size
+        cat = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        self._buf = cat[r:]
+        return cat[:r]
+
+    def finish(self, what: str) -> None:
+        """Exhaust the stream (runs its end checks); nothing may be left."""
+        left = self._buf.size + sum(c.size for c in self._it)
+        if left:
+            raise _fail(f"{what}: {left} symbols left over")
 
 
 def _codes_sparse(e, secs, codebook, ftype, with_report):
-    """``layout='sparse'``: relative-index positions of the nonzeros, and their codes."""
+    """``layout='sparse'``: relative-index positions of the nonzeros and their codes, both
+    decoded chunk by chunk and scattered straight into the (zeroed) output."""
     where, shape, k, nnz = f"tensor '{e['name']}'", tuple(e["shape"]), e["k"], e["nnz"]
     numel = math.prod(shape)
     codes_ref, idx_ref = e["codes"], e["index"]
     b, n_entries, order = e["b"], e["entries"], e["order"]
-    entries, i_payload = _decode_stream(
-        idx_ref["codec"], secs[idx_ref["sec"]], n_entries, 1 << b, f"{where} index"
-    )
-    try:
-        pos = relative_index_decode(entries, b, numel)
-    except CodingError as exc:
-        raise _fail(f"{where} index: {exc}") from exc
-    if pos.size != nnz:
-        raise _fail(f"{where}: index stream holds {pos.size} nonzeros, header says {nnz}")
-    codes, c_payload = _decode_stream(
+    M = (1 << b) - 1  # the filler
+    index = open_stream(idx_ref["codec"], secs[idx_ref["sec"]], n_entries, 1 << b, f"{where} index")
+    codes = open_stream(
         codes_ref["codec"], secs[codes_ref["sec"]], nnz, max(k, 1), f"{where} codes"
     )
-    flat = np.zeros(numel, dtype=ftype)
-    if nnz:
-        flat[pos] = codebook[codes]
-    arr = np.ascontiguousarray(flat.reshape(shape, order=order))
-    streams = []
-    if with_report:
-        streams.append(
-            _stream_report(
-                "codes", codes_ref["codec"], codes, max(k, 1), secs, codes_ref["sec"], c_payload
-            )
-        )
-        streams.append(
-            _stream_report(
-                "index", idx_ref["codec"], entries, 1 << b, secs, idx_ref["sec"], i_payload
-            )
-        )
+    taker = _Taker(codes.chunks(count=with_report))
+    out = np.zeros(numel, dtype=ftype)  # (numel,) the output, C order
+    base = found = 0  # base: position after the last entry's run
+    ends_with_filler = False
+    for ent in index.chunks(count=with_report):
+        real = ent < M
+        ends = np.cumsum(np.where(real, ent + 1, M)) + (base - 1)  # (m,) last position of each
+        base = int(ends[-1]) + 1
+        ends_with_filler = not bool(real[-1])
+        if base > numel:
+            raise _fail(f"{where} index: runs past the end of the tensor ({numel} elements)")
+        pos = ends[real]  # (r,) positions in `order`
+        found += pos.size
+        if found > nnz:
+            raise _fail(f"{where}: index stream holds more than the header's nnz={nnz} nonzeros")
+        values = codebook[taker.take(pos.size, f"{where} codes")]
+        if order == "F" and len(shape) > 1:  # column-major position -> row-major position
+            pos = np.ravel_multi_index(np.unravel_index(pos, shape, order="F"), shape)
+        out[pos] = values
+    if ends_with_filler:
+        raise _fail(f"{where} index: ends with a filler (an encoder never writes one)")
+    if found != nnz:
+        raise _fail(f"{where}: index stream holds {found} nonzeros, header says {nnz}")
+    taker.finish(f"{where} codes")
+    streams = [stream_report("codes", codes), stream_report("index", index)] if with_report else []
     fields = dict(
         layout="sparse",
         order=order,
         index_bits=b,
-        fillers=int(entries.size - nnz),
+        fillers=n_entries - nnz,
         weight_bits_pq=nnz * _raw_width(max(k, 1)),
         weight_bits=8 * len(secs[codes_ref["sec"]]),
-        index_bits_pq=int(entries.size) * b,
+        index_bits_pq=n_entries * b,
         index_bits_coded=8 * len(secs[idx_ref["sec"]]),
         total_bytes=len(secs[e["codebook"]])
         + len(secs[codes_ref["sec"]])
         + len(secs[idx_ref["sec"]])
         + 3 * _FRAME.size,
     )
-    return arr, fields, streams
+    return out.reshape(shape), fields, streams
+
+
+def _codebook(e: dict, secs: list[memoryview], ftype) -> np.ndarray:
+    """The codebook section as ``ftype`` values, checked as the spec says: ``k`` values, all
+    nonzero, sorted ascending with NaNs last, no value twice."""
+    where, k, cb = f"tensor '{e['name']}'", e["k"], e["cb"]
+    data = secs[e["codebook"]]
+    if len(data) != k * _STORE_BYTES[cb]:
+        raise _fail(f"{where}: codebook has {len(data)} bytes, expected {k} x {cb}")
+    raw = np.frombuffer(data, dtype="<f2" if cb == "float16" else "<f4")  # (k,)
+    nan = np.isnan(raw)
+    n_real = k - int(nan.sum())
+    real = raw[:n_real]
+    if nan[:n_real].any():
+        raise _fail(f"{where}: codebook has a NaN before a number (NaNs must come last)")
+    if np.any(real == 0):
+        raise _fail(f"{where}: codebook holds a zero (zeros are never codebook values)")
+    if np.any(real[1:] <= real[:-1]):
+        raise _fail(f"{where}: codebook values are not sorted ascending and distinct")
+    bits = raw[n_real:].view(np.uint16 if cb == "float16" else np.uint32)
+    if np.unique(bits).size != bits.size:
+        raise _fail(f"{where}: codebook holds the same NaN twice")
+    return raw.astype(ftype)
 
 
 def _decode_codebook(e: dict, secs: list[memoryview], with_report: bool):
@@ -347,13 +442,10 @@ def _decode_codebook(e: dict, secs: list[memoryview], with_report: bool):
     name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
     k, nnz, cb = e["k"], e["nnz"], e["cb"]
     ftype = _CODEBOOK_DTYPES[dtype][0]
-    cb_data = secs[e["codebook"]]
-    if len(cb_data) != k * _STORE_BYTES[cb]:
-        raise _fail(f"tensor '{name}': codebook has {len(cb_data)} bytes, expected {k} x {cb}")
-    codebook = np.frombuffer(cb_data, dtype="<f2" if cb == "float16" else "<f4").astype(ftype)
+    codebook = _codebook(e, secs, ftype)
     layout = _codes_dense if e["layout"] == "dense" else _codes_sparse
     arr, fields, streams = layout(e, secs, codebook, ftype, with_report)
-    t = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[dtype])
+    t = torch.from_numpy(arr)  # already the tensor's dtype: no copy
     rep = None
     if with_report:
         rep = TensorReport(
@@ -365,7 +457,7 @@ def _decode_codebook(e: dict, secs: list[memoryview], with_report: bool):
             nonzeros=nnz,
             codebook_size=k,
             codebook_dtype=cb,
-            codebook_bits=8 * len(cb_data),
+            codebook_bits=8 * len(secs[e["codebook"]]),
             streams=tuple(streams),
             **fields,
         )
@@ -386,11 +478,14 @@ def _decode_pq(e: dict, secs: list[memoryview], with_report: bool):
     codebook = codebook.astype(_CODEBOOK_DTYPES[dtype][0]).reshape(k, d)  # (k, d)
     ref = e["codes"]
     alphabet = k + int(zero)
-    codes, payload = _decode_stream(
-        ref["codec"], secs[ref["sec"]], numel // d, alphabet, f"{where} codes"
-    )
-    arr = pq_table(codebook, zero)[codes].reshape(shape)  # (numel/d, d) -> shape
-    t = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[dtype])
+    stream = open_stream(ref["codec"], secs[ref["sec"]], numel // d, alphabet, f"{where} codes")
+    table = pq_table(codebook, zero)  # (k [+ 1], d)
+    out = np.empty((numel // d, d), dtype=codebook.dtype)  # the output, chunk by chunk
+    pos = 0
+    for chunk in stream.chunks(count=with_report):
+        out[pos : pos + chunk.size] = table[chunk]
+        pos += chunk.size
+    t = torch.from_numpy(out.reshape(shape))  # already the tensor's dtype: no copy
     rep = None
     if with_report:
         rep = TensorReport(
@@ -400,16 +495,14 @@ def _decode_pq(e: dict, secs: list[memoryview], with_report: bool):
             scheme="pq",
             layout=None,
             numel=numel,
-            nonzeros=int(np.count_nonzero(arr)),
+            nonzeros=int(np.count_nonzero(out)),
             total_bytes=len(cb_data) + len(secs[ref["sec"]]) + 2 * _FRAME.size,
             codebook_size=k,
             codebook_dtype=cb,
             codebook_bits=8 * len(cb_data),
-            weight_bits_pq=int(codes.size) * _raw_width(alphabet),
+            weight_bits_pq=(numel // d) * _raw_width(alphabet),
             weight_bits=8 * len(secs[ref["sec"]]),
-            streams=(
-                _stream_report("codes", ref["codec"], codes, alphabet, secs, ref["sec"], payload),
-            ),
+            streams=(stream_report("codes", stream),),
             block_size=d,
         )
     return t, rep
@@ -422,38 +515,39 @@ def _decode_affine(e: dict, secs: list[memoryview], with_report: bool):
     bits, g, rows, cols = e["bits"], e["group"], e["rows"], e["cols"]
     n_groups = rows * (cols // g)
     c_ref = e["codes"]
-    codes, c_pay = _decode_stream(
+    stream = open_stream(
         c_ref["codec"], secs[c_ref["sec"]], rows * cols, 1 << bits, f"{where} codes"
     )
+    q = np.empty(rows * cols, dtype=np.uint8)
+    pos = 0
+    for chunk in stream.chunks(count=with_report):
+        q[pos : pos + chunk.size] = chunk
+        pos += chunk.size
     s_data = secs[e["scale"]]
     if len(s_data) != 2 * n_groups:
         raise _fail(f"{where}: scale section has {len(s_data)} bytes, expected {2 * n_groups}")
     scale = torch.from_numpy(np.frombuffer(s_data, dtype="<f2").astype(np.float16)).reshape(
         rows, -1
     )
-    zero = zs = z_pay = None
+    zero = z_stream = None
     if "zero" in e:
         z_ref = e["zero"]
-        zs, z_pay = _decode_stream(
+        z_stream = open_stream(
             z_ref["codec"], secs[z_ref["sec"]], n_groups, 1 << bits, f"{where} zero"
         )
+        zs = np.concatenate([c for c in z_stream.chunks(count=with_report)] or [np.zeros(0)])
         zero = torch.from_numpy(zs.astype(np.uint8)).reshape(rows, -1)
-    q = torch.from_numpy(codes.astype(np.uint8)).reshape(rows, cols)
-    w = dequantize_codes(q, scale, zero, bits, g, _TORCH_DTYPES[e["dtype"]])  # (rows, cols)
+    codes = torch.from_numpy(q).reshape(rows, cols)
+    w = dequantize_codes(codes, scale, zero, bits, g, _TORCH_DTYPES[e["dtype"]])  # (rows, cols)
     if e["transpose"]:
         w = w.T.contiguous()
     rep = None
     if with_report:
-        streams = [
-            _stream_report("codes", c_ref["codec"], codes, 1 << bits, secs, c_ref["sec"], c_pay)
-        ]
+        streams = [stream_report("codes", stream)]
         side = len(s_data)
-        if zs is not None:
-            z_ref = e["zero"]
-            streams.append(
-                _stream_report("zero", z_ref["codec"], zs, 1 << bits, secs, z_ref["sec"], z_pay)
-            )
-            side += len(secs[z_ref["sec"]])
+        if z_stream is not None:
+            streams.append(stream_report("zero", z_stream))
+            side += len(secs[e["zero"]["sec"]])
         rep = TensorReport(
             name=e["name"],
             shape=tuple(e["shape"]),
@@ -461,8 +555,8 @@ def _decode_affine(e: dict, secs: list[memoryview], with_report: bool):
             scheme="affine",
             layout=None,
             numel=rows * cols,
-            nonzeros=int(torch.count_nonzero(w)),
-            total_bytes=len(secs[c_ref["sec"]]) + side + _FRAME.size * len(streams) + _FRAME.size,
+            nonzeros=nonzero_count(w),
+            total_bytes=len(secs[c_ref["sec"]]) + side + _FRAME.size * (len(streams) + 1),
             codebook_size=n_groups,
             codebook_dtype="float16",
             codebook_bits=8 * side,
@@ -489,12 +583,21 @@ def decode_entry(
     return _DECODERS[e["scheme"]](e, secs, with_report)
 
 
+def _check_limits(max_elements: Any, max_bytes: Any) -> None:
+    for name, v in (("max_elements", max_elements), ("max_bytes", max_bytes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name}={v!r}: must be an integer >= 0")
+
+
 def _decode(
-    data: bytes | memoryview, *, max_elements: int, with_report: bool
+    data: bytes | memoryview, *, max_elements: int, max_bytes: int, with_report: bool
 ) -> tuple[dict[str, torch.Tensor], Any, EncodeReport | None]:
+    _check_limits(max_elements, max_bytes)
     try:
         with np.errstate(all="ignore"):  # damaged codebooks may hold NaN/inf: not an error here
-            return _decode_checked(data, max_elements=max_elements, with_report=with_report)
+            return _decode_checked(
+                data, max_elements=max_elements, max_bytes=max_bytes, with_report=with_report
+            )
     except FormatError:
         raise
     except (KeyboardInterrupt, SystemExit):
@@ -505,20 +608,31 @@ def _decode(
         raise FormatError(f"malformed .ncz file: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode_checked(
-    data: bytes | memoryview, *, max_elements: int, with_report: bool
-) -> tuple[dict[str, torch.Tensor], Any, EncodeReport | None]:
-    secs = _split_sections(data)
-    header = _inflate(secs[0], "header")
-    metadata = _inflate(secs[1], "metadata")
-    entries = _check_header(header, len(secs), max_elements, len(data))
-    minor = _PREFIX.unpack_from(data, 0)[2]
+def _check_minor(minor: int, entries: list[dict]) -> None:
+    """The minor version is exactly the one a writer puts there (like ZIP's "version needed to
+    extract"): for 1.0 / 1.1 files what their schemes need (1.1 exactly when a tensor uses the
+    pq scheme); from 1.2 on (CRCs bound to section indices) 1.2, or 1.3 when a tensor uses a
+    scheme or dtype of 1.3 (:func:`~.format.written_minor`). A damaged version field is refused
+    in either direction."""
     needed = needed_minor(entries)
-    if minor != needed:  # like ZIP's "version needed to extract": exactly what the file uses
+    expect = needed if minor < BOUND_CRC_MINOR else max(BOUND_CRC_MINOR, needed)
+    if minor != expect:
         raise _fail(
             f"format version 1.{minor} does not match the file's contents, which need 1.{needed} "
-            "(1.1 with a pq tensor; 1.2 with an affine or alias tensor or a 1.2 dtype)"
+            f"(a scheme needs the version that added it: {SCHEME_MINOR}; files before "
+            f"1.{BOUND_CRC_MINOR} carry exactly the version their schemes need, later ones "
+            f"1.{BOUND_CRC_MINOR} or the version their schemes need if newer)"
         )
+
+
+def _decode_checked(
+    data: bytes | memoryview, *, max_elements: int, max_bytes: int, with_report: bool
+) -> tuple[dict[str, torch.Tensor], Any, EncodeReport | None]:
+    secs, minor = _split_sections(data)
+    header = _inflate(secs[0], "header")
+    metadata = _inflate(secs[1], "metadata")
+    entries = _check_header(header, len(secs), max_elements, len(data), max_bytes)
+    _check_minor(minor, entries)
     state: dict[str, torch.Tensor] = {}
     reports = []
     for e in entries:
@@ -542,10 +656,20 @@ def _decode_checked(
 
 
 def decode_bytes(
-    data: bytes | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+    data: bytes | memoryview,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """Decode ``.ncz`` bytes: ``(state_dict, metadata)``; :class:`FormatError` if damaged."""
-    state, metadata, _ = _decode(data, max_elements=max_elements, with_report=False)
+    """Decode ``.ncz`` bytes: ``(state_dict, metadata)``; :class:`FormatError` if damaged.
+
+    ``max_elements`` and ``max_bytes`` bound the tensor elements and decoded bytes the file
+    may declare; both are checked before anything is allocated, and decoding allocates the
+    declared tensors plus ``O(file size)`` (streams are decoded in chunks).
+    """
+    state, metadata, _ = _decode(
+        data, max_elements=max_elements, max_bytes=max_bytes, with_report=False
+    )
     return state, metadata
 
 
@@ -557,31 +681,52 @@ def _read(path: str | Path) -> bytes:
 
 
 def decode_file(
-    path: str | Path, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+    path: str | Path,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Read and decode a ``.ncz`` file: ``(state_dict, metadata)``.
 
-    ``max_elements`` bounds the total number of tensor elements the file may declare (raise
-    it for models beyond ~268M parameters).
+    ``max_elements`` (default 2**28) and ``max_bytes`` (default 2 GiB) bound what the file may
+    declare: the total number of tensor elements and of decoded bytes (raise them for larger
+    models). A file declaring more is refused before anything is allocated.
     """
-    return decode_bytes(_read(path), max_elements=max_elements)
+    try:
+        return decode_bytes(_read(path), max_elements=max_elements, max_bytes=max_bytes)
+    except FormatError as exc:
+        raise FormatError(f"'{path}': {exc}") from exc
 
 
-def inspect_bytes(data: bytes | memoryview, *, max_elements: int = DEFAULT_MAX_ELEMENTS):
+def inspect_bytes(
+    data: bytes | memoryview,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+):
     """Itemised :class:`EncodeReport` of ``.ncz`` bytes (decodes every stream)."""
-    _, _, report = _decode(data, max_elements=max_elements, with_report=True)
+    _, _, report = _decode(data, max_elements=max_elements, max_bytes=max_bytes, with_report=True)
     return report
 
 
-def inspect_file(path: str | Path, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> EncodeReport:
+def inspect_file(
+    path: str | Path,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> EncodeReport:
     """Itemised :class:`EncodeReport` of a ``.ncz`` file: per-tensor scheme, codebook, code
     and index bits (fixed "P+Q" and coded), fillers, entropies, and totals."""
-    return inspect_bytes(_read(path), max_elements=max_elements)
+    try:
+        return inspect_bytes(_read(path), max_elements=max_elements, max_bytes=max_bytes)
+    except FormatError as exc:
+        raise FormatError(f"'{path}': {exc}") from exc
 
 
-def load_compressed(model: nn.Module, path: str | Path) -> Any:
-    """Fill ``model`` (strictly, by name) from a ``.ncz`` file; returns the file's metadata."""
-    state, metadata = decode_file(path)
+def load_compressed(model: nn.Module, path: str | Path, **limits: int) -> Any:
+    """Fill ``model`` (strictly, by name) from a ``.ncz`` file; returns the file's metadata.
+    ``limits``: ``max_elements`` / ``max_bytes`` of :func:`decode_file`."""
+    state, metadata = decode_file(path, **limits)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -36,8 +36,8 @@ from .format import (
     _frame,
     _raw_width,
     alias_report,
-    needed_minor,
     nonzero_count,
+    written_minor,
 )
 from .pq_scheme import PQ_MAX_K, find_subvector_codebook, fp16_exact, pq_table
 from .report import EncodeReport, TensorReport
@@ -341,7 +341,7 @@ def _hint_matches(hint: dict[str, Any], t: torch.Tensor) -> bool:
 
 
 def _affine_candidate(name: str, t: torch.Tensor, hint: dict, config: EncodeConfig) -> _Candidate:
-    """The ``affine`` scheme (format 1.2): the code stream, float16 scales, the zero-point
+    """The ``affine`` scheme (format 1.3): the code stream, float16 scales, the zero-point
     stream (asymmetric codes), as a weight-only quantized layer holds them."""
     bits, g = int(hint["bits"]), int(hint["group_size"])
     rows, cols = hint["codes"].shape
@@ -512,10 +512,11 @@ def encode_state_dict(
     """Encode a state dict (or a model's, parametrizations folded) into ``.ncz`` bytes.
 
     Each tensor is stored with the scheme, layout and flattening order that give the fewest
-    bytes (see module docstring), its streams coded with ``config.codec``. A tensor bit-identical
-    to an earlier one (a tied embedding and LM head) is stored once, as an ``alias``; a model's
-    weight-only quantized layers as their codes and scales (``affine``). The same inputs always
-    produce the same bytes.
+    bytes (see module docstring), its streams coded with ``config.codec``. A tensor
+    bit-identical to an earlier one (a tied embedding and LM head) is stored once, as an
+    ``alias``; a model's weight-only quantized layers as their codes and scales (``affine``).
+    The same inputs
+    always produce the same bytes.
 
     Returns
     -------
@@ -559,9 +560,11 @@ def encode_state_dict(
             task.advance()
     header = {"format": "nncompress-ncz", "tensors": entries}
     head_payload = _canonical_json(header, "header")
-    frames = [_frame(head_payload), _frame(meta_payload)] + [_frame(s) for s in sections]
-    minor = needed_minor(entries)  # 1.0 readers still read files that need nothing newer
-    prefix = _PREFIX.pack(MAGIC, VERSION[0], minor, len(frames))
+    payloads = [head_payload, meta_payload, *sections]
+    frames = [_frame(p, i) for i, p in enumerate(payloads)]
+    # every file this version writes binds its CRCs to the section indices: version 1.2 (it
+    # holds whatever scheme 1.1 added)
+    prefix = _PREFIX.pack(MAGIC, VERSION[0], written_minor(entries), len(frames))
     data = prefix + b"".join(frames)
     report = EncodeReport(
         tensors=tuple(reports),

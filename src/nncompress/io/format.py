@@ -5,9 +5,9 @@ symbol-stream codecs; :mod:`.encode` writes files and :mod:`.decode` reads them.
 
 Byte layout (all integers little-endian; full description in docs/format.md)::
 
-    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor (what the
-             contents need, :func:`needed_minor`), u32 sections S
-    S sections, each framed as: u32 length, u32 CRC32 (zlib.crc32 of the payload), payload
+    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor=3, u32 sections S
+    S sections, each framed as: u32 length, u32 CRC32 (of the u32 section index then the
+      payload; of the payload alone in version 1.0 and 1.1 files), payload
       section 0   header: zlib-deflated canonical JSON (tensor names, shapes, dtypes, schemes,
                   codecs, references to the sections below)
       section 1   metadata: zlib-deflated canonical JSON chosen by the caller (e.g. the
@@ -30,9 +30,9 @@ Schemes (chosen per tensor to minimise bytes unless overridden, see :class:`Enco
   whose consecutive ``d``-value subvectors take at most 65536 distinct values): a ``(k, d)``
   codebook of the distinct nonzero subvectors and one code per subvector, an all-zero
   subvector (pruned block) taking the reserved code ``k``; see :mod:`.pq_scheme`.
-* ``affine`` (format 1.2; weight-only quantized matrices, :mod:`nncompress.quant.weight_only`): packed
-  group-wise codes, float16 scales and zero points; decoded as ``(q - z) * s``.
-* ``alias`` (format 1.2): a tensor bit-identical to an earlier one (tied weights), no data.
+* ``affine`` (format 1.3; weight-only quantized matrices, :mod:`nncompress.quant.weight_only`):
+  packed group-wise codes, float16 scales and zero points; decoded as ``(q - z) * s``.
+* ``alias`` (format 1.3): a tensor bit-identical to an earlier one (tied weights), no data.
 
 Zeros: in the codebook and pq schemes both +0.0 and -0.0 count as zero and decode to +0.0 (a masked
 weight ``w * 0`` is -0.0 when ``w < 0``; keeping the sign would make every pruned negative weight
@@ -40,8 +40,9 @@ a nonzero). ``round_for_storage_`` applies the same rule, so decoded == evaluate
 Every other value, NaN payloads included, is kept bit-exactly.
 
 Decoding validates every length, count and shape against the remaining bytes and sane limits
-before allocating, checks each section's CRC32, and raises :class:`FormatError` (a
-``ValueError``) for any damage -- never another exception.
+(``max_elements``, ``max_bytes`` of declared output) before allocating, checks each section's
+CRC32, decodes streams in chunks (memory: the declared output plus O(file size + CHUNK)), and
+raises :class:`FormatError` (a ``ValueError``) for any damage -- never another exception.
 """
 
 from __future__ import annotations
@@ -49,35 +50,48 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..coding.ans import AnsStream, ans_decode, ans_encode
-from ..coding.bitpack import ByteReader, CodingError, pack_bits, write_uvarint
+from ..coding.ans import AnsStream, ans_decode_chunks, ans_encode
+from ..coding.bitpack import (
+    ByteReader,
+    CodingError,
+    check_padding,
+    pack_bits,
+    packed_size,
+    unpack_bits,
+    write_uvarint,
+)
 from ..coding.entropy import empirical_entropy
 from ..coding.huffman import HuffmanStream, huffman_decode, huffman_encode
 from .errors import FormatError
 from .report import StreamReport, TensorReport
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ELEMENTS",
     "MAGIC",
     "VERSION",
     "alias_report",
     "needed_minor",
     "nonzero_count",
+    "section_crc",
 ]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
-VERSION = (1, 2)  # 1.1: the 'pq' scheme; 1.2: 'affine', 'alias' and more dtypes (needed_minor)
+VERSION = (1, 3)  # 1.1: 'pq'; 1.2: CRCs bound to their index; 1.3: 'affine', 'alias', dtypes
+BOUND_CRC_MINOR = 2  # first minor version whose CRCs cover the section index
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II")
 MAX_HEADER_BYTES = 16 << 20  # decompressed header / metadata JSON
 MAX_SECTIONS = 1 << 22
 MAX_NDIM = 16
 DEFAULT_MAX_ELEMENTS = 1 << 28  # total tensor elements a file may declare (1 GiB of fp32)
+DEFAULT_MAX_BYTES = 1 << 31  # total bytes of the decoded tensors a file may declare (2 GiB)
 # beyond 2**24 elements a file must hold at least one byte per 65536 elements (a crafted
 # 100-byte file must not make the decoder allocate gigabytes)
 PLAUSIBLE_FREE_ELEMENTS = 1 << 24
@@ -94,7 +108,7 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
-    # format 1.2: every other fixed-size dtype a state dict may hold, stored raw
+    # format 1.3: every other fixed-size dtype a state dict may hold, stored raw
     "uint16": torch.uint16,
     "uint32": torch.uint32,
     "uint64": torch.uint64,
@@ -103,63 +117,13 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e5m2": torch.float8_e5m2,
 }
-_DTYPES_1_0 = frozenset(
-    (
-        "float32",
-        "float16",
-        "bfloat16",
-        "float64",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint8",
-        "bool",
-    )
+#: dtypes added in format 1.3 (a file holding one needs 1.3)
+DTYPES_1_3 = frozenset(
+    ("uint16", "uint32", "uint64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
 )
-
-
-def needed_minor(entries: list[dict]) -> int:
-    """The minor version a file's contents need (like ZIP's "version needed to extract"): 2
-    with an 'affine' or 'alias' entry or a dtype added in 1.2, else 1 with a 'pq' entry, else
-    0. Writers write it, readers require it exactly."""
-    if any(
-        e.get("scheme") in ("affine", "alias") or e.get("dtype") not in _DTYPES_1_0 for e in entries
-    ):
-        return 2
-    return 1 if any(e.get("scheme") == "pq" for e in entries) else 0
-
-
 # floating dtypes that may use the codebook scheme: numpy float type and same-size uint view
 _CODEBOOK_DTYPES = {"float32": (np.float32, np.uint32), "float16": (np.float16, np.uint16)}
 _STORE_BYTES = {"float16": 2, "float32": 4}
-
-
-def nonzero_count(t: torch.Tensor) -> int:
-    """Nonzero elements (dtypes without ``count_nonzero``, e.g. uint16 or float8, count the
-    elements with any nonzero byte)."""
-    if t.numel() == 0:
-        return 0
-    try:
-        return int(torch.count_nonzero(t.detach()))
-    except (NotImplementedError, RuntimeError):
-        size = t.element_size()
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).reshape(-1, size)
-        return int(raw.any(dim=1).sum())
-
-
-def alias_report(name: str, t: torch.Tensor) -> TensorReport:
-    """Report of an ``alias`` entry: no bytes of its own (and no "original" bits)."""
-    return TensorReport(
-        name=name,
-        shape=tuple(t.shape),
-        dtype=str(t.dtype).removeprefix("torch."),
-        scheme="alias",
-        layout=None,
-        numel=t.numel(),
-        nonzeros=nonzero_count(t),
-        total_bytes=0,
-    )
 
 
 def _fail(msg: str) -> FormatError:
@@ -202,14 +166,79 @@ def _encode_stream(
     return used, data, rep
 
 
-# entropy-coded stream codecs: (stream class with from_bytes, decoder)
-_ENTROPY_DECODERS = {"huffman": (HuffmanStream, huffman_decode), "ans": (AnsStream, ans_decode)}
+CHUNK = 1 << 16  # symbols decoded per step: a decoder's temporaries stay O(CHUNK)
 
 
-def _decode_stream(
-    codec: str, data: memoryview, n: int, alphabet: int, what: str
-) -> tuple[np.ndarray, int]:
-    """Decode a stream of exactly ``n`` symbols below ``alphabet``: (symbols, payload bits)."""
+class SymbolStream:
+    """A parsed symbol stream of exactly ``n`` symbols below ``alphabet``, decoded chunk by
+    chunk (:meth:`chunks`), so that decoding never holds more than ``CHUNK`` symbols at a time
+    except a Huffman stream's, whose ``n`` is at most its payload bits (n <= 8 x its bytes).
+
+    Every field was checked against the stream's bytes when it was parsed
+    (:func:`open_stream`); :meth:`chunks` raises :class:`FormatError` for damage found while
+    decoding (a symbol outside the alphabet, an ANS coder not empty at the end).
+    """
+
+    def __init__(self, codec, n, alphabet, payload_bits, nbytes, what, source) -> None:
+        self.codec, self.n, self.alphabet = codec, n, alphabet
+        self.payload_bits, self.nbytes, self.what = payload_bits, nbytes, what
+        self._source = source  # callable returning an iterator of int64 chunks
+        self.counts: np.ndarray | None = None
+
+    def chunks(self, *, count: bool = False) -> Iterator[np.ndarray]:
+        """The symbols, in order, as int64 arrays of at most ``CHUNK`` each. With ``count``,
+        :attr:`counts` holds each symbol's count afterwards (for :func:`stream_report`)."""
+        if count:
+            self.counts = np.zeros(self.alphabet, dtype=np.int64)
+        seen = 0
+        try:
+            for sym in self._source():
+                if sym.size and (int(sym.min()) < 0 or int(sym.max()) >= self.alphabet):
+                    raise FormatError(f"{self.what}: symbol out of range [0, {self.alphabet})")
+                seen += sym.size
+                if count:
+                    self.counts += np.bincount(sym, minlength=self.alphabet)
+                yield sym
+        except CodingError as exc:
+            raise FormatError(f"{self.what}: {exc}") from exc
+        if seen != self.n:  # pragma: no cover - every source yields exactly n
+            raise FormatError(f"{self.what}: decoded {seen} symbols, expected {self.n}")
+
+
+def _constant(n: int, symbol: int):
+    def source() -> Iterator[np.ndarray]:
+        for a in range(0, n, CHUNK):
+            yield np.full(min(CHUNK, n - a), symbol, dtype=np.int64)
+
+    return source
+
+
+def _raw_source(packed: memoryview, n: int, width: int):
+    def source() -> Iterator[np.ndarray]:
+        if width == 0:
+            yield from _constant(n, 0)()
+            return
+        for a in range(0, n, CHUNK):  # CHUNK values of any width end on a whole byte
+            m = min(CHUNK, n - a)
+            lo = a * width // 8
+            yield unpack_bits(packed[lo : lo + packed_size(m, width)], width, m)
+
+    return source
+
+
+def _huffman_source(st: HuffmanStream):
+    def source() -> Iterator[np.ndarray]:
+        sym = huffman_decode(st)  # (n,) with n <= payload bits: O(the stream's bytes)
+        for a in range(0, sym.size, CHUNK):
+            yield sym[a : a + CHUNK]
+
+    return source
+
+
+def open_stream(codec: str, data: memoryview, n: int, alphabet: int, what: str) -> SymbolStream:
+    """Parse a stream's fields (checked against its bytes before anything is allocated) and
+    return it ready to decode; the stream must hold exactly ``n`` symbols below ``alphabet``.
+    Raises :class:`FormatError`."""
     try:
         if codec == "raw":
             r = ByteReader(data)
@@ -220,36 +249,51 @@ def _decode_stream(
                     f"raw stream header (n={got}, width={width}) does not match the "
                     f"expected n={n}, width={_raw_width(alphabet)}"
                 )
-            sym = r.packed(n, width, "raw symbols")
+            packed = r.packed_bytes(n, width, "raw symbols")
             r.expect_end("raw stream")
-            payload = n * width
-        elif codec in _ENTROPY_DECODERS:
-            stream_type, decode = _ENTROPY_DECODERS[codec]
-            st = stream_type.from_bytes(data, max_symbols=n)
-            if st.n != n or st.alphabet_size > alphabet:
-                raise CodingError(
-                    f"{codec} stream has {st.n} symbols over {st.alphabet_size} values; expected "
-                    f"{n} symbols below {alphabet}"
-                )
-            sym, payload = decode(st), st.payload_bits
-        else:
-            raise CodingError(f"codec={codec!r}: must be one of raw, huffman, ans")
+            return SymbolStream(
+                codec, n, alphabet, n * width, len(data), what, _raw_source(packed, n, width)
+            )
+        if codec == "huffman":
+            st = HuffmanStream.from_bytes(data, max_symbols=n)
+            _expect(codec, st.n, st.alphabet_size, n, alphabet)
+            check_padding(st.payload, st.payload_bits, "huffman payload")
+            if st.n and st.max_length == 0:  # one distinct symbol: A' - 1, no payload
+                source = _constant(n, st.alphabet_size - 1)
+            else:
+                source = _huffman_source(st)
+            return SymbolStream(codec, n, alphabet, st.payload_bits, len(data), what, source)
+        if codec == "ans":
+            st = AnsStream.from_bytes(data, max_symbols=n)
+            _expect(codec, st.n, st.alphabet_size, n, alphabet)
+            return SymbolStream(
+                codec, n, alphabet, st.payload_bits, len(data), what,
+                lambda: ans_decode_chunks(st, CHUNK),
+            )  # fmt: skip
+        raise CodingError(f"codec={codec!r}: must be one of raw, huffman, ans")
     except CodingError as exc:
         raise FormatError(f"{what}: {exc}") from exc
-    if sym.size and (int(sym.max()) >= alphabet or int(sym.min()) < 0):
-        raise FormatError(f"{what}: symbol out of range [0, {alphabet})")
-    return sym, payload
 
 
-def _stream_report(role, codec, symbols, alphabet, secs, sec, payload) -> StreamReport:
+def _expect(codec: str, got_n: int, got_alphabet: int, n: int, alphabet: int) -> None:
+    if got_n != n or got_alphabet > alphabet:
+        raise CodingError(
+            f"{codec} stream has {got_n} symbols over {got_alphabet} values; expected "
+            f"{n} symbols below {alphabet}"
+        )
+
+
+def stream_report(role: str, stream: SymbolStream) -> StreamReport:
+    """The :class:`StreamReport` of a stream decoded with ``chunks(count=True)``."""
+    counts = stream.counts if stream.counts is not None else np.zeros(0, np.int64)
     return StreamReport(
         role=role,
-        codec=codec,
-        symbols=int(symbols.size),
-        alphabet=alphabet,
-        entropy=empirical_entropy(symbols),
-        payload_bits=payload,
-        table_bits=8 * len(secs[sec]) - payload,
+        codec=stream.codec,
+        symbols=stream.n,
+        alphabet=stream.alphabet,
+        entropy=empirical_entropy(counts, counts=True),
+        payload_bits=stream.payload_bits,
+        table_bits=8 * stream.nbytes - stream.payload_bits,
     )
 
 
@@ -264,8 +308,75 @@ def _canonical_json(obj: Any, what: str) -> bytes:
     return zlib.compress(text.encode("ascii"), 9)
 
 
-def _frame(payload: bytes) -> bytes:
-    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+#: the minor version each scheme needs (a scheme not listed needs 1.0)
+SCHEME_MINOR = {"pq": 1, "affine": 3, "alias": 3}
+
+
+def needed_minor(entries: list[dict]) -> int:
+    """The minor version a file's entries need: the newest scheme or dtype they use."""
+    return max(
+        (
+            max(SCHEME_MINOR.get(e.get("scheme"), 0), 3 if e.get("dtype") in DTYPES_1_3 else 0)
+            for e in entries
+        ),
+        default=0,
+    )
+
+
+def written_minor(entries: list[dict]) -> int:
+    """The minor version a writer puts in the prefix: at least 1.2 (CRCs bound to section
+    indices), 1.3 when the contents need it. Writing the lowest such version (rather than the
+    newest) keeps a one-bit flip of the field from turning a 1.3 file into a valid 1.2 one."""
+    return max(BOUND_CRC_MINOR, needed_minor(entries))
+
+
+def nonzero_count(t: torch.Tensor) -> int:
+    """Nonzero elements (dtypes without ``count_nonzero``, e.g. uint16 or float8, count the
+    elements with any nonzero byte)."""
+    if t.numel() == 0:
+        return 0
+    try:
+        return int(torch.count_nonzero(t.detach()))
+    except (NotImplementedError, RuntimeError):
+        size = t.element_size()
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).reshape(-1, size)
+        return int(raw.any(dim=1).sum())
+
+
+def alias_report(name: str, t: torch.Tensor) -> TensorReport:
+    """Report of an ``alias`` entry: no bytes of its own (and no "original" bits)."""
+    return TensorReport(
+        name=name,
+        shape=tuple(t.shape),
+        dtype=str(t.dtype).removeprefix("torch."),
+        scheme="alias",
+        layout=None,
+        numel=t.numel(),
+        nonzeros=nonzero_count(t),
+        total_bytes=0,
+    )
+
+
+def section_crc(index: int, payload: bytes | memoryview, minor: int = VERSION[1]) -> int:
+    """The CRC32 stored in section ``index``'s frame: from format 1.1 on it covers the
+    section's index (4 bytes, little-endian) followed by its payload, so a section moved to
+    another place no longer matches; format 1.0 covered the payload alone."""
+    if minor >= BOUND_CRC_MINOR:
+        return zlib.crc32(payload, zlib.crc32(struct.pack("<I", index)))
+    return zlib.crc32(payload)
+
+
+def _frame(payload: bytes, index: int) -> bytes:
+    return _FRAME.pack(len(payload), section_crc(index, payload)) + payload
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
 
 
 def _inflate(payload: memoryview, what: str) -> Any:
@@ -279,12 +390,13 @@ def _inflate(payload: memoryview, what: str) -> Any:
     if not d.eof or d.unused_data:
         raise _fail(f"{what}: deflate stream truncated or followed by extra bytes")
     try:
-        return json.loads(text.decode("ascii"))
+        return json.loads(text.decode("ascii"), object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise _fail(f"{what}: not valid JSON ({exc})") from exc
 
 
-def _split_sections(data: bytes | memoryview) -> list[memoryview]:
+def _split_sections(data: bytes | memoryview) -> tuple[list[memoryview], int]:
+    """The sections' payloads (every frame and CRC checked) and the file's minor version."""
     buf = memoryview(data)
     if len(buf) < _PREFIX.size:
         raise _fail(f"file too short ({len(buf)} bytes) to be an .ncz file")
@@ -312,10 +424,11 @@ def _split_sections(data: bytes | memoryview) -> list[memoryview]:
                 "(file truncated?)"
             )
         payload = buf[pos : pos + length]
-        if zlib.crc32(payload) != crc:
-            raise _fail(f"section {i}: CRC32 mismatch (file corrupted)")
+        if section_crc(i, payload, minor) != crc:
+            moved = " or moved from another place" if minor >= BOUND_CRC_MINOR else ""
+            raise _fail(f"section {i}: CRC32 mismatch (file corrupted{moved})")
         out.append(payload)
         pos += length
     if pos != len(buf):
         raise _fail(f"{len(buf) - pos} unexpected bytes after the last section")
-    return out
+    return out, minor

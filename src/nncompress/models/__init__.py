@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "ModelInfo",
     "SmallVGG",
     "ViTTiny",
+    "check_kwargs",
     "create",
     "default_kwargs",
     "list_models",
@@ -67,6 +69,10 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
     def make(**kwargs) -> nn.Module:
         return CifarResNet(depth=depth, **kwargs)
 
+    sig = inspect.signature(CifarResNet)
+    make.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in sig.parameters.values() if p.name != "depth"]
+    )
     return make
 
 
@@ -110,14 +116,61 @@ def default_kwargs(name: str, input_shape: Sequence[int], num_classes: int) -> d
     return MODELS[name].kwargs_for(input_shape, num_classes)
 
 
+# ranges of the registry models' constructor arguments: what a recipe, a checkpoint sidecar
+# or a .ncz file may ask for (checked before a model is built)
+KWARG_RANGES: dict[str, tuple[type, float, float]] = {
+    "num_classes": (int, 1, 1 << 20),
+    "in_features": (int, 1, 1 << 24),
+    "in_channels": (int, 1, 1 << 12),
+    "image_size": (int, 1, 1 << 12),
+    "width": (int, 1, 1 << 12),
+    "dropout": (float, 0.0, 1.0),
+}
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse constructor arguments of registry model ``name`` that it does not take, or
+    whose type or range is wrong (:data:`KWARG_RANGES`; ``cfg`` of vgg-small: at most 64
+    channel counts in [1, 4096] or 'M'). Raises ``ValueError`` naming the argument."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r}: must be one of {sorted(MODELS)}")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"model {name!r}: arguments must be a mapping, got {kwargs!r:.80}")
+    allowed = [p for p in inspect.signature(MODELS[name].factory).parameters if p != "self"]
+    unknown = sorted(str(k) for k in kwargs if k not in allowed)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown argument(s) {unknown}; allowed: {allowed}")
+    for k, v in kwargs.items():
+        if k == "cfg":
+            ok = (
+                isinstance(v, list | tuple)
+                and 0 < len(v) <= 64
+                and all(
+                    c == "M" or (isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 4096)
+                    for c in v
+                )
+            )
+            if not ok:
+                raise ValueError(
+                    f"model {name!r}: cfg={v!r:.80}: must be a list of at most 64 channel "
+                    "counts in [1, 4096] or 'M'"
+                )
+            continue
+        kind, lo, hi = KWARG_RANGES[k]
+        is_num = isinstance(v, int | float) and not isinstance(v, bool)
+        ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else is_num
+        if not ok or not lo <= v <= hi or (is_num and not math.isfinite(v)):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"model {name!r}: {k}={v!r:.80}: must be {what} in [{lo}, {hi}]")
+
+
 def list_models() -> list[ModelInfo]:
     return list(MODELS.values())
 
 
 def create(name: str, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``create("lenet-5", num_classes=10)``."""
-    if name not in MODELS:
-        raise ValueError(f"model={name!r}: must be one of {sorted(MODELS)}")
+    check_kwargs(name, kwargs)
     try:
         return MODELS[name].factory(**kwargs)
     except TypeError as exc:

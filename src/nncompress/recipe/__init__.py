@@ -4,6 +4,7 @@ summarised in ``report.json`` / ``report.md`` (:mod:`.report`). The stage regist
 :mod:`nncompress.stages.registry` and is re-exported here."""
 
 from ..stages.registry import STAGES, stage_entry
+from .preflight import preflight
 from .report import layer_table_markdown, report_markdown
 from .runner import STATE_FORMAT, run_recipe, weight_stats
 from .schema import Recipe, RecipeError, StageSpec, load_recipe, quick_recipe
@@ -16,6 +17,7 @@ __all__ = [
     "StageSpec",
     "layer_table_markdown",
     "load_recipe",
+    "preflight",
     "quick_recipe",
     "report_markdown",
     "run_recipe",

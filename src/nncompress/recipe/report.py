@@ -8,7 +8,13 @@ from typing import Any
 
 from ..engine.train import evaluate
 
-__all__ = ["final_report", "layer_table_markdown", "report_markdown"]
+__all__ = [
+    "at_chance",
+    "chance_warnings",
+    "final_report",
+    "layer_table_markdown",
+    "report_markdown",
+]
 
 
 def final_report(recipe, run, ctx, test_loader) -> dict[str, Any]:
@@ -44,7 +50,30 @@ def final_report(recipe, run, ctx, test_loader) -> dict[str, Any]:
             report["layers"] = layer_table(encode_entry["report"])
     if report["baseline_accuracy"] is not None and report["final_accuracy"] is not None:
         report["accuracy_drop"] = report["baseline_accuracy"] - report["final_accuracy"]
+    report["warnings"] = chance_warnings(report, ctx.splits.num_classes)
     return report
+
+
+def at_chance(accuracy: float | None, num_classes: int) -> bool:
+    """Whether a test accuracy (%) is at chance level: within 20% of 100 / classes (12% for
+    ten classes), what a model that learned nothing scores."""
+    return accuracy is not None and accuracy <= 1.2 * 100.0 / max(1, num_classes)
+
+
+def chance_warnings(report: dict[str, Any], num_classes: int) -> list[str]:
+    """Loud warnings for a report whose final (or baseline) accuracy is at chance level: its
+    compression ratio describes a model that learned nothing."""
+    out = []
+    chance = 100.0 / max(1, num_classes)
+    for key, what in (("final_accuracy", "final"), ("baseline_accuracy", "baseline")):
+        acc = report.get(key)
+        if at_chance(acc, num_classes):
+            out.append(
+                f"the {what} accuracy {acc:.2f}% is at chance level ({chance:.1f}% for "
+                f"{num_classes} classes): the model learned nothing and the sizes above "
+                "describe a useless model; check the learning rate, epochs and data"
+            )
+    return out
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
@@ -59,6 +88,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     """The run report as markdown: summary, stages, and the per-layer table of Deep Compression
     Tables 2-3 (weights kept, weight bits and index bits after P+Q and after H, compression)."""
     lines = [f"# {report.get('recipe')}: {report.get('model')} on {report.get('dataset')}", ""]
+    for w in report.get("warnings") or []:
+        lines += [f"> **WARNING: {w}**", ""]
     ob, cb = report.get("original_bytes"), report.get("compressed_bytes")
     lines += [
         f"- baseline accuracy: {_fmt(report.get('baseline_accuracy'))}%",

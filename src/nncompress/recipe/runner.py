@@ -30,6 +30,7 @@ from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..engine.train import evaluate
 from ..stages.base import StageContext
 from ..stages.registry import stage_entry
+from .preflight import preflight
 from .report import final_report, report_markdown
 from .schema import Recipe, StageSpec, jsonable, load_recipe, quick_recipe
 
@@ -203,6 +204,10 @@ def _run_stage(
     spec: StageSpec = recipe.stages[i]
     out_dir = ctx.out_dir
     log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name)
+    try:
+        spec.config.check_model(ctx.model)  # its layer selections, on the model as it is now
+    except ConfigError as exc:
+        raise ConfigError(f"stages[{i}] ({spec.name}): {exc}") from None
     t0 = time.perf_counter()
     fields = run_fn(ctx, spec.config) or {}
     wall = time.perf_counter() - t0
@@ -281,6 +286,7 @@ def run_recipe(
         recipe = quick_recipe(recipe)
     out_dir = Path(out_dir)
     entries = [stage_entry(s.name) for s in recipe.stages]  # imports fail before any work
+    preflight(recipe, out_dir, recipe.name)  # data, model, selections, output: before any work
     run = _open_state(out_dir, recipe.digest(), resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "recipe.json", recipe.to_dict())

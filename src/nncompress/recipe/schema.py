@@ -27,11 +27,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.validate import first_non_finite, is_int
 from ..engine.config import TrainConfig, config_from_dict, config_to_dict
 from ..stages.registry import stage_entry
 
@@ -45,8 +47,11 @@ class RecipeError(ConfigError):
 
     def __init__(self, errors: list[str], source: str = "recipe") -> None:
         self.errors = list(errors)
+        if len(self.errors) == 1:  # one error: one line
+            super().__init__(f"{source}: {self.errors[0]}")
+            return
         lines = "\n".join(f"  - {e}" for e in self.errors)
-        super().__init__(f"{source}: {len(self.errors)} error(s)\n{lines}")
+        super().__init__(f"{source}: {len(self.errors)} errors\n{lines}")
 
 
 def jsonable(obj: Any) -> Any:
@@ -143,14 +148,14 @@ def _name_and_kwargs(value: Any, what: str, errors: list[str]) -> tuple[str | No
         extra = dict(value)
         name = extra.pop("name", None)
         if not isinstance(name, str):
-            errors.append(f"{what}.name={name!r}: must be a string")
+            errors.append(f"{what}.name={name!r:.80}: must be a string")
             return None, {}
         kwargs = extra.pop("kwargs", {})
         if not isinstance(kwargs, dict):
-            errors.append(f"{what}.kwargs={kwargs!r}: must be a mapping")
+            errors.append(f"{what}.kwargs={kwargs!r:.80}: must be a mapping")
             kwargs = {}
         return name, {**extra, **kwargs}
-    errors.append(f"{what}={value!r}: must be a name or a mapping with 'name'")
+    errors.append(f"{what}={value!r:.80}: must be a name or a mapping with 'name'")
     return None, {}
 
 
@@ -160,6 +165,67 @@ def _resolve_path(value: str, base_dir: Path | None) -> Path:
         return p
     alt = base_dir / p
     return alt if alt.exists() else p
+
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+
+
+def _strict_loader(where: str):
+    """A ``yaml.SafeLoader`` that refuses anchors and aliases (a "billion laughs" recipe
+    expands exponentially when it is printed, digested or dumped), duplicate keys (the second
+    silently won) and nesting deeper than ``MAX_YAML_DEPTH``, naming the line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):  # type: ignore[override]
+            event = self.peek_event()
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise RecipeError(
+                    [
+                        f"line {line}: YAML anchors and aliases (&name / *name) are not allowed "
+                        "in recipes; write the values out"
+                    ],  # fmt: skip
+                    where,
+                )
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise RecipeError([f"line {line}: nested more than {MAX_YAML_DEPTH} levels"], where)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node, deep=False):  # type: ignore[override]
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise RecipeError(
+                            [
+                                f"line {line}: duplicate key {key!r} (first on line {seen[key]}); "
+                                "each key may appear once"
+                            ],  # fmt: skip
+                            where,
+                        )
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the constructor reports it
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    # YAML 1.2 floats without a dot (1e-3, 1e400): PyYAML (YAML 1.1) would read them as
+    # strings, and 1e400 must be refused as infinite, not as a string
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
 
 
 def _read(
@@ -173,29 +239,53 @@ def _read(
         raise RecipeError([f"recipe file '{path}' does not exist"], str(path))
     import yaml
 
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            [f"{path.stat().st_size} bytes: a recipe is at most {MAX_RECIPE_BYTES} bytes"],
+            str(path),
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.load(text, Loader=_strict_loader(str(path)))  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"not UTF-8 text: {exc}"], str(path)) from exc
     except yaml.YAMLError as exc:
-        raise RecipeError([f"not valid YAML: {exc}"], str(path)) from exc
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"{at}not valid YAML ({problem})"], str(path)) from exc
     return data, str(path), Path(base_dir) if base_dir else path.parent, path.stem
 
 
 def _start(data: dict, base_dir: Path | None, errors: list[str]) -> dict[str, Any]:
     """The starting point: model (+ kwargs) and dataset, or a baseline checkpoint."""
-    from ..data import DATASETS
-    from ..models import MODELS
+    from ..data import DATASETS, check_dataset_options
+    from ..models import MODELS, check_kwargs
 
     model, model_kwargs = _name_and_kwargs(data.get("model"), "model", errors)
     if model is not None and model not in MODELS:
-        errors.append(f"model={model!r}: must be one of {sorted(MODELS)}")
+        errors.append(f"model={model!r:.80}: must be one of {sorted(MODELS)}")
+    elif model is not None:
+        try:
+            check_kwargs(model, model_kwargs)
+        except ValueError as exc:
+            errors.append(f"model.kwargs: {exc}")
     dataset, data_kwargs = _name_and_kwargs(data.get("data"), "data", errors)
     data_dir = data_kwargs.pop("data_dir", None)
+    if data_dir is not None and not isinstance(data_dir, str):
+        errors.append(f"data.data_dir={data_dir!r:.80}: must be a folder path (a string)")
+        data_dir = None
     if dataset is not None and dataset not in DATASETS:
-        errors.append(f"data={dataset!r}: must be one of {sorted(DATASETS)}")
+        errors.append(f"data={dataset!r:.80}: must be one of {sorted(DATASETS)}")
+    elif dataset is not None:
+        try:
+            check_dataset_options(dataset, data_kwargs)
+        except ValueError as exc:
+            errors.append(str(exc))
     baseline = data.get("baseline")
     if baseline is not None:
         if not isinstance(baseline, str):
-            errors.append(f"baseline={baseline!r}: must be a path to a .safetensors checkpoint")
+            errors.append(f"baseline={baseline!r:.80}: must be a path to a .safetensors checkpoint")
             baseline = None
         else:
             bpath = _resolve_path(baseline, base_dir)
@@ -229,11 +319,11 @@ def _training(data: dict, errors: list[str]) -> dict[str, Any]:
     quick_epochs = 1
     quick = data.get("quick") or {}
     if not isinstance(quick, dict) or set(quick) - {"epochs"}:
-        errors.append(f"quick={quick!r}: must be a mapping with only 'epochs'")
+        errors.append(f"quick={quick!r:.80}: must be a mapping with only 'epochs'")
     else:
         quick_epochs = quick.get("epochs", 1)
-        if not isinstance(quick_epochs, int) or quick_epochs < 1:
-            errors.append(f"quick.epochs={quick_epochs!r}: must be an integer >= 1")
+        if not is_int(quick_epochs) or not 1 <= quick_epochs <= 1000:
+            errors.append(f"quick.epochs={quick_epochs!r:.80}: must be an integer in [1, 1000]")
             quick_epochs = 1
     return {"train": train, "quick_epochs": quick_epochs}
 
@@ -242,11 +332,13 @@ def _stages(raw_stages: Any, errors: list[str]) -> list[StageSpec]:
     """Every stage's config, built through the registry (errors name the stage)."""
     stages: list[StageSpec] = []
     if not isinstance(raw_stages, list) or not raw_stages:
-        errors.append(f"stages={raw_stages!r}: must be a non-empty list of {{stage: NAME, ...}}")
+        errors.append(
+            f"stages={raw_stages!r:.80}: must be a non-empty list of {{stage: NAME, ...}}"
+        )
         raw_stages = []
     for i, item in enumerate(raw_stages):
         if not isinstance(item, dict) or not isinstance(item.get("stage"), str):
-            errors.append(f"stages[{i}]: must be a mapping with a 'stage' name, got {item!r}")
+            errors.append(f"stages[{i}]: must be a mapping with a 'stage' name, got {item!r:.80}")
             continue
         fields = dict(item)
         name = fields.pop("stage")
@@ -258,6 +350,7 @@ def _stages(raw_stages: Any, errors: list[str]) -> list[StageSpec]:
     names = [s.name for s in stages]
     if "encode" in names and names.index("encode") != len(names) - 1 and not errors:
         errors.append(f"stages[{names.index('encode')}] (encode): must be the last stage")
+    errors.extend(_order_errors(names))
     for i, s in enumerate(stages):
         if getattr(s.config, "allocate", None) == "policy" and (
             getattr(s.config, "policy_file", None) is None and "search" not in names[:i]
@@ -267,6 +360,26 @@ def _stages(raw_stages: Any, errors: list[str]) -> list[StageSpec]:
                 "or policy_file=PATH"
             )
     return stages
+
+
+# a stage of the first kind may not follow one of the second: pruning or decomposing weights
+# after they were shared / quantized would throw the codebook away (issue 19)
+_PRUNING = ("prune", "filter_prune", "decompose")
+_SHARING = ("share", "pq", "quantize", "ecsq", "soft_share")
+
+
+def _order_errors(names: list[str]) -> list[str]:
+    errors = []
+    for j, later in enumerate(names):
+        if later not in _PRUNING:
+            continue
+        first = next((i for i, n in enumerate(names[:j]) if n in _SHARING), None)
+        if first is not None:
+            errors.append(
+                f"stages[{j}] ({later}): must come before stages[{first}] ({names[first]}); "
+                f"order: {', '.join(_PRUNING)} before {', '.join(_SHARING)}"
+            )
+    return errors
 
 
 def load_recipe(
@@ -279,6 +392,9 @@ def load_recipe(
     data, where, base_dir, default_name = _read(source, base_dir)
     if not isinstance(data, dict):
         raise RecipeError([f"top level must be a mapping, got {type(data).__name__}"], where)
+    bad = first_non_finite(data)
+    if bad is not None:  # lr: .inf, lr: 1e400, sparsity: .nan
+        raise RecipeError([f"{bad}: not a finite number; every number must be finite"], where)
     errors: list[str] = []
     unknown = sorted(set(data) - set(_TOP_LEVEL))
     if unknown:
@@ -287,14 +403,17 @@ def load_recipe(
     training = _training(data, errors)
     stages = _stages(data.get("stages"), errors)
     rname = data.get("name", default_name)
-    if not isinstance(rname, str):
-        errors.append(f"name={rname!r}: must be a string")
+    if not isinstance(rname, str) or len(rname) > 200:
+        errors.append(f"name={rname!r:.80}: must be a string of at most 200 characters")
+    description = data.get("description", "")
+    if not isinstance(description, str) or len(description) > 10_000:
+        errors.append(f"description={description!r:.80}: must be a string (<= 10000 chars)")
     if errors:
         raise RecipeError(errors, where)
     return Recipe(
         stages=tuple(stages),
         name=rname,
-        description=str(data.get("description", "")),
+        description=description,
         **start,
         **training,
     )

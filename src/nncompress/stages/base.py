@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.progress import Progress
-from ..core.validate import check, is_int, is_number
+from ..core.validate import check, check_field_types, is_finite_number, is_int
 from ..data import DataSplits
 from ..distill.losses import DistillConfig
 from ..engine.config import TrainConfig, config_from_dict
@@ -105,12 +105,17 @@ class RetrainSpec:
     regularization_switch_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        check(is_int(self.epochs) and self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
         check(
-            is_number(self.lr_scale) and self.lr_scale > 0,
+            is_int(self.epochs) and 0 <= self.epochs <= 100_000,
+            "epochs",
+            self.epochs,
+            "must be an integer in [0, 100000]",
+        )
+        check(
+            is_finite_number(self.lr_scale) and 0 < self.lr_scale <= 100,
             "lr_scale",
             self.lr_scale,
-            "must be a number > 0",
+            "must be a number in (0, 100]",
         )
         if self.distill is not None and not isinstance(self.distill, DistillConfig):
             object.__setattr__(
@@ -124,9 +129,14 @@ class RetrainSpec:
         )
         for name in ("l1", "weight_decay"):
             v = getattr(self, name)
-            check(v is None or (is_number(v) and v >= 0), name, v, "must be >= 0")
+            check(v is None or (is_finite_number(v) and 0 <= v <= 1), name, v, "in [0, 1] or null")
         v = self.regularization_switch_epoch
-        check(v is None or (is_int(v) and v >= 0), "regularization_switch_epoch", v, ">= 0")
+        check(
+            v is None or (is_int(v) and v >= 0),
+            "regularization_switch_epoch",
+            v,
+            "must be an integer >= 0 or null",
+        )
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """``base`` with this spec's epochs and overrides (the learning rate is scaled by
@@ -216,6 +226,7 @@ class StageConfig:
     RETRAIN: ClassVar[RetrainKeys | None] = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # ints are ints, numbers finite, flags booleans (names the key)
         self._check_options()
         algorithm = self._build_algorithm(self._values(self.ALGORITHM_KEYS))
         if algorithm is not None:
@@ -250,6 +261,34 @@ class StageConfig:
     def resume_(self, model: nn.Module) -> None:
         """Rebuild, in place, what this stage left on the model that a checkpoint folds away
         (masks, codebooks), after a recipe resumes from the checkpoint. Default: nothing."""
+
+    #: the stage's keys that select layers by name / glob (``include`` may also hold type
+    #: names); each given pattern must select a module of the model
+    SELECTION_KEYS: ClassVar[tuple[str, ...]] = ("include", "exclude", "layers", "per_layer")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a layer selection that matches nothing in ``model`` (``layers: [nope]``,
+        an ``exclude`` or ``per_layer`` name with a typo): it would silently do nothing. Values
+        left at their default are not checked. Raises :class:`ConfigError` naming the key."""
+        from ..core.select import unmatched
+
+        keys, defaults = self.keys(), self.defaults()
+        for key in self.SELECTION_KEYS:
+            if key not in keys:
+                continue
+            value = getattr(self, key, None)
+            if value is None or value == defaults.get(key):
+                continue
+            pats = [value] if isinstance(value, str) else [str(v) for v in value]
+            default = defaults.get(key) or ()
+            given = [p for p in pats if not isinstance(default, tuple | list) or p not in default]
+            bad = unmatched(given, model, types=key == "include")
+            if bad:
+                names = [n for n, _ in model.named_modules() if n]
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise ConfigError(
+                    f"{key}={bad!r}: matches no layer of the model (its layers: {shown})"
+                )
 
     # ---- the built parts -----------------------------------------------------------------------
 

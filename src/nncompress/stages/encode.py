@@ -76,7 +76,7 @@ def decode_to_model(path: str | Path) -> nn.Module:
     from ..io import decode_file
 
     state, metadata = decode_file(path)
-    model, _ = model_from_metadata(metadata)
+    model, _ = model_from_metadata(metadata, state)
     model.load_state_dict(state, strict=True)
     return copy.deepcopy(model).eval()
 

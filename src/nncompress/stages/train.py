@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..core.validate import check, is_int, is_number
+from ..core.validate import check, is_finite_number, is_int
 from ..engine.config import TrainConfig
 from ..engine.train import fit
 from .base import StageConfig, StageContext, stage_config
@@ -37,10 +37,10 @@ class TrainStageConfig(StageConfig):
 
     def _check_options(self) -> None:
         check(
-            is_number(self.lr_scale) and self.lr_scale > 0,
+            is_finite_number(self.lr_scale) and 0 < self.lr_scale <= 100,
             "lr_scale",
             self.lr_scale,
-            "must be a number > 0",
+            "must be a number in (0, 100]",
         )
         unknown = sorted(set(self.overrides) - set(_OVERRIDABLE))
         if unknown:
