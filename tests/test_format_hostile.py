@@ -26,13 +26,15 @@ from nncompress.io import (
     encode_state_dict,
     inspect_bytes,
 )
-from nncompress.io.format import VERSION, section_crc
+from nncompress.io.format import BOUND_CRC_MINOR, section_crc
 from nncompress.io.fuzz import NczParts, fuzz_bases, fuzz_decoder, memory_bound, mutate, to_v10
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
 
 
-def build(header, metadata, payloads, minor: int = VERSION[1], raw_header: bytes | None = None):
+def build(
+    header, metadata, payloads, minor: int = BOUND_CRC_MINOR, raw_header: bytes | None = None
+):
     """A file with valid frames and CRCs (as version 1.``minor`` defines them)."""
     head = raw_header if raw_header is not None else json.dumps(header).encode()
     body = [zlib.compress(head), zlib.compress(json.dumps(metadata).encode()), *payloads]
@@ -195,12 +197,12 @@ def test_swapped_codebooks_are_refused_and_old_files_still_read():
     # version 1.0 files are still read, bit for bit
     v10 = to_v10(data)
     assert struct.unpack_from("<HH", v10, 8) == (1, 0)
-    assert struct.unpack_from("<HH", data, 8) == (1, VERSION[1])
+    assert struct.unpack_from("<HH", data, 8) == (1, BOUND_CRC_MINOR)  # no 1.3 scheme inside
     for name, t in decode_bytes(v10)[0].items():
         assert torch.equal(t, state[name])
     # a 1.1 file whose CRCs are 1.0-style is damaged
     with pytest.raises(FormatError, match="CRC32"):
-        decode_bytes(v10[:10] + struct.pack("<H", VERSION[1]) + v10[12:])
+        decode_bytes(v10[:10] + struct.pack("<H", BOUND_CRC_MINOR) + v10[12:])
 
 
 # ------------------------------------------------------------------ 11. reader = spec

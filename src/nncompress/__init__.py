@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "PTQConfig": "nncompress.quant",
     "quantize_ptq": "nncompress.quant",
     "export_onnx": "nncompress.quant",
+    "WeightOnlyConfig": "nncompress.quant",
+    "quantize_weights_": "nncompress.quant",
     "DecomposeConfig": "nncompress.lowrank",
     "decompose_": "nncompress.lowrank",
     "DistillConfig": "nncompress.distill",

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "nncompress.cli.conditional",
     "nncompress.cli.distill",
     "nncompress.cli.filters",
+    "nncompress.cli.hf",
     "nncompress.cli.lowrank",
     "nncompress.cli.prune",
     "nncompress.cli.quant",

@@ -19,6 +19,7 @@ from .common import (
     print_table,
     refuse_inapplicable,
 )
+from .hf import existing_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -128,11 +129,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "checkpoint",
-        type=existing_file,
+        type=existing_path,
         help="checkpoint (.safetensors; exit models print their exit histogram), ONNX model, "
-        "or cascade manifest (.json from nncompress cascade --out)",
+        "cascade manifest (.json from nncompress cascade --out), or a Hugging Face folder / "
+        ".ncz written from one (with --reference and --text)",
     )
     add_data_args(p)
+    p.add_argument(
+        "--reference", type=Path, help="Hugging Face models: the original folder to compare with"
+    )
+    p.add_argument(
+        "--text", type=Path, help="Hugging Face models: held-out text, one example per line"
+    )
+    p.add_argument(
+        "--examples", type=int, default=256, help="Hugging Face models: examples (default 256)"
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -302,6 +313,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         return cmd_eval_onnx(args)
     # --- end ONNX ---
+    # --- Hugging Face folders and .ncz files written from them (nncompress.cli.hf) ---
+    if args.checkpoint.is_dir() or args.reference is not None:
+        from .hf import cmd_eval_hf
+
+        return cmd_eval_hf(args)
+    # --- end Hugging Face ---
     # --- exit models and cascades (nncompress.cli.conditional) ---
     from ..conditional import ConditionalModel
 

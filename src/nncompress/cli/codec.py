@@ -87,8 +87,15 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
         "'nncompress eval' and load_checkpoint() read.",
     )
     p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
+    p.add_argument("--out", type=checkpoint_out, help="output checkpoint (.safetensors)")
     p.add_argument(
-        "--out", required=True, type=checkpoint_out, help="output checkpoint (.safetensors)"
+        "--hf-out",
+        type=Path,
+        help="for a file written from a Hugging Face model: the folder to write "
+        "(AutoModel.from_pretrained loads it); new or empty",
+    )
+    p.add_argument(
+        "--tokenizer-from", type=Path, help="with --hf-out: copy tokenizer files from this folder"
     )
     add_max_bytes_arg(p)
     p.set_defaults(func=cmd_decode)
@@ -238,6 +245,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     from ..io import decode_to_checkpoint
 
+    # --- Hugging Face folders (nncompress.cli.hf) ---
+    if args.hf_out is not None:
+        from .hf import cmd_decode_hf
+
+        return cmd_decode_hf(args)
+    # --- end Hugging Face ---
+    if args.out is None:
+        raise ValueError("decode: give --out (a checkpoint) or --hf-out (a Hugging Face folder)")
     path = decode_to_checkpoint(args.file, args.out, max_bytes=args.max_bytes)
     out.print(f"wrote {path} (+ {path.with_suffix('.json').name})", highlight=False)
     return 0

@@ -215,7 +215,7 @@ class CheckpointJob:
 
 
 # commands whose --out is a folder (every other --out is a file)
-DIR_OUTPUTS = ("run", "sensitivity", "demo", "search")
+DIR_OUTPUTS = ("run", "sensitivity", "demo", "search", "compress")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

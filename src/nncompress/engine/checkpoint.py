@@ -109,7 +109,15 @@ def save_checkpoint(
         )
     except SpecError as exc:
         raise CheckpointError(f"cannot describe the model's structure: {exc}") from exc
-    tensors = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+    # tied weights (an embedding and its LM head) are one tensor under two names; safetensors
+    # refuses shared memory, so later names get a copy (load_state_dict re-ties them)
+    tensors, seen = {}, set()
+    for k, v in plain.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        tensors[k] = t.clone() if ptr in seen else t
+        if ptr is not None:
+            seen.add(ptr)
     sidecar = {
         "format": FORMAT,
         "nncompress_version": _version(),

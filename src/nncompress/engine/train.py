@@ -3,11 +3,18 @@
 Compression techniques plug in through :class:`Callback` (after backward, after the optimizer
 step, at epoch end) and through ``loss_fn`` (distillation). Library code never prints; pass a
 ``progress`` callable to receive :class:`ProgressEvent` objects (the CLI draws bars from them).
+
+Batches may be ``(x, y)`` tuples, tensors or dicts of keyword arguments (Hugging Face,
+``model(**batch)``; see :mod:`nncompress.engine.batches`). Nothing assumes classification
+except the classification metrics: accuracy is reported only when the output is ``(B, K)``
+scores and the target ``(B,)`` labels; a model that computes its own loss (a Hugging Face
+output with ``loss``, given ``labels`` in the batch) is trained on that loss by default.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import random
@@ -23,6 +30,7 @@ from torch import nn
 from ..core.errors import TrainingError
 from ..core.modules import model_device
 from ..core.progress import Progress, ProgressEvent, progress_task
+from .batches import LABEL_KEYS, main_output, split_batch, to_device
 from .config import TrainConfig
 
 __all__ = [
@@ -129,7 +137,65 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) ->
 
 def _default_loss(cfg: TrainConfig) -> LossFn:
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return lambda out, y, x: ce(out, y)
+
+    def loss(out, y, x):
+        own = _own_loss(out)
+        if own is not None:
+            return own
+        if y is None:
+            raise ValueError(
+                "the batches carry no targets and the model returns no loss: pass loss_fn= "
+                "(e.g. a distillation loss) or batches with targets"
+            )
+        return ce(main_output(out), y)
+
+    return loss
+
+
+def _own_loss(out) -> torch.Tensor | None:
+    """The loss a model computed itself (Hugging Face outputs given ``labels``), if any."""
+    if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
+        return out["loss"]
+    return None
+
+
+def _takes_labels(model: nn.Module, key: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _prepare(batch, device, model: nn.Module):
+    """``(model inputs, targets, (args, call kwargs))`` of a batch on ``device``; a dict batch
+    keeps its labels in the call when the model's forward takes them (a Hugging Face model
+    then computes its own loss)."""
+    args, kwargs, y = split_batch(batch)
+    args, kwargs = to_device(args, device), to_device(kwargs, device)
+    y = to_device(y, device)
+    inputs = kwargs if not args else (args[0] if len(args) == 1 and not kwargs else args)
+    call = dict(kwargs)
+    if isinstance(batch, dict):
+        for k in LABEL_KEYS:
+            if k in batch and _takes_labels(model, k):
+                call[k] = to_device(batch[k], device)
+    return inputs, y, (args, call)
+
+
+def _is_classification(out: torch.Tensor, y) -> bool:
+    return (
+        isinstance(y, torch.Tensor)
+        and out.dim() == 2
+        and y.dim() == 1
+        and len(y) == len(out)
+        and not y.is_floating_point()
+    )
+
+
+def _val_score(val: dict) -> float:
+    """Held-out score to maximise: accuracy, or minus the loss when there is none."""
+    return val["accuracy"] if "accuracy" in val else -val["loss"]
 
 
 @torch.no_grad()
@@ -142,28 +208,44 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy (in %) and mean cross-entropy of ``model`` over ``loader``.
 
-    The model's ``training`` flag is restored afterwards.
+    For outputs that are not ``(B, K)`` scores with ``(B,)`` labels, ``loss`` is the mean of the
+    loss the model computes itself (Hugging Face outputs with ``labels`` in the batch) and
+    ``accuracy`` is absent. The model's ``training`` flag is restored afterwards.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, classified = 0, 0, 0.0, True
     n = len(loader) if hasattr(loader, "__len__") else None
     with progress_task(progress, "evaluate", n) as task:
         try:
-            for i, (x, y) in enumerate(loader):
+            for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
-                total += len(y)
+                _, y, (args, call) = _prepare(batch, device, model)
+                raw = model(*args, **call)
+                out = main_output(raw)
+                if _is_classification(out, y):
+                    loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                    correct += int((out.argmax(1) == y).sum())
+                    total += len(y)
+                elif _own_loss(raw) is not None:
+                    classified = False
+                    loss_sum += float(_own_loss(raw)) * len(out)
+                    total += len(out)
+                else:
+                    raise ValueError(
+                        f"evaluate: output {tuple(out.shape)} with targets "
+                        f"{None if y is None else tuple(y.shape)} is not classification and "
+                        "the model returns no loss; use fidelity metrics instead"
+                    )
                 task.advance(i + 1)
         finally:
             model.train(was_training)
     if total == 0:
         raise ValueError("evaluate: the loader yielded no samples")
+    if not classified:
+        return {"loss": loss_sum / total, "samples": total}
     return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total}
 
 
@@ -218,20 +300,22 @@ class EarlyStopping(Callback):
 class RestoreBest(Callback):
     """Evaluate the held-out split before training and after every epoch; at the end, restore
     the weights with the best held-out accuracy (the starting weights included, so training
-    never ends worse on held-out data than it began)."""
+    never ends worse on held-out data than it began); minus the held-out loss for models
+    without a classification output."""
 
     def __init__(self, val_loader: Iterable, history: History) -> None:
         self.val_loader, self.history = val_loader, history
         self.best: tuple[float, dict, int] | None = None  # (accuracy, weights, epoch)
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        acc = evaluate(model, self.val_loader)["accuracy"]
-        self.history.start_val_accuracy = acc
-        self.best = (acc, copy.deepcopy(model.state_dict()), 0)
+        val = evaluate(model, self.val_loader)
+        self.history.start_val_accuracy = val.get("accuracy")
+        self.best = (_val_score(val), copy.deepcopy(model.state_dict()), 0)
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None:
-        if metrics["val_accuracy"] > self.best[0]:
-            self.best = (metrics["val_accuracy"], copy.deepcopy(model.state_dict()), epoch + 1)
+        score = metrics["val_accuracy"] if "val_accuracy" in metrics else -metrics["val_loss"]
+        if score > self.best[0]:
+            self.best = (score, copy.deepcopy(model.state_dict()), epoch + 1)
 
     def on_train_end(self, model: nn.Module) -> None:
         model.load_state_dict(self.best[1])
@@ -274,6 +358,7 @@ class _Loop:
     device: torch.device
     total_steps: int
     task: Any
+    train_mode: bool = True
 
 
 def _train_epoch(
@@ -282,15 +367,17 @@ def _train_epoch(
     """One pass over ``loader``; returns the epoch's training metrics and the next step."""
     cfg, optimizer, callbacks = loop.cfg, loop.optimizer, loop.callbacks
     steps_per_epoch = len(loader)
-    model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in loader:
+    model.train(loop.train_mode)
+    loss_sum, correct, seen, classified = 0.0, 0, 0, True
+    for batch in loader:
         factor = _lr_factor(cfg, step, loop.total_steps, steps_per_epoch)
         for g, lr in zip(optimizer.param_groups, loop.base_lrs, strict=True):
             g["lr"] = lr * factor
-        x, y = x.to(loop.device), y.to(loop.device)
-        out = model(x)
-        loss = loop.loss_fn(out, y, x)
+        x, y, (args, call) = _prepare(batch, loop.device, model)
+        raw = model(*args, **call)
+        loss = loop.loss_fn(raw, y, x)
+        # a model with several outputs (early exits) lists them; the last is the final one
+        out = main_output(raw[-1] if isinstance(raw, (list, tuple)) else raw).detach()
         for cb in callbacks:
             loss = cb.on_loss(model, loss)
         value = float(loss.detach())
@@ -310,18 +397,21 @@ def _train_epoch(
         for cb in callbacks:
             cb.on_step_end(model, step)
         step += 1
-        loss_sum += value * len(y)
-        # a model with several outputs (early exits) lists them; the last is the final one
-        final = out[-1] if isinstance(out, (list, tuple)) else out
-        correct += int((final.detach().argmax(1) == y).sum())
-        seen += len(y)
-        loop.task.advance(step, epoch=epoch + 1, loss=loss_sum / seen, acc=100.0 * correct / seen)
-    metrics = {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / max(1, seen),
-        "train_accuracy": 100.0 * correct / max(1, seen),
-        "lr": optimizer.param_groups[0]["lr"],
-    }
+        n_b = len(out)
+        loss_sum += value * n_b
+        if classified and _is_classification(out, y):
+            correct += int((out.argmax(1) == y).sum())
+        else:
+            classified = False  # accuracy only for (B, K) scores with (B,) labels
+        seen += n_b
+        info = {"epoch": epoch + 1, "loss": loss_sum / seen}
+        if classified:
+            info["acc"] = 100.0 * correct / seen
+        loop.task.advance(step, **info)
+    metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen)}
+    if classified:
+        metrics["train_accuracy"] = 100.0 * correct / max(1, seen)
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
     return metrics, step
 
 
@@ -335,6 +425,7 @@ def fit(
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
     params: Iterable[torch.Tensor] | None = None,
+    train_mode: bool = True,
 ) -> History:
     """Train ``model`` in place and return its :class:`History`.
 
@@ -344,9 +435,14 @@ def fit(
 
     Parameters
     ----------
-    loss_fn : ``loss_fn(outputs, targets, inputs) -> loss``; cross-entropy by default.
-        Distillation passes a loss that also runs the teacher on ``inputs``.
+    loss_fn : ``loss_fn(outputs, targets, inputs) -> loss``; by default the loss the model
+        computes itself (Hugging Face outputs given ``labels``), else cross-entropy of the
+        main output. ``inputs`` is what the model was called with (a tensor, a tuple of
+        positional tensors or a dict of keyword arguments; see
+        :func:`nncompress.engine.batches.call_inputs`); distillation runs the teacher on it.
     params : parameters to optimise (default: all trainable parameters of ``model``).
+    train_mode : False keeps the model in eval mode while training (dropout off, BatchNorm
+        statistics frozen), e.g. to distill a transformer's hidden states.
     """
     cfg = config or TrainConfig()
     if cfg.early_stopping and val_loader is None:
@@ -375,7 +471,9 @@ def fit(
     for cb in callbacks:
         cb.on_train_begin(model, optimizer)
     with progress_task(progress, "train", total_steps) as task:
-        loop = _Loop(cfg, optimizer, base_lrs, callbacks, loss_fn, device, total_steps, task)
+        loop = _Loop(
+            cfg, optimizer, base_lrs, callbacks, loss_fn, device, total_steps, task, train_mode
+        )
         try:
             for epoch in range(cfg.epochs):
                 for cb in callbacks:
@@ -383,7 +481,9 @@ def fit(
                 metrics, step = _train_epoch(model, train_loader, loop, epoch, step)
                 if val_loader is not None:
                     val = evaluate(model, val_loader)
-                    metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+                    metrics["val_loss"] = val["loss"]
+                    if "accuracy" in val:
+                        metrics["val_accuracy"] = val["accuracy"]
                 history.epochs.append(metrics)
                 log.info("epoch %d: %s", epoch + 1, metrics)
                 for cb in callbacks:

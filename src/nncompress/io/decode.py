@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..coding.affine import dequantize_codes
 from ..coding.sparse import MAX_INDEX_BITS
 from .errors import FormatError
 from .format import (
@@ -28,10 +29,14 @@ from .format import (
     MAX_NDIM,
     PLAUSIBLE_ELEMENTS_PER_BYTE,
     PLAUSIBLE_FREE_ELEMENTS,
+    SCHEME_MINOR,
     _fail,
     _inflate,
     _raw_width,
     _split_sections,
+    alias_report,
+    needed_minor,
+    nonzero_count,
     open_stream,
     stream_report,
 )
@@ -125,7 +130,45 @@ def _check_pq(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> l
     ]
 
 
-_ENTRY_CHECKS = {"dense": _check_dense, "codebook": _check_codebook, "pq": _check_pq}
+def _check_affine(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """Fields of an ``affine`` entry (format 1.3, docs/format.md); its section references."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise _fail(f"{where}: affine scheme for dtype {dtype}")
+    _req_int(e, "bits", 2, 8, where)
+    rows = _req_int(e, "rows", 1, max(numel, 1), where)
+    cols = _req_int(e, "cols", 1, max(numel, 1), where)
+    g = _req_int(e, "group", 1, cols, where)
+    if rows * cols != numel or cols % g:
+        raise _fail(f"{where}: rows={rows} x cols={cols} (group {g}) does not fit {numel}")
+    transpose = _req(e, "transpose", bool, where)
+    want = [cols, rows] if transpose else [rows, cols]
+    if e["shape"] != want:
+        raise _fail(f"{where}: shape {e['shape']} is not the {want} of its codes")
+    refs = []
+    for s in ("codes", "zero"):
+        if s == "zero" and s not in e:
+            continue
+        ref = _req(e, s, dict, where)
+        if _req(ref, "codec", str, f"{where} {s}") not in ("raw", "huffman", "ans"):
+            raise _fail(f"{where}: {s} codec={ref['codec']!r} unknown")
+        refs.append(_req_int(ref, "sec", 2, n_sections - 1, f"{where} {s}"))
+    refs.append(_req_int(e, "scale", 2, n_sections - 1, where))
+    return refs
+
+
+def _check_alias(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
+    """An ``alias`` entry names its target; :func:`_check_header` checks the target."""
+    _req(e, "of", str, where)
+    return []
+
+
+_ENTRY_CHECKS = {
+    "dense": _check_dense,
+    "codebook": _check_codebook,
+    "pq": _check_pq,
+    "affine": _check_affine,
+    "alias": _check_alias,
+}
 
 
 def _check_header(
@@ -179,6 +222,12 @@ def _check_header(
         if scheme not in _ENTRY_CHECKS:
             raise _fail(f"{where}: scheme={scheme!r} must be one of {sorted(_ENTRY_CHECKS)}")
         refs = _ENTRY_CHECKS[scheme](e, dtype, numel, n_sections, where)
+        if scheme == "alias":  # an earlier stored tensor of the same dtype and shape
+            target = next((x for x in entries[:i] if x.get("name") == e["of"]), None)
+            if target is None or target.get("scheme") == "alias":
+                raise _fail(f"{where}: alias of {e['of']!r}, which is not an earlier stored tensor")
+            if target.get("dtype") != dtype or target.get("shape") != shape:
+                raise _fail(f"{where}: alias of {e['of']!r} with a different dtype or shape")
         for r in refs:
             if r in used:
                 raise _fail(f"{where}: section {r} referenced twice")
@@ -206,6 +255,13 @@ _NP_RAW = {
     "int8": "i1",
     "uint8": "u1",
     "bool": "u1",
+    "uint16": "<u2",
+    "uint32": "<u4",
+    "uint64": "<u8",
+    "complex64": "<c8",
+    "complex128": "<c16",
+    "float8_e4m3fn": "u1",
+    "float8_e5m2": "u1",
 }
 _ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NP_RAW.items()}
 
@@ -226,7 +282,7 @@ def _decode_dense(e: dict, secs: list[memoryview], with_report: bool):
         if dtype == "bool" and arr.size and int(arr.max()) > 1:
             raise _fail(f"tensor '{name}': bool bytes must be 0 or 1, found {int(arr.max())}")
     t = torch.from_numpy(arr.reshape(shape))
-    if dtype in ("bfloat16", "bool"):
+    if dtype in ("bfloat16", "bool", "float8_e4m3fn", "float8_e5m2"):
         t = t.view(_TORCH_DTYPES[dtype])  # same item size: reinterpret the bits
     rep = None
     if with_report:
@@ -452,7 +508,71 @@ def _decode_pq(e: dict, secs: list[memoryview], with_report: bool):
     return t, rep
 
 
-_DECODERS = {"dense": _decode_dense, "codebook": _decode_codebook, "pq": _decode_pq}
+def _decode_affine(e: dict, secs: list[memoryview], with_report: bool):
+    """An ``affine`` entry: ``(q - z) * s`` per group (:func:`dequantize_codes`, the formula the
+    quantized model computes with), transposed back for Conv1D-layout tensors."""
+    where = f"tensor '{e['name']}'"
+    bits, g, rows, cols = e["bits"], e["group"], e["rows"], e["cols"]
+    n_groups = rows * (cols // g)
+    c_ref = e["codes"]
+    stream = open_stream(
+        c_ref["codec"], secs[c_ref["sec"]], rows * cols, 1 << bits, f"{where} codes"
+    )
+    q = np.empty(rows * cols, dtype=np.uint8)
+    pos = 0
+    for chunk in stream.chunks(count=with_report):
+        q[pos : pos + chunk.size] = chunk
+        pos += chunk.size
+    s_data = secs[e["scale"]]
+    if len(s_data) != 2 * n_groups:
+        raise _fail(f"{where}: scale section has {len(s_data)} bytes, expected {2 * n_groups}")
+    scale = torch.from_numpy(np.frombuffer(s_data, dtype="<f2").astype(np.float16)).reshape(
+        rows, -1
+    )
+    zero = z_stream = None
+    if "zero" in e:
+        z_ref = e["zero"]
+        z_stream = open_stream(
+            z_ref["codec"], secs[z_ref["sec"]], n_groups, 1 << bits, f"{where} zero"
+        )
+        zs = np.concatenate([c for c in z_stream.chunks(count=with_report)] or [np.zeros(0)])
+        zero = torch.from_numpy(zs.astype(np.uint8)).reshape(rows, -1)
+    codes = torch.from_numpy(q).reshape(rows, cols)
+    w = dequantize_codes(codes, scale, zero, bits, g, _TORCH_DTYPES[e["dtype"]])  # (rows, cols)
+    if e["transpose"]:
+        w = w.T.contiguous()
+    rep = None
+    if with_report:
+        streams = [stream_report("codes", stream)]
+        side = len(s_data)
+        if z_stream is not None:
+            streams.append(stream_report("zero", z_stream))
+            side += len(secs[e["zero"]["sec"]])
+        rep = TensorReport(
+            name=e["name"],
+            shape=tuple(e["shape"]),
+            dtype=e["dtype"],
+            scheme="affine",
+            layout=None,
+            numel=rows * cols,
+            nonzeros=nonzero_count(w),
+            total_bytes=len(secs[c_ref["sec"]]) + side + _FRAME.size * (len(streams) + 1),
+            codebook_size=n_groups,
+            codebook_dtype="float16",
+            codebook_bits=8 * side,
+            weight_bits_pq=rows * cols * bits,
+            weight_bits=8 * len(secs[c_ref["sec"]]),
+            streams=tuple(streams),
+        )
+    return w, rep
+
+
+_DECODERS = {
+    "dense": _decode_dense,
+    "codebook": _decode_codebook,
+    "pq": _decode_pq,
+    "affine": _decode_affine,
+}
 
 
 def decode_entry(
@@ -488,20 +608,20 @@ def _decode(
         raise FormatError(f"malformed .ncz file: {type(exc).__name__}: {exc}") from exc
 
 
-# the minor version each scheme needs (a scheme not listed needs 1.0)
-SCHEME_MINOR = {"pq": 1}
-
-
 def _check_minor(minor: int, entries: list[dict]) -> None:
-    """Version 1.0 / 1.1 files carry exactly the minor their schemes need (like ZIP's "version
-    needed to extract": 1.1 exactly when a tensor uses the pq scheme); from 1.2 on (CRCs bound
-    to section indices, in every file) the minor must be at least what the schemes need."""
-    needed = max((SCHEME_MINOR.get(e["scheme"], 0) for e in entries), default=0)
-    if minor < needed or (minor < BOUND_CRC_MINOR and minor != needed):
+    """The minor version is exactly the one a writer puts there (like ZIP's "version needed to
+    extract"): for 1.0 / 1.1 files what their schemes need (1.1 exactly when a tensor uses the
+    pq scheme); from 1.2 on (CRCs bound to section indices) 1.2, or 1.3 when a tensor uses a
+    scheme or dtype of 1.3 (:func:`~.format.written_minor`). A damaged version field is refused
+    in either direction."""
+    needed = needed_minor(entries)
+    expect = needed if minor < BOUND_CRC_MINOR else max(BOUND_CRC_MINOR, needed)
+    if minor != expect:
         raise _fail(
             f"format version 1.{minor} does not match the file's contents, which need 1.{needed} "
             f"(a scheme needs the version that added it: {SCHEME_MINOR}; files before "
-            f"1.{BOUND_CRC_MINOR} carry exactly the version their schemes need)"
+            f"1.{BOUND_CRC_MINOR} carry exactly the version their schemes need, later ones "
+            f"1.{BOUND_CRC_MINOR} or the version their schemes need if newer)"
         )
 
 
@@ -516,7 +636,11 @@ def _decode_checked(
     state: dict[str, torch.Tensor] = {}
     reports = []
     for e in entries:
-        t, rep = decode_entry(e, secs, with_report=with_report)
+        if e["scheme"] == "alias":  # stored once: a copy of the earlier tensor
+            t = state[e["of"]].clone()
+            rep = alias_report(e["name"], t) if with_report else None
+        else:
+            t, rep = decode_entry(e, secs, with_report=with_report)
         state[e["name"]] = t
         reports.append(rep)
     report = None

@@ -4,7 +4,9 @@ that take the fewest bytes (see :mod:`.format` for the layout)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..coding.affine import dequantize_codes
 from ..coding.sparse import relative_index_encode
 from ..core.errors import ConfigError
 from ..core.files import atomic_write
@@ -32,11 +35,20 @@ from .format import (
     _encode_stream,
     _frame,
     _raw_width,
+    alias_report,
+    nonzero_count,
+    written_minor,
 )
 from .pq_scheme import PQ_MAX_K, find_subvector_codebook, fp16_exact, pq_table
 from .report import EncodeReport, TensorReport
 
-__all__ = ["encode_state_dict", "pq_block_hints", "round_for_storage_", "save_compressed"]
+__all__ = [
+    "encode_state_dict",
+    "pq_block_hints",
+    "round_for_storage_",
+    "save_compressed",
+    "storage_hints",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +85,7 @@ def _dense_candidate(name: str, t: torch.Tensor, config: EncodeConfig) -> _Candi
         store, data = "raw", _raw_bytes(t)
     entry = {"name": name, "dtype": dtype, "shape": list(t.shape), "scheme": "dense"}
     entry.update(store=store, data=0)
-    nnz = int(torch.count_nonzero(t.detach()).item()) if t.numel() else 0
+    nnz = nonzero_count(t)
     rep = TensorReport(
         name=name,
         shape=tuple(t.shape),
@@ -312,10 +324,77 @@ def _pq_candidates(
     return out
 
 
+def _hint_matches(hint: dict[str, Any], t: torch.Tensor) -> bool:
+    """Whether a quantized layer's codes reproduce ``t`` bit for bit (else the hint is ignored)."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or t.dim() != 2:
+        return False
+    codes = hint["codes"]
+    if tuple(codes.shape) != tuple(t.shape[::-1] if hint["transpose"] else t.shape):
+        return False
+    zero = None if hint["zero"] is None else hint["zero"].cpu()
+    w = dequantize_codes(
+        codes.cpu(), hint["scale"].cpu(), zero, hint["bits"], hint["group_size"], t.dtype
+    )
+    w = w.T if hint["transpose"] else w
+    a = w.contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(a, t.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+
+
+def _affine_candidate(name: str, t: torch.Tensor, hint: dict, config: EncodeConfig) -> _Candidate:
+    """The ``affine`` scheme (format 1.3): the code stream, float16 scales, the zero-point
+    stream (asymmetric codes), as a weight-only quantized layer holds them."""
+    bits, g = int(hint["bits"]), int(hint["group_size"])
+    rows, cols = hint["codes"].shape
+    codes = hint["codes"].detach().cpu().to(torch.int64).numpy().reshape(-1)  # (rows*cols,)
+    c_codec, c_data, c_rep = _encode_stream(
+        codes, 1 << bits, config.codec, config.codec_fallback, "codes"
+    )
+    s_data = hint["scale"].detach().cpu().to(torch.float16).contiguous().numpy().astype("<f2")
+    sections, streams = [c_data, s_data.tobytes()], [c_rep]
+    entry = {"name": name, "dtype": _dtype_name(t), "shape": list(t.shape), "scheme": "affine"}
+    entry.update(bits=bits, group=g, rows=int(rows), cols=int(cols))
+    entry.update(transpose=bool(hint["transpose"]), codes={"sec": 0, "codec": c_codec}, scale=1)
+    if hint["zero"] is not None:
+        zero = hint["zero"].detach().cpu().to(torch.int64).numpy().reshape(-1)
+        z_codec, z_data, z_rep = _encode_stream(
+            zero, 1 << bits, config.codec, config.codec_fallback, "zero"
+        )
+        entry["zero"] = {"sec": 2, "codec": z_codec}
+        sections.append(z_data)
+        streams.append(z_rep)
+    side = sum(len(x) for x in sections[1:])
+    rep = TensorReport(
+        name=name,
+        shape=tuple(t.shape),
+        dtype=entry["dtype"],
+        scheme="affine",
+        layout=None,
+        numel=t.numel(),
+        nonzeros=nonzero_count(t),
+        total_bytes=sum(len(x) for x in sections) + _FRAME.size * len(sections),
+        codebook_size=int(rows) * (int(cols) // g),
+        codebook_dtype="float16",
+        codebook_bits=8 * side,
+        weight_bits_pq=int(codes.size) * bits,
+        weight_bits=8 * len(c_data),
+        streams=tuple(streams),
+    )
+    return _Candidate(entry, sections, rep)
+
+
 def _best_candidate(
-    name: str, t: torch.Tensor, config: EncodeConfig, pq_hint: int | None = None
+    name: str,
+    t: torch.Tensor,
+    config: EncodeConfig,
+    pq_hint: int | None = None,
+    hint: dict | None = None,
 ) -> _Candidate:
     scheme = match_override(config.scheme, name) or "auto"
+    if hint is not None and hint.get("scheme") == "codebook":
+        # a shared weight with k > 2**max_codebook_bits centroids still takes the codebook
+        need = max(1, int(hint["k"]) - 1).bit_length()
+        if need > config.max_codebook_bits:
+            config = dataclasses.replace(config, max_codebook_bits=min(need, 16))
     ds, pq_forced = _pq_block_sizes(name, t, config, pq_hint)
     if pq_forced and scheme not in ("auto", "pq"):
         raise ConfigError(f"pq_block_size['{name}'] conflicts with scheme['{name}']={scheme!r}")
@@ -323,6 +402,13 @@ def _best_candidate(
         raise ConfigError(f"scheme['{name}']='pq': no block size to try; set pq_block_size")
     b = _index_bits_for(name, t, config)
     cands: list[_Candidate] = []
+    if hint is not None and hint.get("scheme") == "affine" and scheme == "auto":
+        if _hint_matches(hint, t):
+            cands.append(_affine_candidate(name, t, hint, config))
+        else:
+            log.warning(
+                "tensor %s: its quantized codes do not reproduce it; stored otherwise", name
+            )
     if scheme in ("auto", "pq"):
         cands += _pq_candidates(name, t, config, ds, forced=pq_forced or scheme == "pq")
     if scheme == "pq" or pq_forced:
@@ -350,6 +436,35 @@ def pq_block_hints(model: nn.Module) -> dict[str, int]:
     return hints
 
 
+def storage_hints(model: nn.Module) -> dict[str, dict]:
+    """``{tensor name: hint}`` from parametrizations that know their compact storage (a
+    ``storage_hint()`` method: weight-only quantized layers' codes and scales, shared weights'
+    codebook size), found before folding."""
+    from torch.nn.utils import parametrize
+
+    hints: dict[str, dict] = {}
+    for mname, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for pname, plist in m.parametrizations.items():
+                if hasattr(plist[-1], "storage_hint"):
+                    hints[f"{mname}.{pname}" if mname else pname] = plist[-1].storage_hint()
+    return hints
+
+
+def _alias_key(t: torch.Tensor) -> tuple:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return (str(t.dtype), tuple(t.shape), zlib.crc32(raw), len(raw))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    fa = a.detach().cpu().contiguous().reshape(-1)
+    fb = b.detach().cpu().contiguous().reshape(-1)
+    return fa.numel() == 0 or torch.equal(fa.view(torch.uint8), fb.view(torch.uint8))
+
+
 def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     if isinstance(model_or_state, nn.Module):
         plain = folded_copy(model_or_state)
@@ -366,17 +481,22 @@ def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
 
 
 def _placed(
-    name: str, t: torch.Tensor, config: EncodeConfig, first: int, pq_hint: int | None = None
+    name: str,
+    t: torch.Tensor,
+    config: EncodeConfig,
+    first: int,
+    pq_hint: int | None = None,
+    hint: dict | None = None,
 ):
     """The best candidate of one tensor and its header entry, with section references
     shifted to start at section ``first``."""
-    cand = _best_candidate(name, t, config, pq_hint)
+    cand = _best_candidate(name, t, config, pq_hint, hint)
     entry = copy.deepcopy(cand.entry)
-    for key in ("data", "codebook"):
+    for key in ("data", "codebook", "scale"):
         if key in entry:
             entry[key] += first
-    for key in ("codes", "index"):
-        if key in entry:
+    for key in ("codes", "index", "zero"):  # a pq entry's "zero" is a flag, not a stream
+        if isinstance(entry.get(key), dict):
             entry[key]["sec"] += first
     log.debug("encoded %s: %s, %d bytes", name, entry["scheme"], cand.nbytes)
     return entry, cand
@@ -392,7 +512,10 @@ def encode_state_dict(
     """Encode a state dict (or a model's, parametrizations folded) into ``.ncz`` bytes.
 
     Each tensor is stored with the scheme, layout and flattening order that give the fewest
-    bytes (see module docstring), its streams coded with ``config.codec``. The same inputs
+    bytes (see module docstring), its streams coded with ``config.codec``. A tensor
+    bit-identical to an earlier one (a tied embedding and LM head) is stored once, as an
+    ``alias``; a model's weight-only quantized layers as their codes and scales (``affine``).
+    The same inputs
     always produce the same bytes.
 
     Returns
@@ -404,6 +527,7 @@ def encode_state_dict(
         raise ValueError(f"config: expected an EncodeConfig, got {type(config).__name__}")
     sd = _as_state_dict(state)
     hints = pq_block_hints(state) if isinstance(state, nn.Module) else {}
+    stored = storage_hints(state) if isinstance(state, nn.Module) else {}
     names = list(sd)
     check_overrides(config, names)
     for name, t in sd.items():
@@ -412,9 +536,24 @@ def encode_state_dict(
             raise ValueError(f"tensor '{name}': {t.dim()} dims, at most {MAX_NDIM} supported")
     meta_payload = _canonical_json(metadata, "metadata")
     entries, sections, reports = [], [], []
+    seen: dict[tuple, list[str]] = {}  # content key -> names stored so far
     with progress_task(progress, "encode", len(names)) as task:
         for name in names:
-            entry, cand = _placed(name, sd[name], config, 2 + len(sections), hints.get(name))
+            t = sd[name]
+            ckey = _alias_key(t)
+            twin = next((n for n in seen.get(ckey, []) if _same_bits(sd[n], t)), None)
+            if twin is not None and (match_override(config.scheme, name) or "auto") == "auto":
+                entries.append(
+                    {"name": name, "dtype": _dtype_name(t), "shape": list(t.shape)}
+                    | {"scheme": "alias", "of": twin}
+                )
+                reports.append(alias_report(name, t))
+                task.advance()
+                continue
+            seen.setdefault(ckey, []).append(name)
+            entry, cand = _placed(
+                name, t, config, 2 + len(sections), hints.get(name), stored.get(name)
+            )
             entries.append(entry)
             sections += cand.sections
             reports.append(cand.report)
@@ -425,7 +564,7 @@ def encode_state_dict(
     frames = [_frame(p, i) for i, p in enumerate(payloads)]
     # every file this version writes binds its CRCs to the section indices: version 1.2 (it
     # holds whatever scheme 1.1 added)
-    prefix = _PREFIX.pack(MAGIC, VERSION[0], VERSION[1], len(frames))
+    prefix = _PREFIX.pack(MAGIC, VERSION[0], written_minor(entries), len(frames))
     data = prefix + b"".join(frames)
     report = EncodeReport(
         tensors=tuple(reports),
@@ -460,6 +599,10 @@ def round_for_storage_(model: nn.Module, config: EncodeConfig | None = None) -> 
     evaluation makes the evaluated model and the decoded file identical bit for bit. Each
     tensor is encoded and decoded with the same scheme choice as the file will make.
 
+    Parametrizations that know their storage stay in place: a weight-only quantized layer is
+    stored exactly (nothing to round); a shared weight's codebook is rounded as the codebook
+    scheme stores it. Other parametrizations (pruning masks alone) must be folded first.
+
     Returns
     -------
     dict: tensor name -> largest absolute change (0.0 for untouched tensors).
@@ -469,15 +612,34 @@ def round_for_storage_(model: nn.Module, config: EncodeConfig | None = None) -> 
     from .decode import decode_entry
 
     config = config or EncodeConfig()
-    for mname, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            raise ValueError(
-                f"round_for_storage_: module '{mname}' is parametrized; fold the "
-                "parametrizations first (nncompress.engine.strip_parametrizations)"
-            )
-    live = model.state_dict(keep_vars=True)
-    check_overrides(config, list(live))
     changes: dict[str, float] = {}
+    skip: list[str] = []
+    for mname, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for pname, plist in m.parametrizations.items():
+            last = plist[-1]
+            if not hasattr(last, "storage_hint"):
+                raise ValueError(
+                    f"round_for_storage_: module '{mname}' is parametrized ({type(last).__name__}"
+                    "); fold the parametrizations first (nncompress.engine.strip_parametrizations)"
+                )
+            key = f"{mname}.{pname}" if mname else pname
+            changes[key] = 0.0
+            if last.storage_hint()["scheme"] == "codebook":
+                with torch.no_grad():
+                    cb = last.codebook
+                    new = cb.half().to(cb.dtype) if config.codebook_dtype == "fp16" else cb
+                    new = new + 0.0  # -0.0 -> +0.0, as the codebook scheme stores zeros
+                    changes[key] = float((new - cb).abs().max()) if cb.numel() else 0.0
+                    cb.copy_(new)
+        skip.append(f"{mname}.parametrizations." if mname else "parametrizations.")
+    live = {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not any(k.startswith(p) for p in skip)
+    }
+    check_overrides(config, list(live) + list(changes))
     for name, t in live.items():
         cand = _best_candidate(name, t.detach(), config)
         secs = [memoryview(s) for s in cand.sections]

@@ -5,7 +5,7 @@ symbol-stream codecs; :mod:`.encode` writes files and :mod:`.decode` reads them.
 
 Byte layout (all integers little-endian; full description in docs/format.md)::
 
-    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor=2, u32 sections S
+    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor=3, u32 sections S
     S sections, each framed as: u32 length, u32 CRC32 (of the u32 section index then the
       payload; of the payload alone in version 1.0 and 1.1 files), payload
       section 0   header: zlib-deflated canonical JSON (tensor names, shapes, dtypes, schemes,
@@ -30,6 +30,9 @@ Schemes (chosen per tensor to minimise bytes unless overridden, see :class:`Enco
   whose consecutive ``d``-value subvectors take at most 65536 distinct values): a ``(k, d)``
   codebook of the distinct nonzero subvectors and one code per subvector, an all-zero
   subvector (pruned block) taking the reserved code ``k``; see :mod:`.pq_scheme`.
+* ``affine`` (format 1.3; weight-only quantized matrices, :mod:`nncompress.quant.weight_only`):
+  packed group-wise codes, float16 scales and zero points; decoded as ``(q - z) * s``.
+* ``alias`` (format 1.3): a tensor bit-identical to an earlier one (tied weights), no data.
 
 Zeros: in the codebook and pq schemes both +0.0 and -0.0 count as zero and decode to +0.0 (a masked
 weight ``w * 0`` is -0.0 when ``w < 0``; keeping the sign would make every pruned negative weight
@@ -66,12 +69,21 @@ from ..coding.bitpack import (
 from ..coding.entropy import empirical_entropy
 from ..coding.huffman import HuffmanStream, huffman_decode, huffman_encode
 from .errors import FormatError
-from .report import StreamReport
+from .report import StreamReport, TensorReport
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ELEMENTS", "MAGIC", "VERSION", "section_crc"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ELEMENTS",
+    "MAGIC",
+    "VERSION",
+    "alias_report",
+    "needed_minor",
+    "nonzero_count",
+    "section_crc",
+]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
-VERSION = (1, 2)  # 1.1 added the 'pq' scheme; 1.2 binds section CRCs to their index
+VERSION = (1, 3)  # 1.1: 'pq'; 1.2: CRCs bound to their index; 1.3: 'affine', 'alias', dtypes
 BOUND_CRC_MINOR = 2  # first minor version whose CRCs cover the section index
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II")
@@ -96,7 +108,19 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
+    # format 1.3: every other fixed-size dtype a state dict may hold, stored raw
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
 }
+#: dtypes added in format 1.3 (a file holding one needs 1.3)
+DTYPES_1_3 = frozenset(
+    ("uint16", "uint32", "uint64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
+)
 # floating dtypes that may use the codebook scheme: numpy float type and same-size uint view
 _CODEBOOK_DTYPES = {"float32": (np.float32, np.uint32), "float16": (np.float16, np.uint16)}
 _STORE_BYTES = {"float16": 2, "float32": 4}
@@ -282,6 +306,55 @@ def _canonical_json(obj: Any, what: str) -> bytes:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what}: must be JSON-serialisable ({exc})") from exc
     return zlib.compress(text.encode("ascii"), 9)
+
+
+#: the minor version each scheme needs (a scheme not listed needs 1.0)
+SCHEME_MINOR = {"pq": 1, "affine": 3, "alias": 3}
+
+
+def needed_minor(entries: list[dict]) -> int:
+    """The minor version a file's entries need: the newest scheme or dtype they use."""
+    return max(
+        (
+            max(SCHEME_MINOR.get(e.get("scheme"), 0), 3 if e.get("dtype") in DTYPES_1_3 else 0)
+            for e in entries
+        ),
+        default=0,
+    )
+
+
+def written_minor(entries: list[dict]) -> int:
+    """The minor version a writer puts in the prefix: at least 1.2 (CRCs bound to section
+    indices), 1.3 when the contents need it. Writing the lowest such version (rather than the
+    newest) keeps a one-bit flip of the field from turning a 1.3 file into a valid 1.2 one."""
+    return max(BOUND_CRC_MINOR, needed_minor(entries))
+
+
+def nonzero_count(t: torch.Tensor) -> int:
+    """Nonzero elements (dtypes without ``count_nonzero``, e.g. uint16 or float8, count the
+    elements with any nonzero byte)."""
+    if t.numel() == 0:
+        return 0
+    try:
+        return int(torch.count_nonzero(t.detach()))
+    except (NotImplementedError, RuntimeError):
+        size = t.element_size()
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).reshape(-1, size)
+        return int(raw.any(dim=1).sum())
+
+
+def alias_report(name: str, t: torch.Tensor) -> TensorReport:
+    """Report of an ``alias`` entry: no bytes of its own (and no "original" bits)."""
+    return TensorReport(
+        name=name,
+        shape=tuple(t.shape),
+        dtype=str(t.dtype).removeprefix("torch."),
+        scheme="alias",
+        layout=None,
+        numel=t.numel(),
+        nonzeros=nonzero_count(t),
+        total_bytes=0,
+    )
 
 
 def section_crc(index: int, payload: bytes | memoryview, minor: int = VERSION[1]) -> int:

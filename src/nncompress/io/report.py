@@ -55,7 +55,7 @@ class TensorReport:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    scheme: str  # 'dense', 'codebook' or 'pq'
+    scheme: str  # 'dense', 'codebook', 'pq', 'affine' (group-wise codes) or 'alias'
     layout: str | None  # codebook tensors: 'sparse' (relative index) or 'dense' (a code each)
     numel: int
     nonzeros: int
@@ -77,6 +77,10 @@ class TensorReport:
 
     @property
     def original_bits(self) -> int:
+        """Dense bits of the tensor; 0 for an alias (a copy of another tensor counts once, so
+        a model's compression ratio is never inflated by its tied weights)."""
+        if self.scheme == "alias":
+            return 0
         return self.numel * _DTYPE_BITS.get(self.dtype, 32)
 
     @property
@@ -149,6 +153,13 @@ _DTYPE_BITS = {
     "int8": 8,
     "uint8": 8,
     "bool": 8,
+    "uint16": 16,
+    "uint32": 32,
+    "uint64": 64,
+    "complex64": 64,
+    "complex128": 128,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
 }
 
 
@@ -222,10 +233,11 @@ class EncodeReport:
         ]
         rows = []
         for t in self.tensors:
+            coded = t.scheme in ("codebook", "affine", "pq")
             if t.scheme == "dense":
                 scheme = "dense" if t.dense_store == "raw" else "dense16"
-            elif t.scheme == "pq":
-                scheme = "pq"
+            elif t.scheme in ("pq", "affine", "alias"):
+                scheme = t.scheme
             else:
                 scheme = "sparse" if t.layout == "sparse" else "codes"
             sparse = t.layout == "sparse"
@@ -235,8 +247,8 @@ class EncodeReport:
                     scheme,
                     round(100 * t.kept, 2),
                     t.codebook_size or "",
-                    round(t.weight_bits_per_code_pq, 2) if t.scheme != "dense" else "",
-                    round(t.weight_bits_per_code, 2) if t.scheme != "dense" else "",
+                    round(t.weight_bits_per_code_pq, 2) if coded else "",
+                    round(t.weight_bits_per_code, 2) if coded else "",
                     t.block_size or "",
                     t.index_bits if sparse else "",
                     t.fillers if sparse else "",

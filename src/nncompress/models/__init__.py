@@ -10,18 +10,22 @@ from typing import Any
 
 from torch import nn
 
+from .gpt import CharGPT
 from .lenet import LeNet5, LeNet300100
 from .resnet import BasicBlock, CifarResNet
 from .vgg import SmallVGG
+from .vit import ViTTiny
 
 __all__ = [
     "MODELS",
     "BasicBlock",
+    "CharGPT",
     "CifarResNet",
     "LeNet300100",
     "LeNet5",
     "ModelInfo",
     "SmallVGG",
+    "ViTTiny",
     "check_kwargs",
     "create",
     "default_kwargs",
@@ -30,8 +34,9 @@ __all__ = [
 
 
 #: how a model reads its input: ``features`` (``in_features`` = all input values, an MLP),
-#: ``image`` (``in_channels`` and ``image_size``), ``channels`` (``in_channels`` only)
-INPUTS = ("features", "image", "channels")
+#: ``image`` (``in_channels`` and ``image_size``), ``channels`` (``in_channels`` only),
+#: ``tokens`` (a language model: token ids, no dataset-derived arguments)
+INPUTS = ("features", "image", "channels", "tokens")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class ModelInfo:
 
     def kwargs_for(self, input_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
         """Constructor arguments fitting a dataset's sample shape and class count."""
+        if self.inputs == "tokens":
+            raise ValueError(
+                f"model={self.name!r} is a language model (token ids in, next-token logits "
+                "out): it has no classifier for an image dataset"
+            )
         kwargs: dict[str, Any] = {"num_classes": num_classes}
         if self.inputs == "features":
             kwargs["in_features"] = int(math.prod(input_shape))
@@ -86,6 +96,13 @@ MODELS: dict[str, ModelInfo] = {
         ),
         ModelInfo(
             "vgg-small", SmallVGG, "VGG-style 6 conv (32/64/128) + 2 FC with BatchNorm", "image"
+        ),
+        ModelInfo("vit-tiny", ViTTiny, "ViT, 7x7 patches, dim 128, depth 6, ~0.8M params", "image"),
+        ModelInfo(
+            "char-gpt",
+            CharGPT,
+            "character-level GPT, context 128, dim 128, depth 4, tied head",
+            "tokens",
         ),
     )
 }

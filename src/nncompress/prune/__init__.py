@@ -1,6 +1,7 @@
 """Pruning: connection (unstructured) magnitude pruning after Han et al. 2015 with one-shot,
 iterative and AGP schedules, sensitivity analysis and dead-neuron removal; filter pruning
-(Li et al. 2017) with a dependency graph and physical thinning."""
+(Li et al. 2017) with a dependency graph and physical thinning; activation-aware (Wanda) and
+N:M (2:4) pruning of Linear / HF Conv1D layers."""
 
 from .dead import find_dead_neurons, neuron_edges, remove_dead_neurons_
 from .graph import ChannelGroup, DependencyGraph, GraphError, LayerCut, build_dependency_graph
@@ -50,6 +51,7 @@ from .structured import (
     prune_filters_,
 )
 from .thin import ThinReport, remove_channels_, thin_module
+from .wanda import LayerWanda, WandaConfig, nm_mask, prune_wanda_, wanda_scores
 
 __all__ = [
     "ChannelGroup",
@@ -67,6 +69,11 @@ __all__ = [
     "ThinReport",
     "remove_channels_",
     "thin_module",
+    "LayerWanda",
+    "WandaConfig",
+    "nm_mask",
+    "prune_wanda_",
+    "wanda_scores",
     "AGPCallback",
     "AGPConfig",
     "DropoutAdjuster",

@@ -1,6 +1,10 @@
-"""Quantization: trained weight sharing (k-means), linear integer quantization, product
-quantization (Stock et al.)."""
+"""Quantization: trained weight sharing (k-means, activation-weighted k-means), linear integer
+quantization, product quantization (Stock et al.), weight-only low-bit quantization without
+tracing (RTN, GPTQ, mixed precision under a size budget)."""
 
+from .awkmeans import AwareKMeansConfig, share_weights_aware_, weighted_kmeans_1d
+from .gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from .groupwise import QuantizedWeight, group_qparams, rtn_quantize
 from .kmeans import (
     KMeansConfig,
     KMeansQuantizer,
@@ -30,6 +34,7 @@ from .linear import (
     quantize_qat,
     quantized_float_model,
 )
+from .mixed import MixedPrecisionConfig, MixedPrecisionPlan, plan_mixed_precision, quantize_mixed_
 from .observers import (
     HistogramObserver,
     KLObserver,
@@ -68,8 +73,36 @@ from .primitives import (
     quantize_affine,
     unpack_int4,
 )
+from .weight_only import (
+    AffineWeight,
+    LayerQuantReport,
+    WeightOnlyConfig,
+    WeightOnlyReport,
+    quantize_weights_,
+    quantized_layers,
+)
 
 __all__ = [
+    # weight-only low-bit quantization (groupwise, gptq, weight_only) and aware k-means
+    "AffineWeight",
+    "AwareKMeansConfig",
+    "HessianAccumulator",
+    "LayerQuantReport",
+    "MixedPrecisionConfig",
+    "MixedPrecisionPlan",
+    "plan_mixed_precision",
+    "quantize_mixed_",
+    "QuantizedWeight",
+    "WeightOnlyConfig",
+    "WeightOnlyReport",
+    "gptq_quantize",
+    "group_qparams",
+    "layer_output_error",
+    "quantize_weights_",
+    "quantized_layers",
+    "rtn_quantize",
+    "share_weights_aware_",
+    "weighted_kmeans_1d",
     # linear integer quantization (primitives, observers, linear, onnx_export)
     "ActivationQuantizer",
     "PTQConfig",

@@ -47,6 +47,9 @@ STAGES: dict[str, StageEntry] = {
         "nncompress.stages.conditional", "EarlyExitStageConfig", "run_early_exit_stage"
     ),
     "pq": StageEntry("nncompress.stages.pq", "PQStageConfig", "run_pq_stage"),
+    "weight_only": StageEntry(
+        "nncompress.stages.weight_only", "WeightOnlyStageConfig", "run_weight_only_stage"
+    ),
 }
 
 
