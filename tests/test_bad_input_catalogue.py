@@ -538,3 +538,47 @@ def test_every_stage_key_with_a_wrong_value_is_refused_by_name():
                 except Exception as exc:  # noqa: BLE001 - what the test looks for
                     unnamed.append((name, key, v, f"{type(exc).__name__}: {exc}"))
     assert unnamed == []
+
+
+# ------------------------------------------------------------------ every --out of every command
+
+DIR_OUT = ("run", "sensitivity", "demo", "search")
+VALUES = {"--model": "lenet-5", "--student": "lenet-5", "--method": "svd", "--after": "fc1",
+          "--target": "macs=0.5", "--rank": "2", "--ratio": "0.5"}  # fmt: skip
+FOLDER_FOR = {"encode": "o.ncz", "quantize": "o.onnx", "cascade": "o.json"}
+
+
+def _commands_with_out():
+    import argparse
+
+    from nncompress.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {n: p for n, p in sub.choices.items() if any(a.dest == "out" for a in p._actions)}
+
+
+@pytest.mark.parametrize("command", sorted(_commands_with_out()))
+def test_every_out_is_checked_before_any_work(command, files, tmp_path, capsys, tripwires):
+    """Issue 19 item 6 ("13 of 13 were a traceback, usually after the work"): for every command
+    with ``--out``, a folder where a file goes (or a file where a folder goes) is refused
+    first, in one line naming --out."""
+    parser = _commands_with_out()[command]
+    positional = {"run": files["recipe"], "decode": files["ncz"]}.get(command, files["ckpt"])
+    argv = [command]
+    for a in parser._actions:
+        if not a.option_strings and a.dest != "help":
+            argv.append(positional)
+        elif a.required and a.dest != "out":
+            argv += [a.option_strings[0], VALUES.get(a.option_strings[0], "1")]
+    for group in parser._mutually_exclusive_groups:
+        if group.required:
+            flag = group._group_actions[0].option_strings[0]
+            argv += [flag, VALUES.get(flag, "1")]
+    if command in DIR_OUT:
+        out = files["plain"]
+    else:
+        out = tmp_path / FOLDER_FOR.get(command, "o.safetensors")
+        out.mkdir()
+    line = run_bad([*argv, "--out", str(out)], capsys, tmp_path)
+    assert "--out=" in line and ("is a file" in line or "is a folder" in line), line
