@@ -542,7 +542,8 @@ def test_every_stage_key_with_a_wrong_value_is_refused_by_name():
 
 # ------------------------------------------------------------------ every --out of every command
 
-DIR_OUT = ("run", "sensitivity", "demo", "search")
+from nncompress.cli.common import DIR_OUTPUTS as DIR_OUT  # noqa: E402  (--out is a folder)
+
 VALUES = {"--model": "lenet-5", "--student": "lenet-5", "--method": "svd", "--after": "fc1",
           "--target": "macs=0.5", "--rank": "2", "--ratio": "0.5"}  # fmt: skip
 FOLDER_FOR = {"encode": "o.ncz", "quantize": "o.onnx", "cascade": "o.json"}
@@ -566,11 +567,12 @@ def test_every_out_is_checked_before_any_work(command, files, tmp_path, capsys, 
     parser = _commands_with_out()[command]
     positional = {"run": files["recipe"], "decode": files["ncz"]}.get(command, files["ckpt"])
     argv = [command]
+    values = {**VALUES, "--calibration": str(files["plain"])}  # an existing file
     for a in parser._actions:
         if not a.option_strings and a.dest != "help":
             argv.append(positional)
         elif a.required and a.dest != "out":
-            argv += [a.option_strings[0], VALUES.get(a.option_strings[0], "1")]
+            argv += [a.option_strings[0], values.get(a.option_strings[0], "1")]
     for group in parser._mutually_exclusive_groups:
         if group.required:
             flag = group._group_actions[0].option_strings[0]
