@@ -201,6 +201,12 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, repeats: int) ->
             lambda: huffman_encode(symbols).to_bytes(),
             lambda b: huffman_decode(HuffmanStream.from_bytes(b)),
         ),
+        # the whole stream in one Huffman block: the layout that made the old decoder take one
+        # numpy step per symbol (issue 19); decoding must not depend on it
+        "huffman, 1 block": (
+            lambda: huffman_encode(symbols, block_size=n).to_bytes(),
+            lambda b: huffman_decode(HuffmanStream.from_bytes(b)),
+        ),
         "ans": (
             lambda: ans_encode(symbols).to_bytes(),
             lambda b: ans_decode(AnsStream.from_bytes(b)),
