@@ -37,8 +37,15 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--codec",
         default="huffman",
-        choices=["huffman", "ans", "raw"],
+        choices=["huffman", "ans", "raw", "context"],
         help="entropy coder of the code and index streams (default: huffman)",
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "sparse", "dense", "context"],
+        help="positions of codebook tensors (default: auto, the smallest; 'context' codes the "
+        "significance map and codes of 2+-D weights with density-class contexts)",
     )
     p.add_argument(
         "--index-bits-conv", type=int, default=8, help="relative-index bits, conv (default: 8)"
@@ -169,7 +176,8 @@ def _print_report(report, title: str, streams: bool = False) -> None:
     _table(title, headers, rows)
     out.print(
         "scheme: sparse = codebook + relative-index positions, codes = codebook + a code per "
-        "element, dense/dense16 = plain fp32/fp16 values; w/i = weight-code/index bits per "
+        "element, context = codebook + context-coded significance map and codes (i H: map, "
+        "class maps and tables per nonzero), dense/dense16 = plain fp32/fp16 values; w/i = weight-code/index bits per "
         "code (P+Q fixed width, H entropy-coded); b = index bits; fill = filler entries",
         highlight=False,
         style="dim",
@@ -220,6 +228,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     )
     config = EncodeConfig(
         codec=args.codec,
+        layout=args.layout,
         index_bits_conv=args.index_bits_conv,
         index_bits_fc=args.index_bits_fc,
         auto_index_bits=args.auto_index_bits,

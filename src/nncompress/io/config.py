@@ -14,10 +14,10 @@ from .pq_scheme import DEFAULT_BLOCK_SIZES, PQ_MAX_D
 
 __all__ = ["CODECS", "EncodeConfig", "SCHEMES"]
 
-CODECS = ("huffman", "ans", "raw")
+CODECS = ("huffman", "ans", "raw", "context")
 SCHEMES = ("auto", "dense", "codebook", "pq")
 ORDERS = ("auto", "C", "F")
-LAYOUTS = ("auto", "sparse", "dense")
+LAYOUTS = ("auto", "sparse", "dense", "context")
 DTYPES = ("fp32", "fp16")
 MAX_CODEBOOK_BITS = 16
 
@@ -30,7 +30,9 @@ class EncodeConfig:
     ----------
     codec : entropy coder of the weight-code and relative-index streams: 'huffman'
         (canonical Huffman, Deep Compression), 'ans' (constriction's ANS, closer to the
-        entropy) or 'raw' (fixed-width, the paper's "P+Q" storage).
+        entropy), 'raw' (fixed-width, the paper's "P+Q" storage) or 'context' (codebook
+        weights of 2+ dimensions may also use the 'context' layout, chosen by size; every
+        other stream is ANS-coded; format 1.3).
     codec_fallback : store a stream fixed-width instead when that is smaller than its coded
         form (tiny layers, where the code table costs more than it saves).
     index_bits_conv, index_bits_fc : relative-index bits b for conv weights (ndim >= 3) and
@@ -43,7 +45,9 @@ class EncodeConfig:
     scheme : per-tensor overrides of the storage scheme: 'auto' (smallest wins), 'dense',
         'codebook' (error if the tensor has more than 2**max_codebook_bits distinct values).
     layout : positions of codebook tensors: 'auto' (smallest wins), 'sparse' (relative
-        indices + a code per nonzero) or 'dense' (a code per element, zero being a code).
+        indices + a code per nonzero), 'dense' (a code per element, zero being a code) or
+        'context' (weights of 2+ dimensions: significance map and codes coded together with
+        density-class contexts, :mod:`nncompress.coding.context`; format 1.3).
     order : flattening order of sparse layers: 'auto' (smallest wins), 'C' (row-major over the
         weight as stored, CSR-like) or 'F' (column-major, CSC-like).
     codebook_dtype : 'fp32' stores codebooks exactly in the tensor's dtype; 'fp16' rounds them

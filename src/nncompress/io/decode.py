@@ -16,6 +16,7 @@ from torch import nn
 
 from ..coding.affine import dequantize_codes
 from ..coding.sparse import MAX_INDEX_BITS
+from .context_layout import context_streams, decode_context
 from .errors import FormatError
 from .format import (
     _CODEBOOK_DTYPES,
@@ -93,17 +94,24 @@ def _check_codebook(e: dict, dtype: str, numel: int, n_sections: int, where: str
     refs = [_req_int(e, "codebook", 2, n_sections - 1, where)]
     layout = _req(e, "layout", str, where)
     streams = ["codes"]
-    if layout == "sparse":
+    if layout == "context":
+        if len(e["shape"]) < 2 or nnz == 0:
+            raise _fail(
+                f"{where}: layout 'context' needs 2+ dimensions and a nonzero (shape "
+                f"{e['shape']}, nnz {nnz})"
+            )
+    elif layout == "sparse":
         _req_int(e, "b", 1, MAX_INDEX_BITS, where)
         _req_int(e, "entries", nnz, numel, where)
         if _req(e, "order", str, where) not in ("C", "F"):
             raise _fail(f"{where}: order={e['order']!r} must be 'C' or 'F'")
         streams.append("index")
     elif layout != "dense":
-        raise _fail(f"{where}: layout={layout!r} must be 'sparse' or 'dense'")
+        raise _fail(f"{where}: layout={layout!r} must be 'sparse', 'dense' or 'context'")
+    codecs = ("context",) if layout == "context" else ("raw", "huffman", "ans")
     for s in streams:
         ref = _req(e, s, dict, where)
-        if _req(ref, "codec", str, f"{where} {s}") not in ("raw", "huffman", "ans"):
+        if _req(ref, "codec", str, f"{where} {s}") not in codecs:
             raise _fail(f"{where}: {s} codec={ref['codec']!r} unknown")
         refs.append(_req_int(ref, "sec", 2, n_sections - 1, f"{where} {s}"))
     return refs
@@ -414,6 +422,24 @@ def _codes_sparse(e, secs, codebook, ftype, with_report):
     return out.reshape(shape), fields, streams
 
 
+def _codes_context(e, secs, codebook, ftype, with_report):
+    """``layout='context'`` (format 1.3): significance map and codes of the matrix view,
+    coded together (:mod:`nncompress.io.context_layout`)."""
+    shape, where = tuple(e["shape"]), f"tensor '{e['name']}'"
+    data = secs[e["codes"]["sec"]]
+    pos, codes, cstream = decode_context(data, shape, e["k"], e["nnz"], where)
+    flat = np.zeros(math.prod(shape), dtype=ftype)
+    flat[pos] = codebook[codes]
+    parts = context_streams(cstream, len(data), max(e["k"], 1))
+    fields = dict(
+        layout="context",
+        weight_bits=parts[2].payload_bits,
+        index_bits_coded=8 * len(data) - parts[2].payload_bits,
+        total_bytes=len(secs[e["codebook"]]) + len(data) + 2 * _FRAME.size,
+    )
+    return flat.reshape(shape), fields, list(parts) if with_report else []
+
+
 def _codebook(e: dict, secs: list[memoryview], ftype) -> np.ndarray:
     """The codebook section as ``ftype`` values, checked as the spec says: ``k`` values, all
     nonzero, sorted ascending with NaNs last, no value twice."""
@@ -443,8 +469,8 @@ def _decode_codebook(e: dict, secs: list[memoryview], with_report: bool):
     k, nnz, cb = e["k"], e["nnz"], e["cb"]
     ftype = _CODEBOOK_DTYPES[dtype][0]
     codebook = _codebook(e, secs, ftype)
-    layout = _codes_dense if e["layout"] == "dense" else _codes_sparse
-    arr, fields, streams = layout(e, secs, codebook, ftype, with_report)
+    layouts = {"dense": _codes_dense, "sparse": _codes_sparse, "context": _codes_context}
+    arr, fields, streams = layouts[e["layout"]](e, secs, codebook, ftype, with_report)
     t = torch.from_numpy(arr)  # already the tensor's dtype: no copy
     rep = None
     if with_report:

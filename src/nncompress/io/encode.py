@@ -23,6 +23,7 @@ from ..core.files import atomic_write
 from ..core.modules import folded_copy
 from ..core.progress import Progress, progress_task
 from .config import EncodeConfig, check_overrides, match_override
+from .context_layout import encode_context
 from .format import (
     _CODEBOOK_DTYPES,
     _FRAME,
@@ -188,9 +189,17 @@ def _codebook_candidates(
         codebook_bits=8 * len(cb_bytes),
     )
     out: list[_Candidate] = []
-    if config.layout != "sparse":
+    # 'context' applies to weights of 2+ dimensions with a nonzero; other tensors fall back to
+    # the smallest of the remaining layouts
+    can_context = t.dim() >= 2 and nnz > 0
+    layout = "auto" if config.layout == "context" and not can_context else config.layout
+    if can_context and (layout == "context" or (layout == "auto" and config.codec == "context")):
+        out.append(_Candidate(*encode_context(base, common, full, tuple(t.shape), k, cb_bytes)))
+    if layout == "context":
+        return out
+    if layout in ("auto", "dense"):
         out.append(_dense_codes_candidate(base, common, full, codebook, cb_bytes, nnz, config))
-    if config.layout == "dense":
+    if layout == "dense":
         return out
     # layout 'sparse': relative indices in each flattening order + one code per nonzero
     orders = ["C", "F"] if config.order == "auto" else [config.order]
@@ -563,7 +572,7 @@ def encode_state_dict(
     payloads = [head_payload, meta_payload, *sections]
     frames = [_frame(p, i) for i, p in enumerate(payloads)]
     # every file this version writes binds its CRCs to the section indices: version 1.2 (it
-    # holds whatever scheme 1.1 added)
+    # holds whatever scheme 1.1 added), or what its contents need (1.3, 1.4 for 'context')
     prefix = _PREFIX.pack(MAGIC, VERSION[0], written_minor(entries), len(frames))
     data = prefix + b"".join(frames)
     report = EncodeReport(

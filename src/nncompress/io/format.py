@@ -83,7 +83,8 @@ __all__ = [
 ]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
-VERSION = (1, 3)  # 1.1: 'pq'; 1.2: CRCs bound to their index; 1.3: 'affine', 'alias', dtypes
+VERSION = (1, 4)  # 1.1: 'pq'; 1.2: CRCs bound to their index; 1.3: 'affine', 'alias', dtypes;
+# 1.4: the codebook layout 'context'
 BOUND_CRC_MINOR = 2  # first minor version whose CRCs cover the section index
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II")
@@ -149,7 +150,7 @@ def _encode_stream(
     if codec == "huffman":
         hs = huffman_encode(symbols)
         used, data, payload = "huffman", hs.to_bytes(), hs.payload_bits
-    elif codec == "ans":
+    elif codec in ("ans", "context"):  # 'context': streams outside the context layout use ANS
         a = ans_encode(symbols)
         used, data, payload = "ans", a.to_bytes(), a.payload_bits
     if used != "raw" and fallback and len(raw) < len(data):
@@ -310,13 +311,18 @@ def _canonical_json(obj: Any, what: str) -> bytes:
 
 #: the minor version each scheme needs (a scheme not listed needs 1.0)
 SCHEME_MINOR = {"pq": 1, "affine": 3, "alias": 3}
+LAYOUT_MINOR = {"context": 4}  # codebook layouts added after 1.0
 
 
 def needed_minor(entries: list[dict]) -> int:
     """The minor version a file's entries need: the newest scheme or dtype they use."""
     return max(
         (
-            max(SCHEME_MINOR.get(e.get("scheme"), 0), 3 if e.get("dtype") in DTYPES_1_3 else 0)
+            max(
+                SCHEME_MINOR.get(e.get("scheme"), 0),
+                3 if e.get("dtype") in DTYPES_1_3 else 0,
+                LAYOUT_MINOR.get(e.get("layout"), 0),
+            )
             for e in entries
         ),
         default=0,

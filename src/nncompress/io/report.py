@@ -56,7 +56,8 @@ class TensorReport:
     shape: tuple[int, ...]
     dtype: str
     scheme: str  # 'dense', 'codebook', 'pq', 'affine' (group-wise codes) or 'alias'
-    layout: str | None  # codebook tensors: 'sparse' (relative index) or 'dense' (a code each)
+    layout: str | None  # codebook tensors: 'sparse' (relative index), 'dense' (a code each)
+    # or 'context' (context-coded map + codes: index_bits_coded = classes, map and tables)
     numel: int
     nonzeros: int
     total_bytes: int
@@ -104,7 +105,7 @@ class TensorReport:
         return 8 * self.total_bytes / self.numel if self.numel else 0.0
 
     def _per_nz(self, bits: int) -> float:
-        n = self.nonzeros if self.layout == "sparse" else self.numel
+        n = self.nonzeros if self.layout in ("sparse", "context") else self.numel
         return bits / n if n else 0.0
 
     @property
@@ -239,7 +240,7 @@ class EncodeReport:
             elif t.scheme in ("pq", "affine", "alias"):
                 scheme = t.scheme
             else:
-                scheme = "sparse" if t.layout == "sparse" else "codes"
+                scheme = {"sparse": "sparse", "context": "context"}.get(t.layout or "", "codes")
             sparse = t.layout == "sparse"
             rows.append(
                 [
