@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint bench data clean nncodec-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,18 @@ bench: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) runs out
+
+# NNCodec (the MPEG-7 NNR reference codec) for benchmarks/coding_vs_nncodec.py only: its own
+# environment (never the project's .venv, never needed by the tests). nncodec's declared deps
+# pull a CUDA torchvision that cannot load beside the CPU torch: install it without them, add
+# what its coder imports, and stub the two imports of its example applications.
+NNC_VENV := benchmarks/.venv-nncodec
+nncodec-venv: $(NNC_VENV)/.installed
+
+$(NNC_VENV)/.installed:
+	$(PYTHON) -m venv $(NNC_VENV)
+	$(NNC_VENV)/bin/pip install --quiet torch==2.13.0 'numpy<2' pybind11 setuptools wheel \
+	  scikit-learn tqdm h5py click
+	$(NNC_VENV)/bin/pip install --quiet --no-deps --no-build-isolation nncodec==2.1.3
+	$(NNC_VENV)/bin/python benchmarks/nncodec_env.py
+	touch $@
