@@ -32,6 +32,10 @@ STAGES: dict[str, StageEntry] = {
         "nncompress.stages.filter_prune", "FilterPruneStageConfig", "run_filter_prune_stage"
     ),
     "share": StageEntry("nncompress.stages.share", "ShareStageConfig", "run_share_stage"),
+    "ecsq": StageEntry("nncompress.stages.ecsq", "ECSQStageConfig", "run_ecsq_stage"),
+    "soft_share": StageEntry(
+        "nncompress.stages.soft_share", "SoftShareStageConfig", "run_soft_share_stage"
+    ),
     "finetune": StageEntry(
         "nncompress.stages.finetune", "FinetuneStageConfig", "run_finetune_stage"
     ),
