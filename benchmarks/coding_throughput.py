@@ -236,6 +236,52 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, repeats: int) ->
     return rows
 
 
+def bench_context(w: np.ndarray, codebook: np.ndarray, repeats: int) -> list[dict]:
+    """The context coder (coding/context.py) on the whole layer: map + codes in one stream.
+    Throughput counted in weights decoded per second (every position of the significance map
+    and every code) and in coded symbols per second (map symbols of g bits + codes)."""
+    from nncompress.coding.context import (
+        ContextConfig,
+        best_context_config,
+        context_decode,
+        context_encode,
+    )
+
+    codes = np.full(w.shape, -1, dtype=np.int64)
+    nz = w != 0
+    codes[nz] = np.searchsorted(codebook, w[nz])
+    k, nnz = len(codebook), int(nz.sum())
+    t_search, (best, _) = _median_time(lambda: best_context_config(codes, k), 1)
+    rows = []
+    for label, cfg in (("chosen " + _cfg_text(best), best), ("g=1 (binary flags)", ContextConfig(
+            best.row_classes, best.col_classes, best.code_context, 1))):  # fmt: skip
+        t_enc, stream = _median_time(lambda cfg=cfg: context_encode(codes, k, cfg), repeats)
+        data = stream.to_bytes()
+        t_dec, (mask, vals, _) = _median_time(
+            lambda data=data: context_decode(data, *w.shape, k, nnz), repeats
+        )
+        if not (np.array_equal(mask, nz) and np.array_equal(vals, codes[nz])):
+            raise AssertionError("context coder: round trip failed")
+        n_sym = -(-w.shape[1] // cfg.map_bits) * w.shape[0] + nnz
+        rows.append(
+            {
+                "model": label,
+                "bytes": len(data),
+                "bits_per_nonzero": 8 * len(data) / nnz,
+                "search_s": t_search,
+                "encode_s": t_enc,
+                "decode_s": t_dec,
+                "decode_mweights_per_s": (w.size + nnz) / t_dec / 1e6,
+                "decode_msym_per_s": n_sym / t_dec / 1e6,
+            }
+        )
+    return rows
+
+
+def _cfg_text(c) -> str:
+    return f"({c.row_classes}x{c.col_classes} classes, codes by {c.code_context}, g={c.map_bits})"
+
+
 def _layout_text(f: dict) -> str:
     if f["layout"] == "sparse":
         return f"sparse, order {f['order']}, {f['fillers']:,} fillers"
@@ -249,11 +295,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1M weights instead of 10M, 1 repeat")
+    p.add_argument(
+        "--smoke", action="store_true", help="120k weights, 1 repeat, no LeNet study (seconds)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    shape = (1000, 1000) if args.quick else (2500, 4000)
-    repeats = 1 if args.quick else args.repeats
+    shape = (300, 400) if args.smoke else (1000, 1000) if args.quick else (2500, 4000)
+    repeats = 1 if args.quick or args.smoke else args.repeats
 
     w = synthetic_layer(shape)
     flat = w.numpy().ravel()
@@ -269,8 +318,9 @@ def main() -> None:
     rows += bench_stream("relative index b=5", ri.entries, 32, repeats)
     rows += bench_stream("dense codes (whole layer)", dense_codes, len(codebook) + 1, repeats)
 
+    ctx_rows = bench_context(flat.reshape(shape), codebook, repeats)
     files = []
-    for codec in ("huffman", "ans", "raw"):
+    for codec in ("huffman", "ans", "raw", "context"):
         cfg = EncodeConfig(codec=codec)
         t_enc, (data, report) = _median_time(lambda cfg=cfg: encode_state_dict({"w": w}, cfg), 1)
         t_dec, (state, _) = _median_time(lambda data=data: decode_bytes(data), 1)
@@ -290,7 +340,7 @@ def main() -> None:
             }
         )
     general = compare_general_purpose(dense_codes)
-    order_rows, order_md = order_study()
+    order_rows, order_md = ([], "(skipped with --smoke)") if args.smoke else order_study()
 
     md = [
         f"Synthetic layer {shape[0]}x{shape[1]} = {flat.size:,} weights, N(0,1) pruned by "
@@ -308,6 +358,22 @@ def main() -> None:
             f"| {r['stream']} | {r['codec']} | {r['symbols']:,} | "
             f"{r['entropy_bits_per_symbol']:.3f} | {r['bits_per_symbol']:.3f} | "
             f"{r['encode_msym_per_s']:.2f} | {r['decode_msym_per_s']:.2f} |"
+        )
+    md += [
+        "",
+        "Context coder (coding/context.py) on the whole layer: significance map and codes in one "
+        "stream. 'weights/s' counts every position of the map plus every code decoded; "
+        "'coded sym/s' the symbols the ANS decoder produced (map symbols of g bits, codes).",
+        "",
+        "| model | bytes | bits/nonzero | search s | encode s | decode s | decode M weights/s "
+        "| decode M coded sym/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in ctx_rows:
+        md.append(
+            f"| {r['model']} | {r['bytes']:,} | {r['bits_per_nonzero']:.3f} | {r['search_s']:.2f} "
+            f"| {r['encode_s']:.2f} | {r['decode_s']:.3f} | {r['decode_mweights_per_s']:.1f} | "
+            f"{r['decode_msym_per_s']:.1f} |"
         )
     md += [
         "",
@@ -340,11 +406,12 @@ def main() -> None:
         order_md,
     ]
     write_result(
-        "coding_throughput",
+        "coding_throughput" + ("_smoke" if args.smoke else ""),
         {
             "shape": list(shape),
             "streams": rows,
             "files": files,
+            "context": ctx_rows,
             "general_purpose": general,
             "lenet_order": order_rows,
         },
