@@ -69,7 +69,7 @@ VARIANTS: dict[str, dict[str, list[dict]]] = {
                 "lr_scale": 0.5,
             },
             _ecsq(),
-            {"stage": "finetune", "epochs": 1, "lr_scale": 0.1},
+            {"stage": "finetune", "epochs": 1, "lr_scale": 0.1, "augment": False},
             ENCODE,
         ]  # fmt: skip
     },
