@@ -44,7 +44,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..engine.config import ConfigError
+from ..core.errors import ConfigError
+from ..core.select import Selectable
 from .kmeans import (
     INITS,
     LayerShareReport,
@@ -379,7 +380,7 @@ def ecsq_share_(
     config: ECSQConfig | None = None,
     *,
     importance: dict[str, torch.Tensor] | None = None,
-    filter: Callable[[str, nn.Module], bool] | None = None,
+    filter: Selectable = None,
 ) -> ShareReport:
     """Quantize every selected layer's surviving weights by ECSQ and share them, in place.
 

@@ -35,8 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent, evaluate, model_device, seed_everything
+from ..core.errors import ConfigError
+from ..core.modules import model_device
+from ..core.progress import ProgressEvent
+from ..engine.train import evaluate, seed_everything
 
 __all__ = ["SoftShareConfig", "SoftWeightSharing", "soft_share_"]
 
