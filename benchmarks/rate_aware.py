@@ -212,7 +212,9 @@ def main() -> None:
         frag = OUT / f"{model}{'-smoke' if args.smoke else ''}.json"
         frag.parent.mkdir(parents=True, exist_ok=True)
         frag.write_text(json.dumps({"results": res, "markdown": lines}, indent=1, default=str))
-    name = "rate_aware" + ("_smoke" if args.smoke else "")
+    # one model per run writes results/rate_aware_<model>.*, both models results/rate_aware.*
+    name = "rate_aware" + ("" if len(args.models) > 1 else f"_{args.models[0]}")
+    name += "_smoke" if args.smoke else ""
     write_result(name, {"models": results}, "\n".join(md))
     print("\n".join(md))
 
