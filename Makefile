@@ -36,10 +36,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: $(STAMP) data
+bench: $(STAMP) data nncodec-venv
 	$(PY) -m pip install --quiet -e '.[compare]'
 	cd benchmarks && ../$(PY) baselines.py && ../$(PY) pruning_han.py && ../$(PY) pruning_li.py \
 	  && ../$(PY) deep_compression.py && ../$(PY) coding_throughput.py \
+	  && ../$(PY) coding_vs_nncodec.py && ../$(PY) rate_aware.py \
 	  && ../$(PY) linear_quant.py && ../$(PY) lowrank.py && ../$(PY) collect_results.py
 
 clean:
