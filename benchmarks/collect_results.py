@@ -30,6 +30,16 @@ SECTIONS = [
     ),
     ("coding_throughput", "Entropy coder throughput", "benchmarks/coding_throughput.py"),
     (
+        "coding_vs_nncodec",
+        "Coding the same pruned + shared weights: ours vs NNCodec vs xz / zstd",
+        "benchmarks/coding_vs_nncodec.py",
+    ),
+    (
+        "rate_aware",
+        "Rate-aware pipelines (ECSQ + RD pruning + context coding)",
+        "benchmarks/rate_aware.py",
+    ),
+    (
         "linear_quant",
         "Linear INT8 / INT4 quantization with ONNX Runtime",
         "benchmarks/linear_quant.py",
