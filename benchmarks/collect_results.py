@@ -39,6 +39,14 @@ SECTIONS = [
         "Rate-aware pipelines (ECSQ + RD pruning + context coding)",
         "benchmarks/rate_aware.py",
     ),
+    *(
+        (
+            f"rate_aware_{m}",
+            f"Rate-aware pipeline, {m}",
+            f"benchmarks/rate_aware.py --models {m}",
+        )
+        for m in ("lenet-300-100", "lenet-5")
+    ),
     (
         "linear_quant",
         "Linear INT8 / INT4 quantization with ONNX Runtime",
