@@ -146,7 +146,7 @@ def ours(model, splits, seed: int) -> list[dict]:
 
 
 def _fold(model):
-    from nncompress.engine.modspec import folded_copy
+    from nncompress.core.modules import folded_copy
 
     return folded_copy(model).eval()
 

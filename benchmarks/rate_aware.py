@@ -105,7 +105,7 @@ def _val_accuracy(out_dir, splits) -> float:
     from nncompress.engine import evaluate
     from nncompress.stages.encode import decode_to_model
 
-    model = decode_to_model(out_dir / "model.ncz", None, {})
+    model = decode_to_model(out_dir / "model.ncz")
     return evaluate(model, splits.loader("val", 512))["accuracy"]
 
 
