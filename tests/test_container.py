@@ -569,7 +569,7 @@ def test_context_layout_roundtrip_version_and_size():
     data, rep = encode_state_dict(sd, EncodeConfig(codec="context", auto_index_bits=True))
     assert_bit_exact(decode_bytes(data)[0], sd)
     assert rep.tensor("fc.weight").layout == "context"
-    assert struct.unpack_from("<HH", data, 8) == (1, 3)  # format 1.3 when the layout is used
+    assert struct.unpack_from("<HH", data, 8) == (1, 4)  # format 1.4 when the layout is used
     assert struct.unpack_from("<HH", old, 8) == (1, 2)  # and 1.2 otherwise
     assert len(data) < len(old)
     forced, rep_f = encode_state_dict(sd, EncodeConfig(layout="context"))
@@ -591,19 +591,19 @@ def test_context_layout_refused_in_a_1_0_file_and_for_1_d():
     entry = next(e for e in header["tensors"] if e["name"] == "w")
     assert entry["layout"] == "context"
     assert (
-        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=3))[0].keys() == BASE_STATE.keys()
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))[0].keys() == BASE_STATE.keys()
     )
-    with pytest.raises(FormatError, match="need 1.3"):
+    with pytest.raises(FormatError, match="need 1.4"):
         decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=2))
     entry["shape"] = [entry["shape"][0] * entry["shape"][1]]
     with pytest.raises(FormatError, match="2\\+ dimensions"):
-        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=3))
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))
     header, payloads = _header_of(BASES["context"])
     entry = next(e for e in header["tensors"] if e["name"] == "w")
     entry["codes"]["codec"] = "ans"
     with pytest.raises(FormatError, match="codec"):
-        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=3))
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))
     entry["codes"]["codec"] = "context"
     entry["nnz"] += 1
     with pytest.raises(FormatError, match="nonzeros"):
-        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=3))
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))

@@ -32,7 +32,7 @@ class EncodeConfig:
         (canonical Huffman, Deep Compression), 'ans' (constriction's ANS, closer to the
         entropy), 'raw' (fixed-width, the paper's "P+Q" storage) or 'context' (codebook
         weights of 2+ dimensions may also use the 'context' layout, chosen by size; every
-        other stream is ANS-coded; format 1.3).
+        other stream is ANS-coded; format 1.4).
     codec_fallback : store a stream fixed-width instead when that is smaller than its coded
         form (tiny layers, where the code table costs more than it saves).
     index_bits_conv, index_bits_fc : relative-index bits b for conv weights (ndim >= 3) and
@@ -47,7 +47,7 @@ class EncodeConfig:
     layout : positions of codebook tensors: 'auto' (smallest wins), 'sparse' (relative
         indices + a code per nonzero), 'dense' (a code per element, zero being a code) or
         'context' (weights of 2+ dimensions: significance map and codes coded together with
-        density-class contexts, :mod:`nncompress.coding.context`; format 1.3).
+        density-class contexts, :mod:`nncompress.coding.context`; format 1.4).
     order : flattening order of sparse layers: 'auto' (smallest wins), 'C' (row-major over the
         weight as stored, CSR-like) or 'F' (column-major, CSC-like).
     codebook_dtype : 'fp32' stores codebooks exactly in the tensor's dtype; 'fp16' rounds them

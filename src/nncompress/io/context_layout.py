@@ -1,4 +1,4 @@
-"""The ``context`` layout of the codebook scheme (format 1.3): a weight of 2+ dimensions whose
+"""The ``context`` layout of the codebook scheme (format 1.4): a weight of 2+ dimensions whose
 significance map and weight codes are coded together by :mod:`nncompress.coding.context`
 (dead rows and columns once, density-class contexts, semi-static models, ANS).
 

@@ -423,7 +423,7 @@ def _codes_sparse(e, secs, codebook, ftype, with_report):
 
 
 def _codes_context(e, secs, codebook, ftype, with_report):
-    """``layout='context'`` (format 1.3): significance map and codes of the matrix view,
+    """``layout='context'`` (format 1.4): significance map and codes of the matrix view,
     coded together (:mod:`nncompress.io.context_layout`)."""
     shape, where = tuple(e["shape"]), f"tensor '{e['name']}'"
     data = secs[e["codes"]["sec"]]

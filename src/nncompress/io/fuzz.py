@@ -93,7 +93,7 @@ def to_v10(data: bytes) -> bytes:
 def fuzz_bases() -> list[bytes]:
     """Valid files to mutate: a small state dict (4-D conv codebook, sparse FC, dense bias,
     bool, int64 scalar, float16) with every codec x layout x order, fp16 storage, one format
-    1.0 file, a file with the 'context' layout (format 1.3), and two files with a
+    1.0 file, a file with the 'context' layout (format 1.4), and two files with a
     product-quantized tensor (scheme 'pq')."""
     import torch
 
@@ -118,7 +118,7 @@ def fuzz_bases() -> list[bytes]:
     cfg = EncodeConfig(codec="huffman", codebook_dtype="fp16", dense_dtype="fp16")
     out.append(encode_state_dict(state, cfg)[0])
     out.append(to_v10(out[0]))
-    # the context layout (format 1.3): significance map and codes in one context stream
+    # the context layout (format 1.4): significance map and codes in one context stream
     cfg = EncodeConfig(codec="context", layout="context", codec_fallback=False)
     out.append(encode_state_dict(state, cfg, {"m": [1, 2]})[0])
     # product-quantized tensors (scheme 'pq', format 1.1): 4-subvectors from 5 codewords
