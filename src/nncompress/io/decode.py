@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..coding.affine import dequantize_codes
 from ..coding.sparse import MAX_INDEX_BITS
 from .context_layout import context_streams, decode_context
 from .errors import FormatError
@@ -25,6 +24,7 @@ from .format import (
     _STORE_BYTES,
     _TORCH_DTYPES,
     BOUND_CRC_MINOR,
+    CHUNK,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ELEMENTS,
     MAX_NDIM,
@@ -534,6 +534,32 @@ def _decode_pq(e: dict, secs: list[memoryview], with_report: bool):
     return t, rep
 
 
+def _dequantize_chunked(q, scale, zero, bits, g, rows, cols, e) -> torch.Tensor:
+    """:func:`dequantize_codes` computed ``CHUNK`` elements at a time straight into the output
+    (transposed in place for Conv1D-layout tensors): the same float32 ``(q - z) * s`` per element
+    and the same cast, so the result is bit for bit the whole-tensor one, but the temporaries
+    stay O(CHUNK) instead of three float32 copies of the tensor."""
+    dtype = _TORCH_DTYPES[e["dtype"]]
+    out = torch.empty((cols, rows) if e["transpose"] else (rows, cols), dtype=dtype)
+    flat_out = out.view(-1)
+    codes = torch.from_numpy(q)  # (rows * cols,) uint8
+    s_flat = scale.reshape(-1).to(torch.float32)  # (groups,)
+    z_flat = None if zero is None else zero.reshape(-1).to(torch.float32)
+    mid = float(2 ** (bits - 1))
+    n = rows * cols
+    for a in range(0, n, CHUNK):
+        i = torch.arange(a, min(n, a + CHUNK))  # flat (row, col) positions of this chunk
+        grp = i // g
+        qf = codes[a : a + i.numel()].to(torch.float32)
+        centered = qf - (mid if z_flat is None else z_flat[grp])
+        values = (centered * s_flat[grp]).to(dtype)
+        if e["transpose"]:  # element (r, c) of the codes is element (c, r) of the tensor
+            flat_out[(i % cols) * rows + i // cols] = values
+        else:
+            flat_out[a : a + i.numel()] = values
+    return out
+
+
 def _decode_affine(e: dict, secs: list[memoryview], with_report: bool):
     """An ``affine`` entry: ``(q - z) * s`` per group (:func:`dequantize_codes`, the formula the
     quantized model computes with), transposed back for Conv1D-layout tensors."""
@@ -563,10 +589,7 @@ def _decode_affine(e: dict, secs: list[memoryview], with_report: bool):
         )
         zs = np.concatenate([c for c in z_stream.chunks(count=with_report)] or [np.zeros(0)])
         zero = torch.from_numpy(zs.astype(np.uint8)).reshape(rows, -1)
-    codes = torch.from_numpy(q).reshape(rows, cols)
-    w = dequantize_codes(codes, scale, zero, bits, g, _TORCH_DTYPES[e["dtype"]])  # (rows, cols)
-    if e["transpose"]:
-        w = w.T.contiguous()
+    w = _dequantize_chunked(q, scale, zero, bits, g, rows, cols, e)
     rep = None
     if with_report:
         streams = [stream_report("codes", stream)]

@@ -93,8 +93,8 @@ def to_v10(data: bytes) -> bytes:
 def fuzz_bases() -> list[bytes]:
     """Valid files to mutate: a small state dict (4-D conv codebook, sparse FC, dense bias,
     bool, int64 scalar, float16) with every codec x layout x order, fp16 storage, one format
-    1.0 file, a file with the 'context' layout (format 1.4), and two files with a
-    product-quantized tensor (scheme 'pq')."""
+    1.0 file, a file with the 'context' layout (1.4), two files with a product-quantized
+    tensor (scheme 'pq', 1.1) and two with an ``affine`` tensor and its ``alias`` (1.3)."""
     import torch
 
     from .config import EncodeConfig
@@ -129,7 +129,38 @@ def fuzz_bases() -> list[bytes]:
     for codec in ("huffman", "raw"):
         cfg = EncodeConfig(codec=codec, pq_block_size={"pq.weight": 4}, codec_fallback=False)
         out.append(encode_state_dict(pq_state, cfg)[0])
+    out += [_affine_file(transpose) for transpose in (False, True)]
     return out
+
+
+def _affine_file(transpose: bool) -> bytes:
+    """A format 1.3 file with an ``affine`` tensor (4-bit codes, zero points, fp16 scales per
+    group of 16) and an ``alias`` of it, assembled directly (the writer of these schemes lives
+    in the quant family, which io may not import)."""
+    from ..coding.bitpack import pack_bits, write_uvarint
+
+    rows, cols, g = 8, 32, 16
+    rng = np.random.default_rng(3)
+
+    def raw(sym: np.ndarray) -> bytes:
+        return write_uvarint(sym.size) + bytes([4]) + pack_bits(sym.astype(np.int64), 4)
+
+    shape = [cols, rows] if transpose else [rows, cols]
+    entry = {"name": "w", "dtype": "float16", "shape": shape, "scheme": "affine", "bits": 4,
+             "rows": rows, "cols": cols, "group": g, "transpose": transpose,
+             "codes": {"sec": 2, "codec": "raw"}, "zero": {"sec": 3, "codec": "raw"},
+             "scale": 4}  # fmt: skip
+    alias = {"name": "w_tied", "dtype": "float16", "shape": shape, "scheme": "alias", "of": "w"}
+    header = {"format": "nncompress-ncz", "tensors": [entry, alias]}
+    scale = (rng.random(rows * cols // g) + 0.01).astype("<f2").tobytes()
+    payloads = [
+        _deflate_json(header),
+        _deflate_json(None),
+        raw(rng.integers(0, 16, rows * cols)),
+        raw(rng.integers(0, 16, rows * cols // g)),
+        scale,
+    ]
+    return NczParts(1, 3, payloads).assemble()
 
 
 def _deflate_json(obj: Any) -> bytes:
