@@ -17,7 +17,11 @@ fine-tuning steps is the checkpoint with the best held-out accuracy (0 included)
 and learning rates of the LeNet rows are those of the explored variant (EXPLORE below,
 ``--explore``) with the best held-out accuracy.
 
-Run from benchmarks/:  ../.venv/bin/python pq.py [--parts resnet20,lenet5,lenet300]
+A layer-level ablation (``--parts layers``) quantizes each 3x3 conv of ResNet-20 alone with the
+activation objective (per-block and shared metric) and the weight objective, EM only, and
+compares the network's KL divergence to the baseline on held-out images.
+
+Run from benchmarks/:  ../.venv/bin/python pq.py [--parts layers,resnet20,lenet5,lenet300]
 [--rows LABEL,...] [--seeds 0,1,2] [--smoke]. Each (part, row, seed) is saved under
 out/pq/ and not recomputed; every run merges whatever exists into results/pq.{json,md}.
 """
@@ -57,7 +61,7 @@ from nncompress.quant import (
     share_weights_,
     shared_layers,
 )
-from nncompress.quant.pq_finetune import distill, refresh_batchnorm_
+from nncompress.quant.pq_finetune import distill, kd, refresh_batchnorm_
 from nncompress.quant.pq_transform import QUANTIZABLE
 
 OUT = Path(__file__).resolve().parent / "out" / "pq"
@@ -549,8 +553,100 @@ def _summary(runs: list[dict]) -> dict:
     }
 
 
+ABLATION_METHODS = (("activation", "block"), ("activation", "shared"), ("weight", "block"))
+
+
+def layer_ablation(splits, smoke: bool) -> None:
+    """Each 3x3 conv of ResNet-20 quantized alone (k = 256, d = 9, EM only: no fine-tuning, no
+    BatchNorm refresh) with each objective; the network's KL to the baseline and top-1
+    agreement on 2000 held-out images (no test data). Writes out/pq/layers.json."""
+    path = OUT / "layers.json"
+    if path.exists():
+        return
+    model, _ = load_checkpoint(baseline("resnet-20"))
+    model.eval()
+    n = 1 if smoke else 8
+    batches = zip(splits.loader("val", 250), range(n), strict=False)
+    xv = torch.cat([b[0] for b, _ in batches])  # (250 n, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(xv)
+    calib = splits.loader("train", 128, seed=1)
+    convs = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and name != "conv1"
+    ]
+    rows = []
+    for name in convs[:2] if smoke else convs:
+        for objective, metric in ABLATION_METHODS:
+            m = copy.deepcopy(model)
+            cfg = PQConfig(
+                k=256,
+                objective=objective,
+                metric=metric,
+                layer_steps=0,
+                bn_batches=0,
+                calibration_batches=2 if smoke else 8,
+            )
+            t0 = time.perf_counter()
+            rep = pq_quantize_(m, cfg, calib, filter=[name])
+            with torch.no_grad():
+                out = m.eval()(xv)
+            rows.append(
+                {
+                    "layer": name,
+                    "objective": objective,
+                    "metric": metric,
+                    "k": rep.layers[0].k,
+                    "kl": float(kd(out, ref, 1.0)),
+                    "agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()),
+                    "wall_s": time.perf_counter() - t0,
+                }
+            )
+            log.info("ablation %s %s/%s: KL %.5f", name, objective, metric, rows[-1]["kl"])
+    OUT.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps(rows, indent=1)))
+
+
+def _ablation_md() -> list[str]:
+    path = OUT / "layers.json"
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    md = [
+        "",
+        "## Layer-level ablation: which objective (ResNet-20, held-out split)",
+        "",
+        "Each 3x3 conv quantized alone (k = 256, d = 9, EM only: no fine-tuning), the network's"
+        " KL divergence to the baseline on 2000 held-out images (lower is better); `block` keeps"
+        " one Gram matrix per block, `shared` sums them (the reference code), `weight` is plain"
+        " k-means of the subvectors.",
+        "",
+        "| layer | k | " + " | ".join(f"KL {o}/{m}" for o, m in ABLATION_METHODS) + " |",
+        "|---|---:|" + "---:|" * len(ABLATION_METHODS),
+    ]
+    by_layer: dict[str, dict] = {}
+    for r in rows:
+        by_layer.setdefault(r["layer"], {})[(r["objective"], r["metric"])] = r
+    wins = {k: 0 for k in ABLATION_METHODS}
+    for layer, rs in by_layer.items():
+        kls = [rs[k]["kl"] for k in ABLATION_METHODS]
+        wins[ABLATION_METHODS[kls.index(min(kls))]] += 1
+        k = next(iter(rs.values()))["k"]
+        md.append(f"| {layer} | {k} | " + " | ".join(f"{v:.5f}" for v in kls) + " |")
+    total = {k: sum(by_layer[l][k]["kl"] for l in by_layer) for k in ABLATION_METHODS}
+    md.append("| sum | | " + " | ".join(f"{total[k]:.5f}" for k in ABLATION_METHODS) + " |")
+    md += [
+        "",
+        "Lowest KL in "
+        + ", ".join(f"{o}/{m}: {wins[(o, m)]}" for o, m in ABLATION_METHODS)
+        + f" of {len(by_layer)} layers.",
+    ]
+    return md
+
+
 def merge(splits) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*-s*.json"))]
     parts: dict[str, dict] = {}
     for r in runs:
         parts.setdefault(r["row"]["model"], {}).setdefault(r["row"]["label"], []).append(r)
@@ -589,6 +685,7 @@ def merge(splits) -> None:
         for label, rr in rows.items():
             t = rr[0]["timings"]
             md.append(f"| {label} | " + " | ".join(f"{t.get(k, 0):.0f}" for k in _STAGES) + " |")
+    md += _ablation_md()
     explored = [json.loads(p.read_text()) for p in sorted((OUT / "explore").glob("*.json"))]
     if explored:
         md += [
@@ -640,6 +737,9 @@ def main() -> None:
     splits = fashion_mnist()
     wanted = {r for r in args.rows.split(",") if r}
     for part in [p for p in args.parts.split(",") if p]:
+        if part == "layers":
+            layer_ablation(splits, args.smoke)
+            continue
         if part not in table:
             raise SystemExit(f"--parts: {part!r} is not one of {sorted(table)}")
         for row in table[part]:

@@ -377,7 +377,9 @@ def pq_em_grams(
         if metric == "shared":
             h = h.sum(0, keepdim=True)  # (1, d, d): Stock et al.'s stacked blocks
             midx = torch.zeros_like(midx)
-    active = v.ne(0).any(1) if zero_blocks else torch.ones(len(v), dtype=torch.bool)
+    active = (
+        v.ne(0).any(1) if zero_blocks else torch.ones(len(v), dtype=torch.bool, device=v.device)
+    )
     va, ma = v[active], midx[active]  # (n_active, d), (n_active,)
     if va.shape[0] < k:
         raise ValueError(
