@@ -516,7 +516,22 @@ def markdown(parts: dict) -> str:
             )
         if sc.get("cluster_note"):
             md += ["", sc["cluster_note"]]
-        md.append("")
+        md += [
+            "",
+            "On a cluster: start Ray on the head node (`ray start --head --port 6379`) and on "
+            "each worker node (`ray start --address HEAD:6379`), with the same nncompress and "
+            "torch installed everywhere; then `nncompress search CKPT --target macs=0.5 "
+            "--executor ray --ray-address HEAD:6379 --per-round N` (or `executor: ray, "
+            "ray_address: ...` in a recipe's `search` stage). The model and the held-out subset "
+            "go into the object store once; every candidate is one task of one CPU with one "
+            "torch thread, so a round of N candidates keeps N CPUs busy. DDPG learns between "
+            "rounds: rounds larger than a few candidates give the agent staler updates than "
+            "AMC's one-episode-at-a-time loop (the greedy scan and random search have no such "
+            "limit). The two-node row above is two Ray nodes on this one machine joined by "
+            "address, the same code path as a real cluster; its speed says nothing about a "
+            "network.",
+            "",
+        ]
     return "\n".join(md)
 
 

@@ -97,7 +97,8 @@ def test_recipe_search_then_filter_prune_with_the_policy(resnet_ckpt, tmp_path):
             {
                 "stage": "search",
                 "budgets": "macs=0.5",
-                "agent": "greedy",
+                "agent": "random",
+                "episodes": 2,
                 "proxy": {"val_samples": 100, "calib_samples": 32},
             },
             {"stage": "filter_prune", "allocate": "policy", "epochs": 0},

@@ -148,6 +148,14 @@ def test_bad_executor_settings_are_clear_errors():
         RayExecutor(address="nowhere").connect()
 
 
+def test_without_ray_the_error_offers_the_local_executor(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # 'import ray' raises ImportError
+    with pytest.raises(ConfigError, match=r"Ray is not installed.*nncompress\[policy\].*local"):
+        RayExecutor().connect()
+
+
 def test_search_config_validation():
     with pytest.raises(ConfigError, match="agent='amc'"):
         SearchConfig(agent="amc")
