@@ -60,6 +60,7 @@ SECTIONS = [
     ),
     ("distill-lenet-5", "Knowledge distillation", "benchmarks/distill.py --teacher lenet-5"),
     ("pq", "Product quantization — Stock et al. 2020", "benchmarks/pq.py"),
+    ("amc", "Automated compression policy — AMC (He et al. 2018)", "benchmarks/amc.py"),
 ]
 
 
