@@ -130,6 +130,9 @@ def fuzz_bases() -> list[bytes]:
         cfg = EncodeConfig(codec=codec, pq_block_size={"pq.weight": 4}, codec_fallback=False)
         out.append(encode_state_dict(pq_state, cfg)[0])
     out += [_affine_file(transpose) for transpose in (False, True)]
+    # the context layout (format 1.4): significance map and codes coded together
+    cfg = EncodeConfig(codec="context", layout="context", codec_fallback=False)
+    out.append(encode_state_dict(state, cfg)[0])
     return out
 
 
