@@ -197,7 +197,7 @@ def test_swapped_codebooks_are_refused_and_old_files_still_read():
     # version 1.0 files are still read, bit for bit
     v10 = to_v10(data)
     assert struct.unpack_from("<HH", v10, 8) == (1, 0)
-    assert struct.unpack_from("<HH", data, 8) == (1, BOUND_CRC_MINOR)  # no 1.3 scheme inside
+    assert struct.unpack_from("<HH", data, 8) == (1, BOUND_CRC_MINOR)  # no newer scheme inside
     for name, t in decode_bytes(v10)[0].items():
         assert torch.equal(t, state[name])
     # a 1.1 file whose CRCs are 1.0-style is damaged

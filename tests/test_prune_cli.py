@@ -30,8 +30,9 @@ def test_cli_prune_magnitude_with_dead_removal(digits_ckpt, tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     rc = main(
         [
-            "prune", str(digits_ckpt), "--sparsity", "0.9", "--iterations", "2",
-            "--retrain-epochs", "1", "--remove-dead", "--out", str(out), "--quiet", "--json",
+            "prune", str(digits_ckpt), "--sparsity", "0.9", "--allocate", "uniform",
+            "--iterations", "2", "--retrain-epochs", "1", "--remove-dead", "--out", str(out),
+            "--quiet", "--json",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -61,7 +62,8 @@ def test_cli_prune_q_agp_and_errors(digits_ckpt, tmp_path, capsys):
     rc = main(
         [
             "prune", str(digits_ckpt), "--method", "agp", "--sparsity", "0.7",
-            "--retrain-epochs", "1", "--agp-frequency", "2", "--distill", "4,0.7",
+            "--allocate", "uniform", "--retrain-epochs", "1", "--agp-frequency", "2",
+            "--distill", "4,0.7",
             "--out", str(agp), "--quiet",
         ]
     )  # fmt: skip

@@ -1,5 +1,6 @@
 """The ``nncompress`` command line. Each command group lives in its own module and registers
-its sub-commands through ``register(subparsers)``; this file only lists them."""
+its sub-commands through ``register(subparsers)``; this file only lists them and adds the
+options every command shares (``--threads``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ COMMAND_MODULES = [
     "nncompress.cli.quant",
     "nncompress.cli.run",
     "nncompress.cli.search",
+    "nncompress.cli.share",
 ]
 
 
@@ -35,17 +37,28 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from .common import HelpFormatter, add_threads_arg
 
     parser = _Parser(
         prog="nncompress",
         description="Compress trained PyTorch networks: pruning, weight sharing, quantization, "
-        "low-rank decomposition, distillation and entropy-coded storage.",
+        "low-rank decomposition, distillation and entropy-coded storage. Every command takes "
+        "--threads (default: auto, see 'nncompress train --help').",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"nncompress {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    seen: set[int] = set()
+    for p in sub.choices.values():  # every command: --threads, defaults shown in --help
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        p.formatter_class = HelpFormatter
+        if "--threads" not in p._option_string_actions:
+            add_threads_arg(p)
     return parser
 
 
@@ -57,6 +70,8 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .common import console
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -64,18 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        from .common import check_arguments
+        from .common import apply_threads, check_arguments
 
         check_arguments(_subparser(parser, args.command), args)  # before any work
+        args.threads = apply_threads(args.threads)
         return int(args.func(args) or 0)
     # every nncompress input error (ConfigError, CheckpointError, DataError, FormatError,
     # TrainingError...) is a ValueError; OSError: a file that could not be read or written
     except (ValueError, OSError) as exc:
-        from .common import console
-
         text = str(exc) if not isinstance(exc, OSError) or str(exc) else type(exc).__name__
         console.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True, markup=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a message, no traceback
+        hint = getattr(args, "interrupt_hint", None)
+        text = hint() if callable(hint) else "nothing was written for the unfinished step"
+        console.print(f"interrupted: {text}", highlight=False, soft_wrap=True)
+        return 130
 
 
 if __name__ == "__main__":

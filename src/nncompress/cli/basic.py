@@ -6,14 +6,17 @@ import argparse
 from pathlib import Path
 
 from .common import (
+    MODEL_HELP,
     RichProgress,
     add_data_args,
+    add_factory_arg,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
     console,
     dataset_for,
-    existing_file,
+    open_model,
     out,
     print_json,
     print_table,
@@ -49,7 +52,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "Accuracy is reported on the test split; the held-out split (carved from the "
         "training set) is used for per-epoch validation and early stopping.",
     )
-    p.add_argument("--model", required=True, help="registry name (see 'nncompress models')")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="registry name (see 'nncompress models')")
+    g.add_argument(
+        "--model-factory",
+        metavar="MODULE:FUNCTION",
+        help="train your own architecture: an importable function returning a freshly built "
+        "model, e.g. mynets:make_net (mynets.py in the current folder or on PYTHONPATH); "
+        "later commands on the checkpoint take the same --model-factory",
+    )
     p.add_argument(
         "--dataset",
         default="fashion-mnist",
@@ -57,7 +68,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="dataset: fashion-mnist (Debian package or --data-dir), mnist (needs --data-dir), "
         "digits (scikit-learn 8x8), synthetic (tiny test set) (default: fashion-mnist)",
     )
-    add_data_args(p)
+    add_data_args(p, fallback=False)
     p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: 0.05)")
     p.add_argument(
@@ -130,10 +141,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "checkpoint",
         type=existing_path,
-        help="checkpoint (.safetensors; exit models print their exit histogram), ONNX model, "
-        "cascade manifest (.json from nncompress cascade --out), or a Hugging Face folder / "
+        help=MODEL_HELP + " (exit models print their exit histogram), an ONNX model (.onnx), "
+        "a cascade manifest (.json from nncompress cascade --out), or a Hugging Face folder / "
         ".ncz written from one (with --reference and --text)",
     )
+    add_factory_arg(p)
     add_data_args(p)
     p.add_argument(
         "--reference", type=Path, help="Hugging Face models: the original folder to compare with"
@@ -163,7 +175,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
         "bytes, MACs (dense and nonzero-only) and measured latency "
         "(median, warm-up excluded).",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p, help=MODEL_HELP + ", or an ONNX model (.onnx)")
     p.add_argument(
         "--batches",
         default="1,64",
@@ -185,11 +197,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="the main job: run the flagship example end to end",
         description="Deep Compression of LeNet-300-100 on Fashion-MNIST end to end with quick "
         "settings (1 epoch per training step): train, prune, share weights, fine-tune, "
-        "Huffman-encode to model.ncz, decode and evaluate; prints the per-layer table.",
+        "Huffman-encode to model.ncz, decode and evaluate; prints the per-layer table and "
+        "writes report.md with figures (about 1 minute with 1 thread on an idle core).",
     )
-    add_data_args(p)
+    add_data_args(p, fallback=False)
     p.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over, replacing the demo run in --out (by default a finished demo is "
+        "reported again and an interrupted one resumed; other files are never overwritten)",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -218,8 +237,18 @@ def _model_kwargs(name: str, splits) -> dict:
     return default_kwargs(name, splits.input_shape, splits.num_classes)
 
 
-def train_model(name: str, splits, cfg, out_path: Path, progress=None, *, channels_last=False):
-    """Train a registry model and save it; returns ``(model, metrics)``.
+def train_model(
+    name: str | None,
+    splits,
+    cfg,
+    out_path: Path,
+    progress=None,
+    *,
+    channels_last=False,
+    factory: str | None = None,
+):
+    """Train a registry model (or ``factory``'s, ``--model-factory``) and save it; returns
+    ``(model, metrics)``.
 
     ``channels_last`` trains conv nets in NHWC memory layout (about 1.4x faster on CPU here).
     """
@@ -227,10 +256,15 @@ def train_model(name: str, splits, cfg, out_path: Path, progress=None, *, channe
 
     from ..engine import evaluate, fit, save_checkpoint, seed_everything
     from ..models import create
+    from .common import build_from_factory
 
-    kwargs = _model_kwargs(name, splits)
     seed_everything(cfg.seed)
-    model = create(name, **kwargs)
+    if factory:
+        kwargs: dict = {}
+        model = build_from_factory(factory)
+    else:
+        kwargs = _model_kwargs(name, splits)
+        model = create(name, **kwargs)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     history = fit(
@@ -249,15 +283,19 @@ def train_model(name: str, splits, cfg, out_path: Path, progress=None, *, channe
     }
     from ..engine import config_to_dict
 
+    extra: dict = {"train_config": config_to_dict(cfg)}
+    if factory:
+        extra["model_factory"] = factory
     save_checkpoint(
         model,
         out_path,
-        model_name=name,
+        model_name=None if factory else name,
         model_kwargs=kwargs,
         dataset=splits.describe(),
         metrics=metrics,
         history=history.epochs,
-        extra={"train_config": config_to_dict(cfg)},
+        extra=extra,
+        reference=build_from_factory(factory) if factory else None,
     )
     return model, metrics
 
@@ -267,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..engine import TrainConfig
     from ..models import MODELS
 
-    if args.model not in MODELS:
+    if args.model is not None and args.model not in MODELS:
         raise ValueError(f"--model={args.model!r}: must be one of {sorted(MODELS)}")
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -285,7 +323,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     splits = load_dataset(args.dataset, args.data_dir)
-    _, metrics = train_model(args.model, splits, cfg, args.out, RichProgress(not args.quiet))
+    _, metrics = train_model(
+        args.model, splits, cfg, args.out, RichProgress(not args.quiet), factory=args.model_factory
+    )
     out.print(
         f"test accuracy {metrics['test_accuracy']:.2f}%  ({metrics['train_wall_time_s']:.1f} s)"
         f"  -> {args.out}"
@@ -303,7 +343,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..engine import evaluate, load_checkpoint
+    from ..engine import evaluate
 
     if args.split not in ("test", "val"):
         raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
@@ -326,8 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .conditional import cmd_eval_conditional, load_for_eval
 
         return cmd_eval_conditional(args, *load_for_eval(args.checkpoint, args.data_dir))
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
+    model, sidecar = open_model(args.checkpoint, args)
+    splits = dataset_for(sidecar, args.data_dir, args.dataset, args.checkpoint)
     if isinstance(model, ConditionalModel):
         from .conditional import cmd_eval_conditional
 
@@ -409,7 +449,6 @@ def show_stats(stats, as_json: bool, title: str) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ..engine import load_checkpoint
     from ..stats import model_stats
 
     batches = _parse_batches(args.batches)
@@ -422,7 +461,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
         return cmd_stats_onnx(args, batches)
     # --- end ONNX ---
-    model, sidecar = load_checkpoint(args.checkpoint)
+    model, sidecar = open_model(args.checkpoint, args)
     shape = tuple((sidecar.get("dataset") or {}).get("input_shape") or ())
     conditional = callable(getattr(model, "forward_all", None))
     if conditional:  # random inputs leave at arbitrary exits: their latency means nothing
@@ -449,8 +488,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     import dataclasses
 
-    from ..recipe import load_recipe, run_recipe
-    from .run import print_run_report
+    from ..recipe import load_recipe, run_recipe, run_status
+    from .run import announce, interrupt_text, print_run_report
 
     path = Path(__file__).resolve().parents[3] / "recipes" / "deep-compression-lenet-300-100.yaml"
     if not path.is_file():
@@ -460,8 +499,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recipe = load_recipe(path)
     if args.data_dir:
         recipe = dataclasses.replace(recipe, data_dir=args.data_dir)
+    status = run_status(recipe, args.out, quick=True)
+    if status["state"] in ("foreign", "other") and not args.fresh:
+        what = "files of something else" if status["state"] == "foreign" else "another run"
+        raise ValueError(
+            f"--out={str(args.out)!r} holds {what}: the demo does not overwrite it; choose "
+            "another --out, or pass --fresh to replace the run there"
+        )
     out.print(f"Deep Compression demo: {path.name} with quick settings -> {args.out}")
-    report = run_recipe(recipe, args.out, progress=RichProgress(), resume=False, quick=True)
-    print_run_report(report)
-    out.print(f"report: {args.out / 'report.md'}, compressed model: {args.out / 'model.ncz'}")
+    announce(recipe, args.out, resume=not args.fresh, quick=True)
+    args.interrupt_hint = lambda: interrupt_text(recipe, args.out, True)
+    report = run_recipe(
+        recipe, args.out, progress=RichProgress(), resume=not args.fresh, quick=True
+    )
+    print_run_report(report, quick_epochs=recipe.quick_epochs)
+    out.print(
+        f"report: {args.out / 'report.md'} (figures: {', '.join(report.get('figures') or [])}), "
+        f"compressed model: {args.out / 'model.ncz'}"
+    )
     return 0

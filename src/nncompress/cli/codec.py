@@ -7,12 +7,16 @@ from pathlib import Path
 
 from .common import (
     RichProgress,
+    add_factory_arg,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
     existing_file,
+    open_model,
     out,
     print_json,
+    print_table,
     refuse_inapplicable,
 )
 
@@ -32,7 +36,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         "positions and entropy-coded codes (Deep Compression stage 3); the rest is stored "
         "densely. Lossless unless an fp16 option is given.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument("--out", required=True, type=Path, help="output file (.ncz)")
     p.add_argument(
         "--codec",
@@ -105,6 +109,7 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
         "--tokenizer-from", type=Path, help="with --hf-out: copy tokenizer files from this folder"
     )
     add_max_bytes_arg(p)
+    add_factory_arg(p)
     p.set_defaults(func=cmd_decode)
 
 
@@ -151,24 +156,7 @@ def add_max_bytes_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _table(title: str, headers: list[str], rows: list[list]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, padding=(0, 1), collapse_padding=True)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-    cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in r] for r in rows]
-    for r in cells:
-        table.add_row(*r)
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    need = sum(widths) + 2 * len(widths) + 2
-    if need <= out.width:
-        out.print(table)
-    else:  # never squeeze numbers into ellipses: print wider than the terminal
-        import sys
-
-        from rich.console import Console
-
-        Console(file=sys.stdout, width=need).print(table)
+    print_table(title, headers, rows)
 
 
 def _print_report(report, title: str, streams: bool = False) -> None:
@@ -177,8 +165,10 @@ def _print_report(report, title: str, streams: bool = False) -> None:
     out.print(
         "scheme: sparse = codebook + relative-index positions, codes = codebook + a code per "
         "element, context = codebook + context-coded significance map and codes (i H: map, "
-        "class maps and tables per nonzero), dense/dense16 = plain fp32/fp16 values; w/i = weight-code/index bits per "
-        "code (P+Q fixed width, H entropy-coded); b = index bits; fill = filler entries",
+        "class maps and tables per nonzero), sparse32/sparse16 = fp32/fp16 values (byte planes, "
+        "entropy-coded) at relative-index positions, dense/dense16 = plain fp32/fp16 values, "
+        "pq = product quantization; w/i = weight-code/index bits per code (P+Q fixed width, H "
+        "entropy-coded; sparse32/16: bits per value); b = index bits; fill = filler entries",
         highlight=False,
         style="dim",
     )
@@ -213,7 +203,6 @@ def _print_report(report, title: str, streams: bool = False) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from ..engine import load_checkpoint
     from ..io import EncodeConfig, checkpoint_metadata, save_compressed
 
     if args.out.suffix != ".ncz":
@@ -236,7 +225,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         dense_dtype=args.dense_dtype,
         max_codebook_bits=args.max_codebook_bits,
     )
-    model, sidecar = load_checkpoint(args.checkpoint)
+    model, sidecar = open_model(args.checkpoint, args)
     report = save_compressed(
         model,
         args.out,
@@ -252,7 +241,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from ..io import decode_to_checkpoint
+    from ..io import ArchitectureMissing, decode_to_checkpoint
+    from .common import build_from_factory
 
     # --- Hugging Face folders (nncompress.cli.hf) ---
     if args.hf_out is not None:
@@ -262,7 +252,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
     # --- end Hugging Face ---
     if args.out is None:
         raise ValueError("decode: give --out (a checkpoint) or --hf-out (a Hugging Face folder)")
-    path = decode_to_checkpoint(args.file, args.out, max_bytes=args.max_bytes)
+    try:
+        model = build_from_factory(args.model_factory) if args.model_factory else None
+        path = decode_to_checkpoint(args.file, args.out, model=model, max_bytes=args.max_bytes)
+    except ArchitectureMissing as exc:
+        raise ValueError(
+            f"'{args.file}': {exc}"
+            + (f" (e.g. a function returning a fresh {exc.class_name})" if exc.class_name else "")
+        ) from exc
     out.print(f"wrote {path} (+ {path.with_suffix('.json').name})", highlight=False)
     return 0
 

@@ -10,6 +10,7 @@ from .common import (
     CheckpointJob,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
     existing_file,
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(.safetensors): a smaller dense model. Prints params and MACs before and after and "
         "test accuracy. 'nncompress prune --method filter-CRITERION' is the same command.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--criterion", default="l1", choices=CRITERIA, help="filter ranking (default: l1)"
     )
@@ -88,7 +89,7 @@ def filter_stage_config(args: argparse.Namespace, criterion: str, per_layer: Any
         ratio=args.ratio,
         per_layer=per_layer or None,
         macs_budget=args.macs_budget,
-        scope=args.scope,
+        scope=args.scope or "layer",
         min_channels=args.min_channels,
         exclude=tuple(args.exclude),
         epochs=args.retrain_epochs,
@@ -138,6 +139,7 @@ def finish_pruning(job: CheckpointJob, args, report: dict, before: float, title:
         [n, r["params"], r["kept"], f"{100 * r['kept_fraction']:.1f}%"] for n, r in layers.items()
     ]
     print_table(title, ["layer", "weights", "kept", "kept %"], rows)
+    _print_allocation(report)
     if "dead_neurons" in report:
         d = report["dead_neurons"]
         out.print(
@@ -178,6 +180,32 @@ def policy_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
         "lr": (retrain, no_retrain),
         "lr_scale": (retrain, no_retrain),
     }
+
+
+def _print_allocation(report: dict) -> None:
+    """The per-layer sparsities the allocation chose and the predicted drop."""
+    alloc = report.get("allocation") or report.get("sensitivity")
+    if alloc and alloc.get("per_layer"):
+        how = (
+            f"global magnitude ranking, floor {alloc['floor']:g} x kept fraction"
+            if alloc.get("method") == "global"
+            else "sensitivity analysis"
+        )
+        chosen = ", ".join(f"{n} {100 * v:.1f}%" for n, v in alloc["per_layer"].items())
+        out.print(f"allocation ({how}): sparsity {chosen}", highlight=False)
+    if alloc and alloc.get("predicted_drop") is not None:
+        out.print(
+            f"sensitivity-predicted drop (additive): {alloc['predicted_drop']:.2f} points",
+            highlight=False,
+        )
+    pred = report.get("predicted")
+    if pred:
+        out.print(
+            f"predicted drop: held-out {pred['val_accuracy']:.2f}% -> "
+            f"{pred['val_accuracy_one_shot']:.2f}% pruned in one shot ({pred['drop']:.2f} "
+            "points, before retraining)",
+            highlight=False,
+        )
 
 
 def cmd_prune_filters(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from .common import (
     CheckpointJob,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
-    existing_file,
     out,
     print_json,
     print_table,
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fine-tune (by distillation from the original by default), print per-layer ranks, "
         "params and MACs before/after and test accuracy before/after, and save the result.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--method", required=True, help="svd | separable | tucker2 | cp | tt (see docs/lowrank.md)"
     )
@@ -52,6 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME",
         help="layer names or fnmatch patterns (default: every layer the method supports)",
+    )
+    p.add_argument(
+        "--include-classifier",
+        action="store_true",
+        help="also decompose the output layer (kept whole by default unless --layers names it)",
+    )
+    p.add_argument(
+        "--allocate",
+        default="auto",
+        choices=["auto", "response", "energy"],
+        help="how --params-budget / --macs-budget is spread: response = ranks minimising the "
+        "summed relative response error on training batches (svd, separable), energy = one "
+        "singular-value energy shared by all layers, auto = response where possible",
     )
     p.add_argument("--min-rank", type=int, default=1, help="lower bound on ranks (default: 1)")
     p.add_argument("--tt-cores", type=int, default=3, help="tt: number of cores (default: 3)")
@@ -125,6 +138,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         tt_cores=args.tt_cores,
         require_fewer_macs=not args.allow_more_macs,
         layers=tuple(args.layers) if args.layers else None,
+        keep_classifier=not args.include_classifier,
+        allocate=args.allocate,
         refit_batches=args.refit_batches,
         finetune_epochs=args.finetune_epochs,
         lr_scale=args.lr_scale,
@@ -194,13 +209,28 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     for x in report.layers:
         if x.reason:
             out.print(f"{x.name}: skipped ({x.reason})", highlight=False)
-    if report.knob is not None:
+    if info.get("classifier_kept"):
+        out.print(
+            f"{info['classifier_kept']}: kept whole (the output layer; --include-classifier "
+            "or --layers to decompose it)",
+            highlight=False,
+        )
+    if report.allocation == "response":
+        out.print(
+            f"budget: ranks by response error per parameter (allocate=response), met: "
+            f"{report.budget_met}",
+            highlight=False,
+        )
+    elif report.knob is not None:
         out.print(f"budget: global knob {report.knob:.4g}, met: {report.budget_met}")
     for r in info.get("refit", []):
         out.print(
             f"{r['name']}: refit response error {r['error_before']:.4f} -> {r['error_after']:.4f}",
             highlight=False,
         )
-    tail = f" after {info['finetune_epochs']} fine-tuning epochs" if info["finetune_epochs"] else ""
+    if info["finetune_epochs"]:
+        tail = f" after {info['finetune_epochs']} fine-tuning epochs"
+    else:
+        tail = " (no fine-tuning: --finetune-epochs N recovers more)"
     out.print(f"test accuracy {before:.2f}% -> {after:.2f}%{tail}  -> {args.out}")
     return 0

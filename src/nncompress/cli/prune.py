@@ -14,6 +14,7 @@ from .common import (
     CheckpointJob,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
     existing_file,
@@ -29,16 +30,33 @@ Runner = Callable[[Any, Any], dict]
 
 
 def _connection_config(args: argparse.Namespace):
+    """The ``prune`` stage config of ``--method magnitude|agp`` (validated before any work)."""
     from ..stages.prune import PruneStageConfig
 
+    allocate = _allocation(args)
+    per_layer = parse_per_layer(args.per_layer)
+    nothing = args.q is None and args.sparsity is None and not per_layer
+    if (
+        nothing
+        and allocate not in ("policy",)
+        and not (allocate == "sensitivity" and args.max_drop)
+    ):
+        raise ValueError(
+            "nothing to prune: give --sparsity S (a model-wide target, spread over layers by "
+            "--allocate), --q Q (Han's per-layer threshold), --per-layer, --policy, or "
+            "--allocate sensitivity --max-drop POINTS"
+        )
+    if args.sparsity == 0 and not per_layer:
+        raise ValueError("--sparsity=0: prunes nothing; give a target in (0, 1)")
     return PruneStageConfig(
         method=args.method,
         q=args.q,
         sparsity=args.sparsity,
-        scope=args.scope,
-        per_layer=parse_per_layer(args.per_layer),
+        scope=args.scope or "layer",
+        per_layer=per_layer,
         exclude=tuple(args.exclude),
-        allocate=_allocation(args),
+        allocate=allocate,
+        floor=args.floor,
         policy_file=str(args.policy) if args.policy is not None else None,
         max_drop=args.max_drop,
         **(
@@ -66,12 +84,31 @@ def _run_connection(cfg, ctx) -> dict:
     return run_prune_stage(ctx, cfg)
 
 
+ALLOCATE = {"global": "global", "uniform": "none", "sensitivity": "sensitivity"}
+
+
 def _allocation(args: argparse.Namespace) -> str:
-    if args.policy is not None and args.allocate_sensitivity:
-        raise ValueError("--policy and --allocate-sensitivity: choose one allocation")
+    """The stage's ``allocate`` from ``--allocate`` / ``--allocate-sensitivity`` /
+    ``--policy`` / ``--scope``: by default a model-wide ``--sparsity`` is spread by one global
+    magnitude ranking with a per-layer floor."""
+    chosen = args.allocate
+    if args.allocate_sensitivity:
+        if chosen not in (None, "sensitivity"):
+            raise ValueError(f"--allocate-sensitivity and --allocate {chosen}: choose one")
+        chosen = "sensitivity"
     if args.policy is not None:
+        if chosen is not None:
+            raise ValueError(f"--policy and --allocate {chosen}: choose one allocation")
         return "policy"
-    return "sensitivity" if args.allocate_sensitivity else "none"
+    if chosen is None:  # the default: global ranking, unless the flags say otherwise
+        if args.sparsity is None or args.scope == "global":
+            return "none"
+        return "global"
+    if args.scope == "global" and chosen != "uniform":
+        raise ValueError(f"--scope global ranks without floors; it replaces --allocate {chosen}")
+    if chosen == "global" and args.sparsity is None:
+        raise ValueError("--allocate global spreads a model-wide --sparsity: give --sparsity")
+    return ALLOCATE[chosen]
 
 
 def _distill(text: str | None) -> dict[str, float] | None:
@@ -88,8 +125,13 @@ def _filter_config(args: argparse.Namespace):
     (the connection-pruning flags it does not use are refused by :func:`_prune_rules`)."""
     from .filters import filter_stage_config
 
-    criterion = args.method.removeprefix("filter-")
-    return filter_stage_config(args, criterion, parse_per_layer(args.per_layer))
+    per_layer = parse_per_layer(args.per_layer)
+    if args.ratio is None and args.macs_budget is None and not per_layer and args.policy is None:
+        raise ValueError(
+            f"nothing to prune: --method {args.method} needs --ratio, --macs-budget, "
+            "--per-layer or --policy"
+        )
+    return filter_stage_config(args, args.method.removeprefix("filter-"), per_layer)
 
 
 def _run_filter(cfg, ctx) -> dict:
@@ -103,7 +145,8 @@ def _prune_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
     m = args.method
     filt = m.startswith("filter-")
     retrain = args.retrain_epochs > 0
-    sens = args.allocate_sensitivity
+    sens = args.allocate_sensitivity or args.allocate == "sensitivity"
+    glob = not filt and _allocation(args) == "global"
     no_retrain = "only with --retrain-epochs > 0 (nothing is retrained)"
     conn = (retrain and not filt, f"not with --method {m}" if filt else no_retrain)
     return {
@@ -116,8 +159,10 @@ def _prune_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
         "agp_frequency": (m == "agp", f"only with --method agp (got {m})"),
         "agp_initial_sparsity": (m == "agp", f"only with --method agp (got {m})"),
         "allocate_sensitivity": (not filt, f"not with --method {m}"),
-        "max_drop": (sens, "only with --allocate-sensitivity"),
-        "sensitivities": (sens, "only with --allocate-sensitivity"),
+        "allocate": (not filt, f"not with --method {m}"),
+        "floor": (glob, "only with --allocate global (the default with --sparsity)"),
+        "max_drop": (sens, "only with --allocate sensitivity (--allocate-sensitivity)"),
+        "sensitivities": (sens, "only with --allocate sensitivity (--allocate-sensitivity)"),
         "remove_dead": (not filt, f"not with --method {m} (filters are removed physically)"),
         "no_dropout_adjust": conn,
         "distill": conn,
@@ -179,13 +224,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
-        help="prune a checkpoint (connection pruning: magnitude, agp)",
-        description="Prune a checkpoint and retrain it (Han et al. 2015 connection pruning: "
-        "threshold q x std per layer, or a target sparsity per layer / global; iterative "
-        "prune -> retrain or gradual AGP). Prints per-layer kept %% and test accuracy before "
-        "and after, and writes OUT (.safetensors) with its JSON sidecar.",
+        help="prune a checkpoint: connection pruning (magnitude, agp) or filter pruning "
+        "(filter-l1, ...)",
+        description="Prune a checkpoint and retrain it. Connection pruning (Han et al. 2015): "
+        "a model-wide --sparsity spread over layers by one global magnitude ranking with a "
+        "per-layer floor (or uniformly, or by sensitivity), or Han's threshold q x std per "
+        "layer; iterative prune -> retrain or gradual AGP (Zhu & Gupta 2017). Filter pruning "
+        "with physical thinning (Li et al. 2017): --method filter-l1|l2|random|largest with "
+        "--ratio or --macs-budget, the same as 'nncompress prune-filters'. Prints the chosen "
+        "per-layer sparsities, the predicted drop (held-out, one-shot, before retraining), "
+        "per-layer kept % and test accuracy before and after, and writes OUT (.safetensors) "
+        "with its JSON sidecar.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--method",
         default="magnitude",
@@ -204,7 +255,26 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-channels", type=int, default=1, help="filter-*: channels every layer keeps"
     )
-    p.add_argument("--scope", default="layer", help="layer | global ranking (default: layer)")
+    p.add_argument(
+        "--allocate",
+        choices=sorted(ALLOCATE),
+        default=None,
+        help="how a model-wide --sparsity is spread over layers: global = one magnitude "
+        "ranking of all layers with a per-layer floor (default with --sparsity), uniform = "
+        "every layer pruned to --sparsity, sensitivity = from a held-out sensitivity scan",
+    )
+    p.add_argument(
+        "--floor",
+        type=float,
+        default=0.3,
+        help="--allocate global: every layer keeps at least FLOOR x (1 - sparsity) of its weights",
+    )
+    p.add_argument(
+        "--scope",
+        default=None,
+        help="layer | global: global ranks all layers without floors (Han's --q is per "
+        "layer) (default: layer)",
+    )
     p.add_argument(
         "--per-layer",
         help="per-layer overrides: 'fc1=0.9,fc2=0.8' or a JSON file {name: value} "
@@ -216,8 +286,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allocate-sensitivity",
         action="store_true",
-        help="set per-layer sparsities from a sensitivity analysis on the held-out split "
-        "(within --max-drop, or the smallest drop reaching --sparsity overall)",
+        help="the same as --allocate sensitivity: per-layer sparsities from a sensitivity "
+        "analysis on the held-out split (within --max-drop, or the smallest drop reaching "
+        "--sparsity overall)",
     )
     p.add_argument("--max-drop", type=float, help="tolerated accuracy drop in points")
     p.add_argument(
@@ -284,7 +355,7 @@ def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
         "evaluate on the held-out split, and write DIR/sensitivity.json, DIR/sensitivity.png "
         "and DIR/per_layer.json (the largest sparsity per layer within --max-drop points).",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(
         "--sparsities",

@@ -12,9 +12,9 @@ from .common import (
     RichProgress,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     dataset_for,
-    existing_file,
     out,
     print_json,
     print_table,
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "onnxruntime runs with integer kernels. Prints test accuracy before (PyTorch fp32) and "
         "after (onnxruntime), file sizes and each layer's precision.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--method",
         default="ptq",
@@ -89,7 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="QAT learning rate relative to the checkpoint's training rate (default: 0.1)",
     )
     p.add_argument("--lsq", action="store_true", help="QAT with learned step sizes (LSQ)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
     p.add_argument(
         "--out", required=True, type=Path, help="output ONNX model (.onnx), or .ncz with pq"
     )
@@ -215,9 +214,12 @@ def cmd_eval_onnx(args: argparse.Namespace) -> int:
             f"'{args.checkpoint}' has no 'dataset' in its metadata_props (write it with "
             "nncompress quantize / export_onnx(metadata={'dataset': splits.describe()}))"
         )
-    splits = dataset_for(meta, args.data_dir)
+    splits = dataset_for(meta, args.data_dir, args.dataset, args.checkpoint)
     res = evaluate_onnx(
-        args.checkpoint, splits.loader(args.split, 500), progress=RichProgress(not args.quiet)
+        args.checkpoint,
+        splits.loader(args.split, 500),
+        threads=args.threads,
+        progress=RichProgress(not args.quiet),
     )
     return print_accuracy(args, res, "onnxruntime")
 
@@ -226,7 +228,7 @@ def cmd_stats_onnx(args: argparse.Namespace, batches: tuple[int, ...]) -> int:
     """``nncompress stats model.onnx``: bytes per initializer, MACs, onnxruntime latency."""
     from ..quant.onnx_export import onnx_stats
 
-    st = onnx_stats(args.checkpoint, batches=batches, repeats=args.repeats)
+    st = onnx_stats(args.checkpoint, batches=batches, repeats=args.repeats, threads=args.threads)
     if args.json:
         print_json(st)
         return 0
@@ -249,6 +251,6 @@ def cmd_stats_onnx(args: argparse.Namespace, batches: tuple[int, ...]) -> int:
     for k, v in st["latency_ms"].items():
         out.print(
             f"latency {k.replace('_', ' ')}: {v:.3f} ms (median, onnxruntime, "
-            f"{st['threads']} thread)"
+            f"{st['threads']} thread{'s' if st['threads'] > 1 else ''})"
         )
     return 0

@@ -11,8 +11,8 @@ from .common import (
     CheckpointJob,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
-    existing_file,
     out,
     print_json,
     print_table,
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "allocate: policy), DIR/rewards.png, DIR/ratios.png and the resumable log "
         "DIR/episodes.jsonl (running the command again on DIR continues the search).",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--target",
         required=True,

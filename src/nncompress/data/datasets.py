@@ -7,6 +7,7 @@ sensitivity scans and early stopping) and the untouched test split (final report
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -166,6 +167,19 @@ class BatchLoader:
         return out.contiguous()
 
 
+def max_samples() -> int | None:
+    """``$NNCOMPRESS_MAX_SAMPLES``: when set to ``N``, every dataset keeps only the first ``N``
+    training samples and ``N // 4`` held-out and test samples (normalised with the full
+    training statistics), for smoke runs of documented commands (the documentation test runs
+    every README command this way). Unset or empty: the whole dataset."""
+    text = os.environ.get("NNCOMPRESS_MAX_SAMPLES", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 4:
+        raise DataError(f"NNCOMPRESS_MAX_SAMPLES={text!r}: must be an integer >= 4")
+    return int(text)
+
+
 def _finish(
     name: str,
     xtr: np.ndarray,
@@ -210,6 +224,10 @@ def _finish(
     def norm(t: torch.Tensor) -> torch.Tensor:
         return (t - mean) / std
 
+    cap = max_samples()
+    if cap is not None:  # a smoke run: the first samples of each split (sizes in describe())
+        train_idx, val_idx = train_idx[:cap], val_idx[: max(1, cap // 4)]
+        xte, yte = xte[: max(1, cap // 4)], yte[: max(1, cap // 4)]
     return DataSplits(
         name=name,
         train=(norm(xtr[train_idx]), ytr[train_idx]),
@@ -228,11 +246,26 @@ def _locate(folder: Path, stem: str) -> Path:
     raise DataError(f"missing IDX file '{folder / stem}[.gz]'")
 
 
+def _read_idx_cached(path: Path) -> np.ndarray:
+    """:func:`read_idx`, remembered per file (path, size, modification time) for the life of the
+    process: a session that loads a dataset several times (the documentation test, a notebook)
+    decompresses the ~30 MB of Fashion-MNIST once. The array is read-only."""
+    st = path.stat()
+    return _read_idx_key(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_idx_key(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    arr = read_idx(Path(path))
+    arr.setflags(write=False)
+    return arr
+
+
 def _load_idx_folder(name: str, folder: Path, val_size: int, seed: int, hint: str) -> DataSplits:
     if not folder.is_dir():
         raise DataError(f"{name}: data folder '{folder}' does not exist; {hint}")
     try:
-        arrays = {k: read_idx(_locate(folder, stem)) for k, stem in _IDX_FILES.items()}
+        arrays = {k: _read_idx_cached(_locate(folder, stem)) for k, stem in _IDX_FILES.items()}
     except DataError as exc:
         raise DataError(f"{name}: {exc}; {hint}") from exc
     for split in ("train", "test"):

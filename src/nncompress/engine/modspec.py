@@ -44,6 +44,7 @@ __all__ = [
     "apply_replacements",
     "build_architecture",
     "describe_architecture",
+    "describe_model",
     "diff_modules",
     "folded_copy",
     "module_from_spec",
@@ -372,7 +373,7 @@ MAX_SPEC_DEPTH = 64  # nesting of module specs
 MAX_SPEC_MODULES = 100_000  # module specs in one architecture
 MAX_LIST = 64  # items of a list-valued constructor argument
 MAX_INT = 1 << 31  # |integer| constructor arguments
-_ARCH_KEYS = ("model", "kwargs", "replacements", "spec", "wrappers")
+_ARCH_KEYS = ("model", "kwargs", "replacements", "spec", "wrappers", "class")
 MAX_WRAPPERS = 8
 _SPEC_KEYS = ("type", "kwargs", "children")
 
@@ -464,6 +465,9 @@ def validate_architecture(arch: Any) -> None:
             check_kwargs(name, kwargs)
         except ValueError as exc:
             raise SpecError(f"architecture.kwargs: {exc}") from exc
+    cls = arch.get("class")  # a custom model's class name: shown in messages, never imported
+    if cls is not None and (not isinstance(cls, str) or len(cls) > 200):
+        raise SpecError(f"architecture.class={cls!r:.80}: must be a class name (a string)")
     budget = [MAX_SPEC_MODULES]
     if "spec" in arch:
         validate_spec(arch["spec"], "<root>", budget)
@@ -506,6 +510,33 @@ def _compare_shapes(built: dict, present: dict, where: str) -> None:
             f"{where}: the architecture needs {need:,} values in {len(built)} tensors, the "
             f"weights present hold {have:,} in {len(present)} ({'; '.join(parts)})"
         )
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """The architecture of ``model`` as far as it describes itself, for files saved from
+    Python without a sidecar (``save_compressed(model, path)``).
+
+    A model built by :func:`nncompress.create_model` (or loaded from one of its checkpoints)
+    gives its registry name, arguments and replacements; a model made only of describable
+    modules (an ``nn.Sequential`` of standard layers) its whole ``spec``; any other model
+    ``{"model": None, "replacements": {}, "class": "package.Class"}``: rebuilding it needs a
+    fresh instance (``--model-factory`` on the command line, ``model=`` in Python).
+    """
+    from ..models import registry_entry
+
+    entry = registry_entry(model)
+    if entry is not None:
+        try:
+            return describe_architecture(
+                model, model_name=entry["model"], model_kwargs=entry["kwargs"]
+            )
+        except SpecError:
+            pass
+    try:
+        return describe_architecture(model)
+    except SpecError:
+        cls = type(model)
+        return {"model": None, "replacements": {}, "class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def build_architecture(

@@ -486,6 +486,8 @@ def fit(
                         metrics["val_accuracy"] = val["accuracy"]
                 history.epochs.append(metrics)
                 log.info("epoch %d: %s", epoch + 1, metrics)
+                shown = {k: v for k, v in metrics.items() if k != "epoch"}
+                task.advance(step, epoch=epoch + 1, epochs=cfg.epochs, epoch_done=True, **shown)
                 for cb in callbacks:
                     cb.on_epoch_end(model, epoch, metrics)
                 if any(cb.stop_training for cb in callbacks):

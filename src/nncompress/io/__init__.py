@@ -2,7 +2,12 @@
 with codebooks, relative-index sparse positions and entropy-coded streams; decode it back
 bit-exactly; itemise its size. See docs/format.md for the byte-level specification."""
 
-from .checkpoint import checkpoint_metadata, decode_to_checkpoint
+from .checkpoint import (
+    ArchitectureMissing,
+    checkpoint_metadata,
+    decode_to_checkpoint,
+    load_model_file,
+)
 from .config import EncodeConfig
 from .container import (
     DEFAULT_MAX_BYTES,
@@ -21,6 +26,7 @@ from .errors import FormatError
 from .report import EncodeReport, StreamReport, TensorReport
 
 __all__ = [
+    "ArchitectureMissing",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ELEMENTS",
     "EncodeConfig",
@@ -36,6 +42,7 @@ __all__ = [
     "inspect_bytes",
     "inspect_file",
     "load_compressed",
+    "load_model_file",
     "pq_block_hints",
     "round_for_storage_",
     "save_compressed",

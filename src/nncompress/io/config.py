@@ -15,7 +15,7 @@ from .pq_scheme import DEFAULT_BLOCK_SIZES, PQ_MAX_D
 __all__ = ["CODECS", "EncodeConfig", "SCHEMES"]
 
 CODECS = ("huffman", "ans", "raw", "context")
-SCHEMES = ("auto", "dense", "codebook", "pq")
+SCHEMES = ("auto", "dense", "codebook", "pq", "sparse")
 ORDERS = ("auto", "C", "F")
 LAYOUTS = ("auto", "sparse", "dense", "context")
 DTYPES = ("fp32", "fp16")

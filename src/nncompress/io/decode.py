@@ -43,6 +43,7 @@ from .format import (
 )
 from .pq_scheme import PQ_MAX_D, PQ_MAX_K, pq_table
 from .report import EncodeReport, TensorReport
+from .sparse_values import check_sparse, decode_sparse
 
 __all__ = [
     "decode_bytes",
@@ -176,6 +177,7 @@ _ENTRY_CHECKS = {
     "pq": _check_pq,
     "affine": _check_affine,
     "alias": _check_alias,
+    "sparse": check_sparse,
 }
 
 
@@ -621,6 +623,7 @@ _DECODERS = {
     "codebook": _decode_codebook,
     "pq": _decode_pq,
     "affine": _decode_affine,
+    "sparse": decode_sparse,
 }
 
 

@@ -42,6 +42,7 @@ from .format import (
 )
 from .pq_scheme import PQ_MAX_K, find_subvector_codebook, fp16_exact, pq_table
 from .report import EncodeReport, TensorReport
+from .sparse_values import MAX_DENSITY, sparse_candidates
 
 __all__ = [
     "encode_state_dict",
@@ -424,6 +425,14 @@ def _best_candidate(
         return min(cands, key=lambda c: c.nbytes)
     if scheme in ("auto", "codebook"):
         cands += _codebook_candidates(name, t, config, b, forced=scheme == "codebook")
+    if scheme in ("auto", "sparse"):
+        sparse = sparse_candidates(name, t, config, b, _Candidate)
+        if not sparse and scheme == "sparse":
+            raise ConfigError(
+                f"scheme['{name}']='sparse': needs a non-empty float32/float16 tensor with at "
+                f"most {MAX_DENSITY:.0%} nonzeros"
+            )
+        cands += sparse
     if scheme in ("auto", "dense"):
         cands.append(_dense_candidate(name, t, config))
     return min(cands, key=lambda c: c.nbytes)  # first of equals wins: deterministic
@@ -489,6 +498,22 @@ def _as_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]):
     return dict(model_or_state)
 
 
+def _with_architecture(state: Any, metadata: Any) -> Any:
+    """Metadata that lets ``nncompress decode`` / ``eval`` rebuild a model saved from Python:
+    for an ``nn.Module`` without a ``"checkpoint"`` entry, its architecture
+    (:func:`~nncompress.engine.modspec.describe_model`) is added under
+    ``{"checkpoint": {"architecture": ...}}``; anything else is kept as given."""
+    if not isinstance(state, nn.Module):
+        return metadata
+    if metadata is not None and (not isinstance(metadata, dict) or "checkpoint" in metadata):
+        return metadata
+    from .. import __version__
+    from ..engine.modspec import describe_model
+
+    info = {"architecture": describe_model(folded_copy(state)), "nncompress_version": __version__}
+    return {**(metadata or {}), "checkpoint": info}
+
+
 def _placed(
     name: str,
     t: torch.Tensor,
@@ -507,6 +532,8 @@ def _placed(
     for key in ("codes", "index", "zero"):  # a pq entry's "zero" is a flag, not a stream
         if isinstance(entry.get(key), dict):
             entry[key]["sec"] += first
+    for ref in entry.get("planes", ()):
+        ref["sec"] += first
     log.debug("encoded %s: %s, %d bytes", name, entry["scheme"], cand.nbytes)
     return entry, cand
 
@@ -535,6 +562,7 @@ def encode_state_dict(
     if not isinstance(config, EncodeConfig):
         raise ValueError(f"config: expected an EncodeConfig, got {type(config).__name__}")
     sd = _as_state_dict(state)
+    metadata = _with_architecture(state, metadata)
     hints = pq_block_hints(state) if isinstance(state, nn.Module) else {}
     stored = storage_hints(state) if isinstance(state, nn.Module) else {}
     names = list(sd)

@@ -5,7 +5,8 @@ symbol-stream codecs; :mod:`.encode` writes files and :mod:`.decode` reads them.
 
 Byte layout (all integers little-endian; full description in docs/format.md)::
 
-    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor=3, u32 sections S
+    prefix   16 bytes: magic b"\\x89NCZ\\r\\n\\x1a\\n", u16 major=1, u16 minor (what the
+             contents need, at least 2: written_minor), u32 sections S
     S sections, each framed as: u32 length, u32 CRC32 (of the u32 section index then the
       payload; of the payload alone in version 1.0 and 1.1 files), payload
       section 0   header: zlib-deflated canonical JSON (tensor names, shapes, dtypes, schemes,
@@ -33,8 +34,12 @@ Schemes (chosen per tensor to minimise bytes unless overridden, see :class:`Enco
 * ``affine`` (format 1.3; weight-only quantized matrices, :mod:`nncompress.quant.weight_only`):
   packed group-wise codes, float16 scales and zero points; decoded as ``(q - z) * s``.
 * ``alias`` (format 1.3): a tensor bit-identical to an earlier one (tied weights), no data.
+* ``sparse`` (format 1.5; float tensors with at most 75% nonzeros whose values are not
+  shared: pruned layers): relative-index positions as in the codebook scheme's sparse layout,
+  and the nonzero values as byte planes (most significant first), each an entropy-coded
+  stream; see :mod:`.sparse_values`.
 
-Zeros: in the codebook and pq schemes both +0.0 and -0.0 count as zero and decode to +0.0 (a masked
+Zeros: in the codebook, pq and sparse schemes both +0.0 and -0.0 count as zero and decode to +0.0 (a masked
 weight ``w * 0`` is -0.0 when ``w < 0``; keeping the sign would make every pruned negative weight
 a nonzero). ``round_for_storage_`` applies the same rule, so decoded == evaluated bit for bit.
 Every other value, NaN payloads included, is kept bit-exactly.
@@ -83,9 +88,13 @@ __all__ = [
 ]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
-VERSION = (1, 4)  # 1.1: 'pq'; 1.2: CRCs bound to their index; 1.3: 'affine', 'alias', dtypes;
-# 1.4: the codebook layout 'context'
+VERSION = (1, 5)  # 1.1: 'pq'; 1.2: CRCs bound to their index; 1.3: 'affine', 'alias', dtypes;
+# 1.4: the codebook layout 'context'; 1.5: the 'sparse' scheme (pruned float tensors)
 BOUND_CRC_MINOR = 2  # first minor version whose CRCs cover the section index
+#: the minor version each scheme needs (a scheme not listed needs 1.0); a file is written with
+#: the largest of BOUND_CRC_MINOR and what its tensors need, so a file without a newer scheme
+#: stays readable by older readers ("version needed to extract")
+SCHEME_MINOR = {"pq": 1, "sparse": 3}
 _PREFIX = struct.Struct("<8sHHI")
 _FRAME = struct.Struct("<II")
 MAX_HEADER_BYTES = 16 << 20  # decompressed header / metadata JSON
@@ -310,7 +319,7 @@ def _canonical_json(obj: Any, what: str) -> bytes:
 
 
 #: the minor version each scheme needs (a scheme not listed needs 1.0)
-SCHEME_MINOR = {"pq": 1, "affine": 3, "alias": 3}
+SCHEME_MINOR = {"pq": 1, "affine": 3, "alias": 3, "sparse": 5}
 LAYOUT_MINOR = {"context": 4}  # codebook layouts added after 1.0
 
 

@@ -94,7 +94,8 @@ def fuzz_bases() -> list[bytes]:
     """Valid files to mutate: a small state dict (4-D conv codebook, sparse FC, dense bias,
     bool, int64 scalar, float16) with every codec x layout x order, fp16 storage, one format
     1.0 file, a file with the 'context' layout (1.4), two files with a product-quantized
-    tensor (scheme 'pq', 1.1) and two with an ``affine`` tensor and its ``alias`` (1.3)."""
+    tensor (scheme 'pq', 1.1), two with an ``affine`` tensor and its ``alias`` (1.3) and two
+    with pruned float tensors (scheme 'sparse', 1.5)."""
     import torch
 
     from .config import EncodeConfig
@@ -113,13 +114,21 @@ def fuzz_bases() -> list[bytes]:
     out = []
     for codec in ("huffman", "ans", "raw"):
         for layout, order in (("dense", "auto"), ("sparse", "C"), ("sparse", "F")):
-            cfg = EncodeConfig(codec=codec, layout=layout, order=order, codec_fallback=False)
+            cfg = EncodeConfig(
+                codec=codec,
+                layout=layout,
+                order=order,
+                codec_fallback=False,
+                scheme={"fc.weight": "codebook"},  # not the float 'sparse' scheme (below)
+            )
             out.append(encode_state_dict(state, cfg, {"m": [1, 2]})[0])
     cfg = EncodeConfig(codec="huffman", codebook_dtype="fp16", dense_dtype="fp16")
     out.append(encode_state_dict(state, cfg)[0])
     out.append(to_v10(out[0]))
     # the context layout (format 1.4): significance map and codes in one context stream
-    cfg = EncodeConfig(codec="context", layout="context", codec_fallback=False)
+    cfg = EncodeConfig(
+        codec="context", layout="context", codec_fallback=False, scheme={"fc.weight": "codebook"}
+    )
     out.append(encode_state_dict(state, cfg, {"m": [1, 2]})[0])
     # product-quantized tensors (scheme 'pq', format 1.1): 4-subvectors from 5 codewords
     g = torch.Generator().manual_seed(0)
@@ -131,8 +140,16 @@ def fuzz_bases() -> list[bytes]:
         out.append(encode_state_dict(pq_state, cfg)[0])
     out += [_affine_file(transpose) for transpose in (False, True)]
     # the context layout (format 1.4): significance map and codes coded together
-    cfg = EncodeConfig(codec="context", layout="context", codec_fallback=False)
+    cfg = EncodeConfig(
+        codec="context", layout="context", codec_fallback=False, scheme={"fc.weight": "codebook"}
+    )
     out.append(encode_state_dict(state, cfg)[0])
+    # a pruned float tensor (scheme 'sparse', format 1.5): positions + byte-plane values
+    w = torch.randn(24, 20, generator=g) * (torch.rand(24, 20, generator=g) < 0.15)
+    sparse_state = {"sp.weight": w, "sp.half": w[:4].half()}
+    for codec in ("huffman", "raw"):
+        cfg = EncodeConfig(codec=codec, scheme={"sp": "sparse"}, codec_fallback=False)
+        out.append(encode_state_dict(sparse_state, cfg)[0])
     return out
 
 

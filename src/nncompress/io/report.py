@@ -55,13 +55,14 @@ class TensorReport:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    scheme: str  # 'dense', 'codebook', 'pq', 'affine' (group-wise codes) or 'alias'
+    scheme: str  # 'dense', 'codebook', 'pq', 'affine' (group-wise codes), 'alias' or 'sparse'
     layout: str | None  # codebook tensors: 'sparse' (relative index), 'dense' (a code each)
-    # or 'context' (context-coded map + codes: index_bits_coded = classes, map and tables)
+    # or 'context' (context-coded map + codes: index_bits_coded = classes, map and tables);
+    # 'sparse' tensors: 'sparse'
     numel: int
     nonzeros: int
     total_bytes: int
-    dense_store: str | None = None  # dense tensors: 'raw' or 'float16'
+    dense_store: str | None = None  # dense: 'raw' / 'float16'; sparse: values' dtype
     codebook_size: int = 0
     codebook_dtype: str | None = None
     codebook_bits: int = 0
@@ -239,6 +240,8 @@ class EncodeReport:
                 scheme = "dense" if t.dense_store == "raw" else "dense16"
             elif t.scheme in ("pq", "affine", "alias"):
                 scheme = t.scheme
+            elif t.scheme == "sparse":  # float values at relative-index positions
+                scheme = "sparse16" if t.dense_store == "float16" else "sparse32"
             else:
                 scheme = {"sparse": "sparse", "context": "context"}.get(t.layout or "", "codes")
             sparse = t.layout == "sparse"

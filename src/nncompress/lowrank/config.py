@@ -59,6 +59,12 @@ class DecomposeConfig:
     require_fewer_macs : skip layers whose factors would need more MACs than the original even
         if they have fewer parameters (set False for 'tt', which trades MACs for parameters).
     seed : random seed (CP initialisation when the rank exceeds a mode size).
+    allocate : how a ``macs_budget`` / ``params_budget`` is spread over layers: 'response'
+        (ranks minimising the summed relative response error under the budget, on
+        calibration inputs when :func:`decompose_` gets them; svd and separable only,
+        :mod:`nncompress.lowrank.allocate`), 'energy' (one singular-value energy or parameter
+        fraction shared by all layers, found by bisection) or 'auto' (response for svd and
+        separable, energy otherwise).
     """
 
     method: str = "svd"
@@ -76,12 +82,19 @@ class DecomposeConfig:
     cp_iters: int = 100
     require_fewer_macs: bool = True
     seed: int = 0
+    allocate: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("tt_in_modes", "tt_out_modes"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(int(x) for x in v))
+        if self.allocate not in ("auto", "energy", "response"):
+            raise _err("allocate", self.allocate, "must be 'auto', 'energy' or 'response'", "")
+        if self.allocate == "response" and self.method not in ("svd", "separable"):
+            raise _err(
+                "allocate", self.allocate, "'response' needs method 'svd' or 'separable'", ""
+            )
         if not isinstance(self.per_layer, dict):
             raise _err("per_layer", self.per_layer, "must be a mapping {layer: {key: value}}")
         self._validate("")

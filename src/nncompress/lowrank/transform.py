@@ -32,15 +32,18 @@ them as structural replacements and :func:`nncompress.engine.load_checkpoint` re
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.modules import set_submodule
 from ..core.progress import Progress, progress_task
 from ..core.select import LayerSelector, Selectable
 from ..core.validate import config_error as _err
+from .allocate import response_ranks
 from .config import METHODS, DecomposeConfig
 from .plan import (
     Rank,
@@ -90,6 +93,7 @@ class DecomposeReport:
     config: dict[str, Any]
     knob: float | None = None
     budget_met: bool | None = None
+    allocation: str | None = None  # budgets: 'energy' (global knob) or 'response'
 
     def _total(self, key: str) -> int | None:
         vals = [getattr(x, key) for x in self.layers]
@@ -120,6 +124,7 @@ class DecomposeReport:
             "config": self.config,
             "knob": self.knob,
             "budget_met": self.budget_met,
+            "allocation": self.allocation,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "macs_before": self.macs_before,
@@ -187,10 +192,65 @@ def _budget_knob(plans: list[_Plan], config: DecomposeConfig) -> tuple[float, bo
     return knob, budget_met
 
 
+def _uses_response(plans: list[_Plan], config: DecomposeConfig) -> bool:
+    methods = {p.cfg.method for p in plans}
+    if config.allocate == "response":
+        return True
+    return config.allocate == "auto" and bool(methods) and methods <= {"svd", "separable"}
+
+
+def _input_grams(
+    model: nn.Module, plans: list[_Plan], calibration: Iterable | None
+) -> dict[str, torch.Tensor]:
+    """``E[x x^T]`` of the input of every planned Linear layer on the calibration batches
+    (rows = samples x positions), float64; empty without calibration data."""
+    linear = {id(p.module): p.name for p in plans if isinstance(p.module, nn.Linear)}
+    if calibration is None or not linear:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (rows, in)
+        name = linear[id(mod)]
+        sums[name] = sums.get(name, 0) + x.T @ x
+        rows[name] = rows.get(name, 0) + x.shape[0]
+
+    hooks = [p.module.register_forward_hook(hook) for p in plans if id(p.module) in linear]
+    was_training = model.training
+    model.eval()
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                model(x.to(device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / max(rows[n], 1) for n in sums}
+
+
 def _replace_layer(
-    model: nn.Module, p: _Plan, rank: Rank, was_training: bool
+    model: nn.Module, p: _Plan, rank: Rank | None, was_training: bool
 ) -> LayerDecomposition:
-    """Decompose one planned layer at ``rank`` if that saves (else report why not)."""
+    """Decompose one planned layer at ``rank`` if that saves (else report why not);
+    ``rank=None``: the budget allocation keeps the layer whole."""
+    if rank is None:
+        pb, mb = _orig_cost(p)
+        return LayerDecomposition(
+            p.name,
+            type(p.module).__name__,
+            p.cfg.method,
+            "skipped",
+            "kept whole by the budget allocation (its cheapest error per parameter)",
+            full_rank=_full_rank(p),
+            params_before=pb,
+            params_after=pb,
+            macs_before=mb,
+            macs_after=mb,
+        )
     (pb, mb), (ok, (pa, ma)) = _orig_cost(p), _helps(p, rank)
     entry = LayerDecomposition(
         name=p.name,
@@ -223,6 +283,7 @@ def decompose_(
     *,
     filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     input_shape: tuple[int, ...] | None = None,
+    calibration: Iterable | None = None,
     progress: Progress | None = None,
 ) -> DecomposeReport:
     """Replace the model's Linear/Conv2d layers by low-rank factorisations, in place.
@@ -236,6 +297,9 @@ def decompose_(
         layers the method supports.
     input_shape : one sample's shape (e.g. ``(1, 28, 28)``); enables MAC counts, the relative
         output error per layer and ``macs_budget``.
+    calibration : batches of inputs (tensors or ``(x, y)`` pairs) for the 'response' budget
+        allocation (input statistics of each Linear layer); without them the weights' own
+        spectra are used.
     progress : receives :class:`~nncompress.engine.ProgressEvent` per decomposed layer.
 
     Returns
@@ -258,9 +322,20 @@ def decompose_(
         entry.params_before = entry.params_after = _orig_cost(sp)[0]
         entry.macs_before = entry.macs_after = _orig_cost(sp)[1]
 
-    # ---- choose ranks (a global bisection for budgets) before any decomposition work
-    knob, budget_met = _budget_knob(plans, config) if config.is_budget else (None, None)
-    ranks = [_choose_rank(p, knob) for p in plans]
+    # ---- choose ranks (a budget: response-error allocation or a global bisection) first
+    knob, budget_met, allocation = None, None, None
+    if config.is_budget and _uses_response(plans, config):
+        use_macs = config.macs_budget is not None
+        fraction = config.macs_budget if use_macs else config.params_budget
+        target = fraction * sum(_orig_cost(p)[1 if use_macs else 0] for p in plans)
+        grams = _input_grams(model, plans, calibration)
+        ranks, budget_met = response_ranks(plans, target, use_macs, grams)
+        allocation = "response"
+    else:
+        if config.is_budget:
+            knob, budget_met = _budget_knob(plans, config)
+            allocation = "energy"
+        ranks = [_choose_rank(p, knob) for p in plans]
 
     # ---- decompose
     report: list[LayerDecomposition] = [entry for entry, _ in skipped]
@@ -274,4 +349,4 @@ def decompose_(
             model.train(was_training)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.sort(key=lambda x: order.get(x.name, len(order)))
-    return DecomposeReport(report, config.to_dict(), knob, budget_met)
+    return DecomposeReport(report, config.to_dict(), knob, budget_met, allocation)

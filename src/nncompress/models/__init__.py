@@ -30,6 +30,7 @@ __all__ = [
     "create",
     "default_kwargs",
     "list_models",
+    "registry_entry",
 ]
 
 
@@ -172,6 +173,18 @@ def create(name: str, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``create("lenet-5", num_classes=10)``."""
     check_kwargs(name, kwargs)
     try:
-        return MODELS[name].factory(**kwargs)
+        model = MODELS[name].factory(**kwargs)
     except TypeError as exc:
         raise ValueError(f"model={name!r}: bad constructor arguments {kwargs}: {exc}") from exc
+    # what nncompress.engine.modspec.describe_model records for files saved from Python
+    model.nncompress_registry = {"model": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def registry_entry(model: nn.Module) -> dict[str, Any] | None:
+    """``{"model": name, "kwargs": {...}}`` of a model built by :func:`create` (kept by
+    ``copy.deepcopy``), else ``None``."""
+    entry = getattr(model, "nncompress_registry", None)
+    if isinstance(entry, dict) and entry.get("model") in MODELS:
+        return entry
+    return None

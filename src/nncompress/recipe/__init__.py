@@ -6,7 +6,7 @@ summarised in ``report.json`` / ``report.md`` (:mod:`.report`). The stage regist
 from ..stages.registry import STAGES, stage_entry
 from .preflight import preflight
 from .report import layer_table_markdown, report_markdown
-from .runner import STATE_FORMAT, run_recipe, weight_stats
+from .runner import STATE_FORMAT, run_recipe, run_status, weight_stats
 from .schema import Recipe, RecipeError, StageSpec, load_recipe, quick_recipe
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "quick_recipe",
     "report_markdown",
     "run_recipe",
+    "run_status",
     "stage_entry",
     "weight_stats",
 ]

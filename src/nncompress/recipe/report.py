@@ -102,16 +102,31 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| # | stage | test acc. % | nonzeros | size (bytes) | wall (s) |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    earlier = False
     for e in report.get("stages", []):
+        mark = "" if e.get("this_run", True) else " *"
+        earlier |= bool(mark)
         lines.append(
             f"| {e['index'] + 1} | {e['name']} | {_fmt(e['accuracy'])} | {e['nonzeros']:,} | "
             f"{e['size_bytes']:,}{'' if e['size_kind'] == 'file' else ' (est.)'} | "
-            f"{e['wall_time_s']:.1f} |"
+            f"{e['wall_time_s']:.1f}{mark} |"
         )
+    if earlier:
+        lines += ["", "\\* run by an earlier invocation (resumed); its wall time is from then"]
     layers = report.get("layers") or []
     if layers:
         lines += ["", layer_table_markdown(layers)]
-    return "\n".join(lines) + "\n"
+    captions = {
+        "stages.png": "Test accuracy and size after every stage",
+        "layers.png": "Weights kept and bits per layer",
+        "sharing.png": "Weights before sharing, with the shared values (Deep Compression Fig. 5)",
+    }
+    figures = report.get("figures") or []
+    if figures:
+        lines += ["", "## Figures", ""]
+        for name in figures:
+            lines += [f"![{captions.get(name, name)}]({name})", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def layer_table_markdown(layers: list[dict[str, Any]]) -> str:

@@ -30,11 +30,12 @@ from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..engine.train import evaluate
 from ..stages.base import StageContext
 from ..stages.registry import stage_entry
+from .plots import write_figures
 from .preflight import preflight
 from .report import final_report, report_markdown
 from .schema import Recipe, StageSpec, jsonable, load_recipe, quick_recipe
 
-__all__ = ["STATE_FORMAT", "run_recipe", "weight_stats"]
+__all__ = ["STATE_FORMAT", "run_recipe", "run_status", "weight_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,31 @@ def _load_state(out_dir: Path, digest: str) -> RunState | None:
             break
         run.finished.append(entry)
     return run
+
+
+def run_status(
+    recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path, *, quick: bool = False
+) -> dict[str, Any]:
+    """What :func:`run_recipe` would resume from in ``out_dir``, without running anything:
+    ``{"finished": [stage names], "total": n, "state": "new" | "resume" | "done" | "other"}``
+    ('other': the folder holds a run of a different recipe or settings; a folder with files
+    but no run state is 'foreign')."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if quick:
+        recipe = quick_recipe(recipe)
+    out_dir = Path(out_dir)
+    n = len(recipe.stages)
+    if not (out_dir / "state.json").is_file():
+        busy = out_dir.is_dir() and any(out_dir.iterdir())
+        return {"finished": [], "total": n, "state": "foreign" if busy else "new"}
+    try:
+        run = _load_state(out_dir, recipe.digest())
+    except ConfigError:
+        return {"finished": [], "total": n, "state": "other"}
+    names = [e["name"] for e in (run.finished if run else [])]
+    state = "new" if not names else "done" if len(names) == n else "resume"
+    return {"finished": names, "total": n, "state": state}
 
 
 def _open_state(out_dir: Path, digest: str, resume: bool) -> RunState:
@@ -254,6 +280,17 @@ def _run_stage(
     log.info("stage %s: accuracy %.2f%%, %.1f s", spec.name, acc, wall)
 
 
+def _before_share(recipe: Recipe, run: RunState, out_dir: Path) -> Path | None:
+    """The checkpoint the (last) share stage started from: the stage before it, or the
+    recipe's baseline."""
+    idx = [i for i, e in enumerate(run.finished) if e["name"] == "share"]
+    if not idx:
+        return None
+    if idx[-1] == 0:
+        return Path(recipe.baseline) if recipe.baseline else None
+    return out_dir / run.finished[idx[-1] - 1]["checkpoint"]
+
+
 def run_recipe(
     recipe: Recipe | str | Path | dict[str, Any],
     out_dir: str | Path,
@@ -319,6 +356,11 @@ def run_recipe(
         task.advance(n)
 
     report = final_report(recipe, run, ctx, test_loader)
+    for e in report["stages"]:  # wall times of earlier invocations are not this run's
+        e["this_run"] = e["index"] >= start_index
+    report["figures"] = write_figures(
+        report, out_dir, before_share=_before_share(recipe, run, out_dir)
+    )
     write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", report_markdown(report))
     return report

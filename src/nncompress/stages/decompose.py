@@ -22,13 +22,16 @@ targets, ``temperature``, ``alpha``) when ``distill`` is true, else with plain c
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.progress import Progress
+from ..core.select import LayerSelector
 from ..core.validate import check, is_int
 from ..data import DataSplits
 from ..distill import DistillConfig, distillation_loss
@@ -76,13 +79,19 @@ class DecomposeStageConfig(StageConfig):
         decomposition (0: none) at ``lr_scale`` times the recipe's rate (default 1/10), by
         distillation from the pre-decomposition model (Hinton 2015 temperature and
         soft-target weight) when ``distill`` is true.
-    layers : layer names or fnmatch patterns to consider (``None``: all the method supports).
+    layers : layer names or fnmatch patterns to consider (``None``: all the method supports,
+        except the classifier when ``keep_classifier``).
+    keep_classifier : with ``layers`` unset, leave the layer that produces the model's output
+        whole (the last Linear/Conv2d run by a forward pass): its few parameters cost little
+        and every class depends on them (a 10-way LeNet output layer at rank 4 cost 18 points
+        before fine-tuning, issue 13).
     refit_batches : batches of training images for the data-aware refit of each decomposed
         block's last factors (:func:`~nncompress.lowrank.refit_`; 0: keep the weight-space
-        factors).
+        factors); they also give the 'response' budget allocation its input statistics.
     """
 
     layers: tuple[str, ...] | None = None
+    keep_classifier: bool = True
     refit_batches: int = 16
 
     def _check_options(self) -> None:
@@ -91,11 +100,38 @@ class DecomposeStageConfig(StageConfig):
                 raise ConfigError(f"layers={self.layers!r}: must be a list of names or patterns")
             object.__setattr__(self, "layers", tuple(self.layers))
         check(
+            isinstance(self.keep_classifier, bool),
+            "keep_classifier",
+            self.keep_classifier,
+            "must be true or false",
+        )
+        check(
             is_int(self.refit_batches) and self.refit_batches >= 0,
             "refit_batches",
             self.refit_batches,
             "must be an integer >= 0",
         )
+
+
+def output_layer(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """Name of the last Linear/Conv2d a forward pass runs (the classifier), or ``None``."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if name and isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order[-1] if order else None
 
 
 def decompose_and_finetune(
@@ -118,14 +154,25 @@ def decompose_and_finetune(
         original = copy.deepcopy(model).eval()
     if teacher is None:
         teacher = original
+    layers: Any = config.layers
+    info: dict[str, Any] = {"finetune_epochs": config.finetune_epochs}
+    if layers is None and config.keep_classifier:
+        head = output_layer(model, splits.input_shape)
+        if head is not None:
+            layers = LayerSelector(exclude=(head,))
+            info["classifier_kept"] = head
+    calib = None
+    if config.algorithm.is_budget:  # input statistics for the response allocation
+        loader = splits.loader("train", train_config.batch_size, seed=train_config.seed)
+        calib = [x for x, _ in itertools.islice(loader, max(config.refit_batches, 4))]
     report = decompose_(
         model,
         config.algorithm,
-        filter=config.layers,
+        filter=layers,
         input_shape=splits.input_shape,
+        calibration=calib,
         progress=progress,
     )
-    info: dict[str, Any] = {"finetune_epochs": config.finetune_epochs}
     if config.refit_batches and report.decomposed:
         calib = splits.loader("train", train_config.batch_size, seed=train_config.seed)
         refit = refit_(

@@ -34,10 +34,12 @@ from ..core.modules import folded_copy
 from ..core.validate import check
 from ..distill.losses import distillation_loss
 from ..engine.train import evaluate
+from ..prune.allocate import DEFAULT_FLOOR, global_allocation
 from ..prune.magnitude import (
     MagnitudeConfig,
     masks_from_zeros_,
     prunable_layers,
+    prune_,
     pruning_masks,
 )
 from ..prune.schedule import AGPConfig, agp_prune_, iterative_prune_
@@ -54,7 +56,7 @@ __all__ = ["PRUNE_METHODS", "PruneStageConfig", "run_prune_stage"]
 log = logging.getLogger(__name__)
 
 PRUNE_METHODS = ("magnitude", "agp")
-ALLOCATIONS = ("none", "sensitivity", "policy")
+ALLOCATIONS = ("none", "global", "sensitivity", "policy")
 
 
 @stage_config(
@@ -85,9 +87,15 @@ class PruneStageConfig(StageConfig):
         L1 / L2 / L1-then-L2, and ``distill`` (``{temperature, alpha}``: soft targets from the
         model as it entered the stage; None: cross-entropy).
     method : 'magnitude' (one-shot or iterative prune -> retrain) or 'agp' (gradual).
-    allocate : 'none', 'sensitivity' (per-layer sparsities from a sensitivity analysis) or
-        'policy' (the per-layer sparsities of a searched policy: the last ``search`` stage's,
-        or ``policy_file``; the recipe's ``per_layer`` still wins).
+    allocate : how a model-wide ``sparsity`` is spread over layers: 'none' (every layer
+        pruned to ``sparsity``, uniform), 'global' (one magnitude ranking over all layers with
+        a per-layer floor, :func:`~nncompress.prune.allocate.global_allocation`; what the
+        ``nncompress prune`` command does by default), 'sensitivity' (per-layer sparsities
+        from a sensitivity analysis) or 'policy' (the per-layer sparsities of a searched
+        policy: the last ``search`` stage's, or ``policy_file``). The recipe's ``per_layer``
+        always wins for the layers it names.
+    floor : 'global' allocation: every layer keeps at least ``floor * (1 - sparsity)`` of its
+        weights.
     policy_file : a ``policy.json`` (``nncompress search``) for ``allocate='policy'``.
     max_drop : tolerated held-out accuracy drop (points) for ``allocate='sensitivity'``.
     sensitivity_sparsities : grid of the analysis.
@@ -100,6 +108,7 @@ class PruneStageConfig(StageConfig):
 
     method: str = "magnitude"
     allocate: str = "none"
+    floor: float = DEFAULT_FLOOR
     max_drop: float | None = None
     sensitivity_sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     sensitivity_batches: int | None = None
@@ -125,6 +134,16 @@ class PruneStageConfig(StageConfig):
             )
         check(
             self.max_drop is None or self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0"
+        )
+        if self.allocate == "global" and (self.sparsity is None or self.q is not None):
+            raise ConfigError(
+                "allocate='global' spreads a model-wide target: give sparsity (not q)"
+            )
+        check(
+            isinstance(self.floor, int | float) and 0 <= self.floor <= 1,
+            "floor",
+            self.floor,
+            "must be a number in [0, 1]",
         )
         if self.method == "agp":
             if self.sparsity is None or self.q is not None:
@@ -215,6 +234,34 @@ def _allocate(model, config: PruneStageConfig, val_loader, progress) -> tuple[di
     return derived, {**info, "per_layer": per, **sens.to_dict()}
 
 
+def _allocate_global(model, config: PruneStageConfig, layers: dict) -> tuple[dict, dict]:
+    """Per-layer sparsities from one magnitude ranking of the layers without a ``per_layer``
+    override (:func:`global_allocation`), and its report."""
+    names = [n for n in layers if n not in config.per_layer]
+    masks = pruning_masks(model)
+    per = global_allocation(
+        {n: layers[n].weight for n in names},
+        config.sparsity,  # type: ignore[arg-type]
+        floor=config.floor,
+        masks={n: masks[n] for n in names if n in masks},
+    )
+    derived = {n: {"sparsity": s} for n, s in per.items()}
+    return derived, {"method": "global", "floor": config.floor, "per_layer": per}
+
+
+def _one_shot_drop(model, mc: MagnitudeConfig, val_loader) -> dict[str, float]:
+    """Held-out accuracy before and right after pruning a copy of ``model`` to the final
+    sparsities with no retraining: the drop retraining starts from (the prediction the
+    ``prune`` command prints)."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    before = evaluate(probe, val_loader)["accuracy"]
+    prune_(probe, mc)
+    after = evaluate(probe, val_loader)["accuracy"]
+    return {"val_accuracy": before, "val_accuracy_one_shot": after, "drop": before - after}
+
+
 def _agp_config(config: PruneStageConfig, mc: MagnitudeConfig) -> AGPConfig:
     """The AGP ramp to the magnitude config's (final) sparsities."""
     rules = {n: mc.layer_rule(n) for n in mc.per_layer}
@@ -250,6 +297,8 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     derived: dict[str, Any] = {}
     if config.allocate == "sensitivity":
         derived, report["sensitivity"] = _allocate(model, config, val_loader, ctx.progress)
+    elif config.allocate == "global":
+        derived, report["allocation"] = _allocate_global(model, config, layers)
     elif config.allocate == "policy":
         from .search import stage_policy
 
@@ -257,6 +306,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
         derived = {n: {"sparsity": s} for n, s in policy.sparsity.items()}
         report["policy"] = policy.to_dict()
     mc = config.magnitude_config(derived)
+    report["predicted"] = _one_shot_drop(model, mc, val_loader)
     retrain = config.retrain.train_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
     kd = config.retrain.distill
