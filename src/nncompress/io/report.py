@@ -212,7 +212,8 @@ class EncodeReport:
         """Headers and rows of the per-tensor table (as ``nncompress inspect`` prints it).
 
         'w P+Q' / 'w H': weight-code bits per code, fixed ceil(log2 k) / as coded (pq: code
-        bits per weight, i.e. per code / d); 'd': pq block size; 'b': index bits; 'fill':
+        bits per weight, i.e. per code / d; sparse: bits per nonzero value, 32 or 16 fixed / as
+        coded); 'd': pq block size; 'b': index bits; 'fill':
         filler entries; 'i P+Q' / 'i H': index bits per nonzero, fixed b (fillers included) / as
         coded; 'bits/w': all the tensor's bits per element (pq: codes plus the codebook's
         share); 'x': compression of the tensor vs its dense size.
@@ -235,7 +236,7 @@ class EncodeReport:
         ]
         rows = []
         for t in self.tensors:
-            coded = t.scheme in ("codebook", "affine", "pq")
+            coded = t.scheme in ("codebook", "affine", "pq", "sparse")  # sparse: value bits
             if t.scheme == "dense":
                 scheme = "dense" if t.dense_store == "raw" else "dense16"
             elif t.scheme in ("pq", "affine", "alias"):
