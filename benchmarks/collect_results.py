@@ -30,6 +30,11 @@ SECTIONS = [
     ),
     ("coding_throughput", "Entropy coder throughput", "benchmarks/coding_throughput.py"),
     (
+        "fuzz_decoder",
+        "Structured fuzzing of the .ncz decoder (issue 19)",
+        "benchmarks/fuzz_decoder.py",
+    ),
+    (
         "coding_vs_nncodec",
         "Coding the same pruned + shared weights: ours vs NNCodec vs xz / zstd",
         "benchmarks/coding_vs_nncodec.py",

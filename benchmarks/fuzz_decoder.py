@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
     stats = fuzz_decoder(bases, count, args.seed, memory_every=args.memory_every, progress=progress)
     wall = time.perf_counter() - t0
+    from _common import machine
+
     result = {
         "command": "python benchmarks/fuzz_decoder.py " + " ".join(argv or sys.argv[1:]),
+        "machine": machine(),
         "seed": args.seed,
         "base_files": len(bases),
         "base_bytes": [len(b) for b in bases],
@@ -62,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(r: dict) -> str:
+    m = r.get("machine") or {}
     lines = [
-        "# Structured fuzzing of the .ncz decoder",
+        f"_Command: `{r['command']}` — {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+        f"torch {m.get('torch', '?')}, {m.get('date', '?')}_",
         "",
         f"`{r['command']}` (seed {r['seed']}, {r['base_files']} valid base files of "
         f"{min(r['base_bytes'])}-{max(r['base_bytes'])} bytes): **{r['files']:,} mutated files** "
