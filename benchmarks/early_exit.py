@@ -438,6 +438,46 @@ def _md_combo(r: dict) -> list[str]:
     ]
 
 
+def _md_joint(r: dict) -> list[str]:
+    rows = r["rows"]
+    out = [
+        "### ResNet-20 exits trained jointly with the backbone (BranchyNet), with its control",
+        "",
+        f"Heads-only warm-up as above, then {rows[0]['joint']['epochs']} epochs of joint "
+        f"fine-tuning at lr {rows[0]['joint']['lr']} (loss weights {rows[0]['weights']}, early "
+        "exits distilled from the final exit); control: the baseline fine-tuned alone with the "
+        "same schedule. Thresholds for <= 0.5 points below the *baseline's* held-out accuracy "
+        f"({r['base_val_accuracy']:.2f} %). Baseline test accuracy {r['base_test_accuracy']:.2f} %.",
+        "",
+        "| seed | control acc. | final exit acc. | thresholds | test acc. | loss vs baseline / "
+        "control (pts) | test exit rates % | MACs ratio | b1 latency full / exits (ms) | "
+        "speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in rows:
+        t, lat = x["test"], x["latency"]
+        out.append(
+            f"| {x['seed']} | {x['control_test_accuracy']:.2f} | "
+            f"{x['final_exit_test_accuracy']:.2f} | "
+            f"{', '.join(f'{v:.4f}' for v in t['thresholds'])} ({t['confidence']}) | "
+            f"{t['accuracy']:.2f} | {x['test_loss_points']:+.2f} / {x['loss_vs_control']:+.2f} | "
+            f"{_pct(t['exit_rates'])} | {x['macs_ratio']:.3f}x | "
+            f"{lat['full']['ms_per_sample']:.3f} / {lat['exits']['ms_per_sample']:.3f} | "
+            f"{x['latency_speedup']:.2f}x |"
+        )
+    ratio = statistics.mean(x["macs_ratio"] for x in rows)
+    loss = statistics.mean(x["test_loss_points"] for x in rows)
+    speed = statistics.mean(x["latency_speedup"] for x in rows)
+    out += [
+        "",
+        f"Targets ({len(rows)} seed{'s' if len(rows) > 1 else ''}): expected MACs <= 0.5x: "
+        f"{_verdict(ratio <= 0.5)} ({ratio:.3f}x); loss <= 0.5 points: {_verdict(loss <= 0.5)} "
+        f"({loss:+.2f}); batch-1 latency >= 1.5x lower: {_verdict(speed >= 1.5)} ({speed:.2f}x).",
+        "",
+    ]
+    return out
+
+
 NOTES = (
     "Notes: thresholds (exact search over every held-out confidence value; the confidence "
     "measure, max-softmax or normalised entropy, chosen on the held-out split too) minimise the expected MACs on the held-out split under the loss bound there; the test "
@@ -461,6 +501,8 @@ def _markdown(res: dict) -> str:
         out += _md_exits(res["exits"])
     if "cascade" in res:
         out += _md_cascade(res["cascade"])
+    if "joint" in res:
+        out += _md_joint(res["joint"])
     if "combo" in res:
         out += _md_combo(res["combo"])
     out.append(NOTES)
@@ -518,7 +560,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2, default=str))
     merged = {}
-    for part in PARTS:
+    for part in (*PARTS, "joint"):  # early_exit_joint.py writes the joint part
         path = RESULTS / f"early_exit_{part}{suffix}.json"
         if path.is_file():
             merged[part] = json.loads(path.read_text())
