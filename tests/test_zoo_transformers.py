@@ -40,6 +40,15 @@ def test_zoo_models_run_and_checkpoint_round_trip(name, tmp_path):
     assert torch.equal(back(x), y)
     if name == "char-gpt":  # the tied head survives the checkpoint
         assert back.head.weight is back.tok.weight
+    # non-default constructor arguments are recorded, checked and rebuilt
+    kw = {"dim": 32, "depth": 1, "heads": 2}
+    kw |= {"vocab_size": 50, "tie": False} if name == "char-gpt" else {"patch": 4}
+    small = create(name, **kw)
+    save_checkpoint(small, tmp_path / "s.safetensors", model_name=name, model_kwargs=kw)
+    again, _ = load_checkpoint(tmp_path / "s.safetensors")
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in small.parameters())
+    with pytest.raises(ValueError, match="tie"):
+        create("char-gpt", tie=1)
 
 
 def test_char_gpt_is_causal():

@@ -126,6 +126,15 @@ KWARG_RANGES: dict[str, tuple[type, float, float]] = {
     "image_size": (int, 1, 1 << 12),
     "width": (int, 1, 1 << 12),
     "dropout": (float, 0.0, 1.0),
+    # transformers (vit-tiny, char-gpt)
+    "patch": (int, 1, 1 << 12),
+    "dim": (int, 1, 1 << 16),
+    "depth": (int, 1, 1 << 10),
+    "heads": (int, 1, 1 << 10),
+    "mlp_ratio": (float, 1 / 64, 64.0),
+    "vocab_size": (int, 1, 1 << 24),
+    "block_size": (int, 1, 1 << 20),
+    "tie": (bool, 0, 1),
 }
 
 
@@ -158,6 +167,10 @@ def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
                 )
             continue
         kind, lo, hi = KWARG_RANGES[k]
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"model {name!r}: {k}={v!r:.80}: must be true or false")
+            continue
         is_num = isinstance(v, int | float) and not isinstance(v, bool)
         ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else is_num
         if not ok or not lo <= v <= hi or (is_num and not math.isfinite(v)):
