@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned exactly: this CPU wheel is on disk; a range would pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	# the tests cover the optional extras too: Ray (policy search, started locally) and
+	# transformers (tiny random configs, nothing downloaded)
+	$(PY) -m pip install --quiet -e '.[dev,bench,policy,hf]'
 	touch $(STAMP)
 
 data:

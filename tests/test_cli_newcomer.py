@@ -289,6 +289,9 @@ def test_6_ctrl_c_keeps_the_stages_and_resumes(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job ignores SIGINT and children inherit that; Python only turns
+        # SIGINT into KeyboardInterrupt when it starts with the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     state = tmp_path / "run" / "state.json"
     deadline = time.time() + 300

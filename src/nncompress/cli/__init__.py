@@ -70,6 +70,8 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rich.markup import escape
+
     from .common import console
 
     parser = build_parser()
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     # TrainingError...) is a ValueError; OSError: a file that could not be read or written
     except (ValueError, OSError) as exc:
         text = str(exc) if not isinstance(exc, OSError) or str(exc) else type(exc).__name__
-        console.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True, markup=True)
+        # escape: messages name extras such as 'nncompress[policy]', which rich reads as markup
+        console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a message, no traceback
         hint = getattr(args, "interrupt_hint", None)
