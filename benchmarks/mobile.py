@@ -24,7 +24,9 @@ row. ``--smoke`` runs every part on tiny synthetic data with tiny nets (seconds)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ from nncompress.engine import (  # noqa: E402
     seed_everything,
 )
 from nncompress.models import create  # noqa: E402
+from nncompress.stats import measure_latency  # noqa: E402
 
 #: one baseline per net: constructor arguments and the training recipe (fixed in advance)
 RECIPES: dict[str, tuple[dict, TrainConfig]] = {
@@ -133,6 +136,51 @@ def get_baseline(name: str, splits, smoke: bool):
     return model.eval(), sidecar
 
 
+# ------------------------------------------------------------------------------ helpers
+
+
+def heldout_splits(splits):
+    """A copy whose test split is the held-out split: what runs inside a pipeline (stage
+    reports, restore-best) never sees the real test split."""
+    return dataclasses.replace(splits, test=splits.val)
+
+
+def acc(model, splits, split: str) -> float:
+    return evaluate(model, splits.loader(split, 500))["accuracy"]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pm(xs: list[float], d: int = 2) -> str:
+    m, s = mean_std(xs)
+    return f"{m:.{d}f} +- {s:.{d}f}" if len(xs) > 1 else f"{m:.{d}f} (1 seed)"
+
+
+def torch_latency(model, shape, smoke: bool) -> dict[str, float]:
+    reps = 3 if smoke else 30
+    return {
+        f"batch_{b}": measure_latency(model, shape, b, repeats=reps, warmup=2 if smoke else 5)
+        for b in (1, 64)
+    }
+
+
+def cached(name: str, smoke: bool, fn):
+    """Run ``fn()`` once per ``name`` (a finished row is reused when a run resumes)."""
+    path = (OUT / ("smoke" if smoke else "rows")) / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    row = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=2, default=str))
+    return row
+
+
+# --------------------------------------------------------------------------------- parts
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default="int8,filter,deep")
@@ -143,13 +191,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     splits = load_splits(args.smoke)
     parts = [p for p in args.parts.split(",") if p]
-    rows: dict = {}
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.smoke:
+        seeds = seeds[:1]
+    unknown = sorted(set(parts) - {"baselines", "int8", "filter", "deep"})
+    if unknown:
+        sys.exit(f"--parts: unknown {unknown}; allowed baselines,int8,filter,deep")
     if "baselines" in parts:
-        rows["baselines"] = [
-            train_baseline(n, splits, args.smoke) for n in args.nets.split(",") if n
-        ]
-    if not args.smoke and rows:
-        write_result("mobile_baselines", rows, _baseline_md(rows.get("baselines", [])))
+        rows = [train_baseline(n, splits, args.smoke) for n in args.nets.split(",") if n]
+        if not args.smoke:
+            write_result("mobile_baselines", {"rows": rows}, _baseline_md(rows))
+    from mobile_parts import run_deep, run_filter, run_int8
+
+    for part, fn in (("int8", run_int8), ("filter", run_filter), ("deep", run_deep)):
+        if part in parts:
+            model, sidecar = get_baseline("mobilenet-v2", splits, args.smoke)
+            data, md = fn(model, sidecar, splits, seeds, args.smoke)
+            print(md, flush=True)
+            if not args.smoke:
+                write_result(f"mobile_{part}", data, md)
 
 
 def _baseline_md(rows: list[dict]) -> str:
