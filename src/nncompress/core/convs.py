@@ -35,6 +35,7 @@ __all__ = [
     "describe_conv",
     "is_conv_leaf",
     "is_conv_subclass",
+    "resized_conv",
     "unrecognised_conv_message",
 ]
 
@@ -268,3 +269,30 @@ def unrecognised_conv_message(name: str, module: nn.Module, reason: str | None =
         "F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, "
         "self.groups), or replace it by nn.ZeroPad2d + nn.Conv2d"
     )
+
+
+def resized_conv(
+    module: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    groups: int | None = None,
+) -> nn.Module:
+    """A copy of a conv module (its class, padding logic and attributes kept; parametrizations
+    dropped) holding ``weight`` ``(C_out, C_in / groups, *k)`` and ``bias``: a thinned or
+    low-rank factor that still pads the way the original's ``forward`` does."""
+    from .modules import strip_parametrizations_
+
+    new = copy.deepcopy(module)
+    strip_parametrizations_(new)
+    groups = module.groups if groups is None else groups
+    new.groups = groups
+    new.out_channels = int(weight.shape[0])
+    new.in_channels = int(weight.shape[1]) * groups
+    new.kernel_size = tuple(int(k) for k in weight.shape[2:])
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=module.weight.requires_grad)
+    if bias is None:
+        new.bias = None
+    else:
+        new.bias = nn.Parameter(bias.detach().clone())
+    return new
