@@ -294,6 +294,8 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     name = _type_name(a)
     if name in _LEAVES:
         return _LEAVES[name][1](a) == _LEAVES[name][1](b)
+    if name in _REGISTERED:  # a registered type (a zoo conv subclass...) thinned in place
+        return a.spec_kwargs() == b.spec_kwargs()
     return True
 
 

@@ -38,6 +38,7 @@ import copy
 import io
 import json
 import logging
+import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,10 +47,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F  # noqa: N812
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..core.convs import ConvForm, conv_form, is_conv_leaf, is_conv_subclass
 from ..core.errors import NncompressError
 from ..core.files import atomic_write
 from ..core.fx import TraceError
@@ -174,6 +177,49 @@ def _float_copy(model: nn.Module) -> nn.Module:
     except (TraceError, ValueError):
         strip_parametrizations_(out)
     return out
+
+
+def _padded_forward(pad: tuple[int, ...], padding: tuple[int, ...]):
+    def forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if any(pad):
+            x = F.pad(x, list(pad))  # constant amounts: one Pad node the Conv absorbs
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    return forward
+
+
+@torch.no_grad()
+def _freeze_conv_padding_(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Give every recognised conv subclass (padding computed in its ``forward``) a forward with
+    its padding for ``input_shape`` as constants, so the exporter writes ``Pad`` with constant
+    amounts (folded into the ``Conv`` by :func:`_fold_pads`) instead of shape arithmetic."""
+    subs = {
+        id(m): m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and is_conv_subclass(m) and is_conv_leaf(m)
+    }
+    if not subs:
+        return 0
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(mod: nn.Module, args: tuple) -> None:
+        shapes.setdefault(id(mod), tuple(args[0].shape))
+
+    hooks = [m.register_forward_pre_hook(record) for m in subs.values()]
+    try:
+        model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    done = 0
+    for key, m in subs.items():
+        if key not in shapes:
+            continue
+        form = conv_form(m, tuple(shapes[key][1:]))
+        if isinstance(form, ConvForm):
+            m.forward = types.MethodType(_padded_forward(form.pad, form.padding), m)
+            done += 1
+    return done
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +414,95 @@ def _propagate_qdq(model: onnx.ModelProto) -> int:
     return added
 
 
+_ARITH_OPS = ("ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Gather",
+              "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div", "Neg", "Range")  # fmt: skip
+
+
+def _fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate the small integer arithmetic the TorchScript exporter leaves on constants (the
+    ``pads`` input of ``F.pad``) with onnx's reference evaluator, and store the results as
+    initializers; returns how many nodes were folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    G = _Graph(model)  # noqa: N806
+    known: dict[str, np.ndarray] = {}
+
+    def const(name: str) -> np.ndarray | None:
+        return known[name] if name in known else G.value(name)
+
+    done = 0
+    for n in list(G.g.node):
+        if n.op_type not in _ARITH_OPS or any(
+            a.type == onnx.AttributeProto.GRAPH for a in n.attribute
+        ):
+            continue
+        vals = [const(i) if i else None for i in n.input]
+        if any(v is None for v, i in zip(vals, n.input, strict=True) if i):
+            continue
+        if any(v is not None and v.size > 4096 for v in vals):
+            continue
+        inputs = [i for i in n.input if i]
+        ins = [
+            helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for i, v in zip(n.input, vals, strict=True)
+            if i
+        ]
+        outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in n.output]
+        g = helper.make_graph([n], "fold", ins, outs)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", _EXPORT_OPSET)])
+        try:
+            res = ReferenceEvaluator(m).run(None, {i: const(i) for i in inputs})
+        except Exception:  # noqa: BLE001 - not foldable: leave the node
+            continue
+        for o, r in zip(n.output, res, strict=True):
+            known[o] = np.asarray(r)
+        G.g.node.remove(n)
+        done += 1
+    for o, v in known.items():
+        G.g.initializer.append(numpy_helper.from_array(v, o))
+    _drop_unused(model)
+    return done
+
+
+def _fold_pads(model: onnx.ModelProto) -> int:
+    """Merge ``Pad`` (constant zeros on the spatial dims, constant amounts) into the ``Conv``
+    nodes reading it (ONNX Conv takes asymmetric ``pads``): the Conv then reads the
+    DequantizeLinear directly and onnxruntime fuses it into ``QLinearConv``. Returns how many
+    Pad nodes were folded."""
+    G = _Graph(model)  # noqa: N806
+    done = 0
+    for n in list(G.g.node):
+        if n.op_type != "Pad" or _attr(n, "mode", b"constant") not in (b"constant", "constant"):
+            continue
+        pads = G.value(n.input[1]) if len(n.input) > 1 else None
+        value = G.value(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(())
+        users = G.consumers.get(n.output[0], [])
+        if pads is None or value is None or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+            continue
+        if len(n.input) > 3 and n.input[3]:  # explicit axes
+            continue
+        pads = [int(v) for v in np.asarray(pads).reshape(-1)]
+        rank = len(pads) // 2
+        if rank < 3 or any(pads[:2]) or any(pads[rank : rank + 2]) or min(pads) < 0:
+            continue
+        if not users or any(u.op_type != "Conv" or u.input[0] != n.output[0] for u in users):
+            continue
+        if any(_attr(u, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for u in users):
+            continue
+        begin, end = pads[2:rank], pads[rank + 2 :]
+        for u in users:
+            old = list(_attr(u, "pads", [0] * (2 * (rank - 2))))
+            new = [a + b for a, b in zip(old, begin + end, strict=True)]
+            for a in list(u.attribute):
+                if a.name == "pads":
+                    u.attribute.remove(a)
+            u.attribute.append(helper.make_attribute("pads", new))
+            u.input[0] = n.input[0]
+        G.g.node.remove(n)
+        done += 1
+    return done
+
+
 def _drop_unused(model: onnx.ModelProto) -> None:
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
@@ -434,7 +569,10 @@ def export_onnx(
         exportable, bits = _export_copy(model)
     else:
         exportable, bits = _float_copy(model), {}
+    _freeze_conv_padding_(exportable, tuple(input_shape))
     proto = _torch_export(exportable, tuple(input_shape))
+    _fold_constants(proto)
+    _fold_pads(proto)
     n_w = _integer_weights(proto, bits) if quantized else 0
     if quantized:
         _propagate_qdq(proto)
