@@ -372,7 +372,7 @@ def test_distillation_pq_and_early_exits(nets, data):
     mob = copy.deepcopy(nets["mobilenet"])
     cfg = PQConfig(k=16, layer_steps=2, global_steps=0, bn_batches=1, calibration_batches=2)
     rep = pq_quantize_(mob, cfg, data.loader("val", 32))
-    assert len(rep.layers) == len(_layers(mob))
+    assert len(rep.layers) == len(_layers(mob)) and len(rep.coverage.changed) == len(rep.layers)
     assert mob(torch.randn(2, *SHAPE)).shape == (2, 4)
     net = attach_exits_(
         copy.deepcopy(nets["mobilenet"]), ExitConfig(after=("blocks.2",)), input_shape=SHAPE
