@@ -19,6 +19,7 @@ from .common import (
     print_table,
     refuse_inapplicable,
 )
+from .coverage import print_coverage
 
 __all__ = ["filter_stage_config", "register", "run_filter_prune"]
 
@@ -159,6 +160,7 @@ def finish_pruning(job: CheckpointJob, args, report: dict, before: float, title:
             f"nonzero parameters {report['nonzeros']:,} / {report['params']:,} "
             f"({report['compression']:.1f}x fewer)"
         )
+    print_coverage(report.get("coverage"))
     out.print(f"test accuracy {before:.2f}% -> {after:.2f}%  -> {args.out}")
     return 0
 

@@ -16,6 +16,7 @@ from .common import (
     print_table,
     refuse_inapplicable,
 )
+from .coverage import print_coverage
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -209,6 +210,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     for x in report.layers:
         if x.reason:
             out.print(f"{x.name}: skipped ({x.reason})", highlight=False)
+    print_coverage(report.coverage.to_dict(), details=False)  # reasons printed above
     if info.get("classifier_kept"):
         out.print(
             f"{info['classifier_kept']}: kept whole (the output layer; --include-classifier "

@@ -20,6 +20,7 @@ from .common import (
     print_table,
     refuse_inapplicable,
 )
+from .coverage import print_coverage
 from .pq import add_pq_args, cmd_quantize_pq
 
 
@@ -168,6 +169,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "checkpoint_bytes": args.checkpoint.stat().st_size,
         "compression": fp32_bytes / rep["onnx_bytes"],
         "layers": rep["layers"],
+        "coverage": rep.get("coverage"),
         "config": cfg.to_dict(),
     }
     if args.json:
@@ -188,6 +190,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             for r in rep["layers"]
         ],
     )
+    print_coverage(rep.get("coverage"))
     out.print(
         f"test accuracy: {before:.2f}% (fp32, PyTorch) -> {rep['accuracy_onnx']:.2f}% "
         f"(onnxruntime; PyTorch simulation {rep['accuracy_sim']:.2f}%)"

@@ -19,6 +19,7 @@ from .common import (
     print_table,
     refuse_inapplicable,
 )
+from .coverage import print_coverage
 
 __all__ = ["register"]
 
@@ -144,6 +145,7 @@ def cmd_share(args: argparse.Namespace) -> int:
         "test_accuracy_after": after,
         "finetune_epochs": args.finetune_epochs,
         "layers": report["layers"],
+        "coverage": report.get("coverage"),
     }
     extra = job.extra("share", {"config": cfg.to_dict(), "layers": report["layers"]})
     if args.out.suffix == ".ncz":
@@ -161,6 +163,7 @@ def cmd_share(args: argparse.Namespace) -> int:
             for r in report["layers"]
         ],
     )
+    print_coverage(report.get("coverage"))
     tail = f" after {args.finetune_epochs} fine-tuning epochs" if args.finetune_epochs else ""
     out.print(f"test accuracy {before:.2f}% -> {after:.2f}%{tail}  -> {args.out}")
     if "file_bytes" in result:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
+from .convs import is_conv_leaf, is_conv_subclass
 from .errors import NncompressError
 
 __all__ = ["TraceError", "module_of", "op_kind", "op_name", "trace"]
@@ -62,6 +63,14 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.failed_in: str | None = None
+        self.conv_leaves: set[int] = set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # a Conv subclass padding inside its forward is one convolution (core.convs); decided
+        # before tracing, because fx patches math functions while it traces
+        if id(m) in self.conv_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -74,8 +83,13 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, raising :class:`TraceError` naming the submodule
-    whose ``forward`` could not be traced (data-dependent control flow, ...)."""
+    whose ``forward`` could not be traced (data-dependent control flow, ...).
+
+    ``nn.Conv1d`` / ``nn.Conv2d`` subclasses whose ``forward`` is zero padding followed by
+    their convolution (:func:`nncompress.core.convs.is_conv_leaf`, e.g. "same" padding
+    computed from the input size) stay single ``call_module`` nodes, like ``nn.Conv2d``."""
     tracer = _Tracer()
+    tracer.conv_leaves = {id(m) for m in model.modules() if is_conv_subclass(m) and is_conv_leaf(m)}
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)

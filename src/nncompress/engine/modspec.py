@@ -120,6 +120,7 @@ _LEAVES: dict[str, tuple[type[nn.Module], Any]] = {
     "MaxPool2d": (nn.MaxPool2d, _pool_kwargs),
     "AvgPool2d": (nn.AvgPool2d, _pool_kwargs),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, lambda m: {"output_size": m.output_size}),
+    "ZeroPad2d": (nn.ZeroPad2d, lambda m: {"padding": list(m.padding)}),
 }
 _CONTAINERS = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
 
@@ -293,6 +294,8 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     name = _type_name(a)
     if name in _LEAVES:
         return _LEAVES[name][1](a) == _LEAVES[name][1](b)
+    if name in _REGISTERED:  # a registered type (a zoo conv subclass...) thinned in place
+        return a.spec_kwargs() == b.spec_kwargs()
     return True
 
 

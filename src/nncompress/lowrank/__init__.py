@@ -13,7 +13,7 @@ from .cp import cp_conv, cp_decompose
 from .rank import EVBMFResult, evbmf, rank_for_energy
 from .refit import RefitResult, refit_
 from .separable import separable_conv
-from .svd import svd_linear, truncated_svd
+from .svd import svd_conv1x1, svd_linear, truncated_svd
 from .transform import (
     METHODS,
     DecomposeConfig,
@@ -46,6 +46,7 @@ __all__ = [
     "rank_for_energy",
     "refit_",
     "separable_conv",
+    "svd_conv1x1",
     "svd_linear",
     "truncated_svd",
     "tt_conv",

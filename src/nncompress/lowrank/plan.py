@@ -10,12 +10,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.convs import (
+    ConvForm,
+    conv_form,
+    describe_conv,
+    is_conv_leaf,
+    is_conv_subclass,
+    unrecognised_conv_message,
+)
 from ..core.validate import config_error as _err
 from .config import _SPECTRAL, DecomposeConfig
 from .cp import cp_conv, cp_cost
 from .rank import evbmf, rank_for_energy
 from .separable import separable_conv, separable_cost, separable_full_rank, separable_matrix
-from .svd import svd_linear, svd_linear_cost
+from .svd import svd_conv1x1, svd_linear, svd_linear_cost
 from .tt import factorize, tt_conv, tt_cost, tt_full_ranks, tt_linear
 from .tucker import tucker2_conv, tucker2_cost, tucker2_vbmf_ranks
 
@@ -33,24 +41,52 @@ class _Plan:
     positions: int | None = None  # Linear: output rows per sample
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
     tt_modes: tuple[list[int], list[int]] | None = None
+    form: ConvForm | None = None  # padding of a conv subclass rebuilt from plain convs
+
+
+def _is_conv1x1(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+
+
+def _grouped(m: nn.Module) -> str | None:
+    if m.groups == 1:
+        return None
+    if m.groups == m.in_channels == m.out_channels:
+        return (
+            "depthwise convolution: not decomposable (each filter reads one channel, so there "
+            "is no channel matrix to factor)"
+        )
+    return f"grouped convolution (groups={m.groups})"
 
 
 def _unsupported(method: str, m: nn.Module) -> str | None:
     """Why ``method`` cannot decompose ``m`` (``None`` if it can)."""
-    if method == "svd" or (method == "tt" and not isinstance(m, nn.Conv2d)):
+    if isinstance(m, nn.Conv2d) and is_conv_subclass(m) and not is_conv_leaf(m):
+        return unrecognised_conv_message("this layer", m)
+    if method == "svd":
+        if isinstance(m, nn.Linear):
+            return None
+        if not isinstance(m, nn.Conv2d):
+            return "not a Linear layer or 1x1 convolution"
+        if _grouped(m):
+            return _grouped(m)
+        if not _is_conv1x1(m):
+            return "k x k convolution (svd takes Linear layers and 1x1 convolutions; use tucker2, cp or separable)"  # noqa: E501
+        return None
+    if method == "tt" and not isinstance(m, nn.Conv2d):
         return None if isinstance(m, nn.Linear) else "not a Linear layer"
     if not isinstance(m, nn.Conv2d):
         return "not a Conv2d layer"
     if method == "tt":
-        if m.groups != 1:
-            return f"grouped convolution (groups={m.groups})"
+        if _grouped(m):
+            return _grouped(m)
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
             return "string padding or non-zero padding mode"
         return None
-    if m.groups != 1:
-        return f"grouped convolution (groups={m.groups})"
-    if tuple(m.kernel_size) == (1, 1):
-        return "1x1 kernel (use svd on it as a matrix)"
+    if _grouped(m):
+        return _grouped(m)
+    if _is_conv1x1(m):
+        return "1x1 kernel: use method='svd', which takes it as the (C_out x C_in) matrix it is"
     if method in ("separable", "cp") and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
         return "string padding or non-zero padding mode"
     if method == "separable" and min(m.kernel_size) == 1:
@@ -58,10 +94,44 @@ def _unsupported(method: str, m: nn.Module) -> str | None:
     return None
 
 
+def _padding_problem(p: _Plan) -> str | None:
+    """For a conv subclass that cp / separable / tt rebuild from plain convolutions: record the
+    padding its forward applies (``p.form``), or say why it cannot be known."""
+    m = p.module
+    if p.cfg.method not in ("cp", "separable", "tt") or not isinstance(m, nn.Conv2d):
+        return None
+    if not is_conv_subclass(m):
+        return None
+    form = conv_form(m, p.in_shape)
+    if isinstance(form, str):
+        return unrecognised_conv_message(p.name, m, form)
+    if form.dynamic and p.in_shape is None:
+        return (
+            f"{describe_conv(m)} computes its padding from the input size: pass input_shape so "
+            "that the padding for that size is known"
+        )
+    p.form = form
+    return None
+
+
+def _plain_conv(m: nn.Conv2d, form: ConvForm) -> nn.Conv2d:
+    """``nn.Conv2d`` with ``m``'s weights and its convolution's own padding (the extra padding
+    of a subclass's forward goes into an ``nn.ZeroPad2d`` before the factors)."""
+    plain = nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, m.stride, form.padding, m.dilation,
+        m.groups, bias=m.bias is not None,
+    )  # fmt: skip
+    with torch.no_grad():
+        plain.weight.copy_(m.weight.detach())
+        if m.bias is not None:
+            plain.bias.copy_(m.bias.detach())
+    return plain.to(device=m.weight.device, dtype=m.weight.dtype)
+
+
 def _full_rank(p: _Plan) -> list[int]:
     m, method = p.module, p.cfg.method
     if method == "svd":
-        return [min(m.weight.shape)]
+        return [min(m.weight.shape[:2])]
     if method == "separable":
         return [separable_full_rank(m)]
     if method == "tucker2":
@@ -85,10 +155,12 @@ def _orig_cost(p: _Plan) -> tuple[int, int | None]:
 def _cost(p: _Plan, rank: Rank) -> tuple[int, int | None]:
     m, method = p.module, p.cfg.method
     if method == "svd":
-        params = svd_linear_cost(m.in_features, m.out_features, rank, m.bias is not None)
-        return params, None if p.positions is None else p.positions * rank * (
-            m.in_features + m.out_features
-        )
+        n_out, n_in = m.weight.shape[:2]
+        params = svd_linear_cost(n_in, n_out, rank, m.bias is not None)
+        positions = p.positions
+        if isinstance(m, nn.Conv2d):  # a 1x1 convolution: the matrix at every output position
+            positions = None if p.out_hw is None else p.out_hw[0] * p.out_hw[1]
+        return params, None if positions is None else positions * rank * (n_in + n_out)
     if method == "separable":
         return separable_cost(m, rank, p.in_hw, p.out_hw)
     if method == "tucker2":
@@ -133,7 +205,7 @@ def _spectrum(p: _Plan, key: str) -> torch.Tensor:
     if key not in p.spectra:
         w = p.module.weight.detach().double()
         if key == "matrix":
-            mat = w if p.cfg.method == "svd" else separable_matrix(w)
+            mat = w.reshape(w.shape[0], -1) if p.cfg.method == "svd" else separable_matrix(w)
             p.spectra[key] = torch.linalg.svdvals(mat)
         else:  # tucker2 unfoldings
             mode = 0 if key == "mode0" else 1
@@ -182,7 +254,9 @@ def _choose_rank(p: _Plan, knob: float | None = None) -> Rank:
             rank = tucker2_vbmf_ranks(p.module.weight)
         else:
             w = p.module.weight.detach()
-            rank = evbmf(w if cfg.method == "svd" else separable_matrix(w)).rank
+            rank = evbmf(
+                w.reshape(w.shape[0], -1) if cfg.method == "svd" else separable_matrix(w)
+            ).rank
     else:  # budget: global knob
         assert knob is not None
         rank = _rank_for_energy(p, knob) if cfg.method in _SPECTRAL else _rank_for_fraction(p, knob)
@@ -203,16 +277,24 @@ def _helps(p: _Plan, rank: Rank) -> tuple[bool, tuple[int, int | None]]:
 def _build(p: _Plan, rank: Rank) -> nn.Module:
     m, cfg = p.module, p.cfg
     if cfg.method == "svd":
-        return svd_linear(m, rank)
-    if cfg.method == "separable":
-        return separable_conv(m, rank)
+        return svd_conv1x1(m, rank) if isinstance(m, nn.Conv2d) else svd_linear(m, rank)
     if cfg.method == "tucker2":
-        return tucker2_conv(m, rank)
-    if cfg.method == "cp":
-        return cp_conv(m, rank, n_iter_max=cfg.cp_iters, seed=cfg.seed)
-    if isinstance(m, nn.Conv2d):
-        return tt_conv(m, *p.tt_modes, rank)
-    return tt_linear(m, *p.tt_modes, rank)
+        return tucker2_conv(m, rank)  # keeps a conv subclass as its core
+    pad = None
+    if p.form is not None:  # a conv subclass: its padding before plain factors
+        m, pad = _plain_conv(m, p.form), nn.ZeroPad2d(p.form.pad)
+    if cfg.method == "separable":
+        block = separable_conv(m, rank)
+    elif cfg.method == "cp":
+        block = cp_conv(m, rank, n_iter_max=cfg.cp_iters, seed=cfg.seed)
+    elif isinstance(m, nn.Conv2d):
+        block = tt_conv(m, *p.tt_modes, rank)
+    else:
+        block = tt_linear(m, *p.tt_modes, rank)
+    if pad is None:
+        return block
+    parts = list(block) if isinstance(block, nn.Sequential) else [block]
+    return nn.Sequential(pad, *parts)
 
 
 def _record_geometry(model: nn.Module, plans: list[_Plan], input_shape: tuple[int, ...]) -> None:

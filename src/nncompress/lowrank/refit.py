@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.convs import is_conv_subclass
 from ..core.modules import model_device
 from ..core.progress import Progress, progress_task
 from ..engine.batches import run_model, take_batches, to_device
@@ -76,6 +77,7 @@ def _solvable(mod: nn.Module) -> bool:
         return True
     return (
         isinstance(mod, nn.Conv2d)
+        and not is_conv_subclass(mod)  # its forward pads beyond what F.unfold would
         and mod.groups == 1
         and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)

@@ -6,6 +6,7 @@ One model transform for every method of :mod:`nncompress.lowrank` (survey sectio
 method      layers       replacement
 ========== ============ ==================================================================
 svd         Linear       Linear(in, r, bias=False) -> Linear(r, out)
+svd         Conv2d 1x1   1x1 (C->r, no bias) -> 1x1 (r->N): the (N x C) matrix
 separable   Conv2d k>1   (k_h x 1, r channels) -> (1 x k_w)          (Jaderberg 2014)
 tucker2     Conv2d k>1   1x1 (C->R_in) -> k x k (R_in->R_out) -> 1x1 (Kim et al. 2016)
 cp          Conv2d k>1   1x1 (C->R) -> k_h x 1 dw -> 1 x k_w dw -> 1x1 (Lebedev et al. 2015)
@@ -39,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.convs import describe_conv
+from ..core.coverage import CoverageReport, LayerOutcome
 from ..core.modules import set_submodule
 from ..core.progress import Progress, progress_task
 from ..core.select import LayerSelector, Selectable
@@ -52,6 +55,7 @@ from .plan import (
     _full_rank,
     _helps,
     _orig_cost,
+    _padding_problem,
     _Plan,
     _record_geometry,
     _rel_error,
@@ -80,6 +84,9 @@ class LayerDecomposition:
     macs_before: int | None = None
     macs_after: int | None = None
     rel_error: float | None = None
+    #: a layer of a type the method takes (counted in the report's totals); ``False`` for
+    #: layers reported only to say why the method cannot take them
+    targeted: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,9 +101,28 @@ class DecomposeReport:
     knob: float | None = None
     budget_met: bool | None = None
     allocation: str | None = None  # budgets: 'energy' (global knob) or 'response'
+    params_total: int | None = None  # the whole model's parameters before decomposing
+
+    @property
+    def coverage(self) -> CoverageReport:
+        """The layers decomposed and those skipped with the reason, and the parameter share."""
+        rows = [
+            LayerOutcome(
+                x.name,
+                x.type,
+                x.params_before,
+                "changed" if x.status == "decomposed" else "skipped",
+                f"rank {x.rank}, params {x.params_before} -> {x.params_after}"
+                if x.status == "decomposed"
+                else x.reason,
+            )
+            for x in self.layers
+        ]
+        total = self.params_total if self.params_total is not None else self.params_before
+        return CoverageReport("decompose", rows, total)
 
     def _total(self, key: str) -> int | None:
-        vals = [getattr(x, key) for x in self.layers]
+        vals = [getattr(x, key) for x in self.layers if x.targeted]
         return None if any(v is None for v in vals) else int(sum(vals))
 
     @property
@@ -130,6 +156,7 @@ class DecomposeReport:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "layers": [x.to_dict() for x in self.layers],
+            "coverage": self.coverage.to_dict(),
         }
 
 
@@ -153,11 +180,10 @@ def _plan_layers(
             skipped.append((entry, _Plan(name, m, config)))
             continue
         why = _unsupported(cfg.method, m)
-        if why is not None:
-            family = {"svd": nn.Linear, "tt": (nn.Linear, nn.Conv2d)}.get(cfg.method, nn.Conv2d)
-            if isinstance(m, family) or filter is not None or cfg is not config:
-                entry = LayerDecomposition(name, type(m).__name__, cfg.method, "skipped", why)
-                skipped.append((entry, _Plan(name, m, cfg)))
+        if why is not None:  # every Conv/Linear left alone is reported with the reason
+            entry = LayerDecomposition(name, describe_conv(m), cfg.method, "skipped", why)
+            entry.targeted = False
+            skipped.append((entry, _Plan(name, m, cfg)))
             continue
         plans.append(_Plan(name, m, cfg))
     return plans, skipped
@@ -313,8 +339,17 @@ def decompose_(
     if config.macs_budget is not None and input_shape is None:
         raise _err("macs_budget", config.macs_budget, "needs input_shape to count MACs")
     plans, skipped = _plan_layers(model, config, filter)
+    params_total = sum(t.numel() for t in model.parameters())
     if input_shape is not None and (plans or skipped):
         _record_geometry(model, plans + [sp for _, sp in skipped], tuple(input_shape))
+    for p in list(plans):  # conv subclasses rebuilt from plain convs need their padding
+        why = _padding_problem(p)
+        if why is not None:
+            plans.remove(p)
+            entry = LayerDecomposition(
+                p.name, describe_conv(p.module), p.cfg.method, "skipped", why
+            )
+            skipped.append((entry, p))
     for p in plans:
         if p.cfg.method == "tt":
             p.tt_modes = _tt_modes(p)
@@ -349,4 +384,6 @@ def decompose_(
             model.train(was_training)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.sort(key=lambda x: order.get(x.name, len(order)))
-    return DecomposeReport(report, config.to_dict(), knob, budget_met, allocation)
+    out = DecomposeReport(report, config.to_dict(), knob, budget_met, allocation, params_total)
+    out.coverage.warn()
+    return out

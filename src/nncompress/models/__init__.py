@@ -12,6 +12,7 @@ from torch import nn
 
 from .gpt import CharGPT
 from .lenet import LeNet5, LeNet300100
+from .mobile import ACTIVATIONS, Conv2dSame, EfficientNetLite, MobileNetV2
 from .resnet import BasicBlock, CifarResNet
 from .vgg import SmallVGG
 from .vit import ViTTiny
@@ -21,8 +22,11 @@ __all__ = [
     "BasicBlock",
     "CharGPT",
     "CifarResNet",
+    "Conv2dSame",
+    "EfficientNetLite",
     "LeNet300100",
     "LeNet5",
+    "MobileNetV2",
     "ModelInfo",
     "SmallVGG",
     "ViTTiny",
@@ -98,6 +102,17 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo(
             "vgg-small", SmallVGG, "VGG-style 6 conv (32/64/128) + 2 FC with BatchNorm", "image"
         ),
+        ModelInfo(
+            "mobilenet-v2",
+            MobileNetV2,
+            "MobileNetV2 for 28x28 (ReLU6, depthwise inverted residuals), 149k params",
+        ),
+        ModelInfo(
+            "efficientnet-lite",
+            EfficientNetLite,
+            "EfficientNet-style MBConv net, SiLU + squeeze-excite, every conv a 'same'-padding "
+            "Conv2d subclass, 110k params",
+        ),
         ModelInfo("vit-tiny", ViTTiny, "ViT, 7x7 patches, dim 128, depth 6, ~0.8M params", "image"),
         ModelInfo(
             "char-gpt",
@@ -125,6 +140,8 @@ KWARG_RANGES: dict[str, tuple[type, float, float]] = {
     "in_channels": (int, 1, 1 << 12),
     "image_size": (int, 1, 1 << 12),
     "width": (int, 1, 1 << 12),
+    "width_mult": (float, 0.05, 16.0),
+    "se": (float, 0.0, 1.0),
     "dropout": (float, 0.0, 1.0),
     # transformers (vit-tiny, char-gpt)
     "patch": (int, 1, 1 << 12),
@@ -151,6 +168,10 @@ def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"model {name!r}: unknown argument(s) {unknown}; allowed: {allowed}")
     for k, v in kwargs.items():
+        if k == "act":
+            if v not in ACTIVATIONS:
+                raise ValueError(f"model {name!r}: act={v!r:.80}: must be one of {ACTIVATIONS}")
+            continue
         if k == "cfg":
             ok = (
                 isinstance(v, list | tuple)

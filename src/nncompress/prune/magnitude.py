@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.coverage import CoverageReport, coverage_report
 from ..core.errors import ConfigError
 from ..core.modules import folded_copy, own_parametrized_class_
 from ..core.policy import Policy
@@ -48,12 +49,16 @@ __all__ = [
     "masks_from_zeros_",
     "prunable_layers",
     "prune_",
+    "pruning_coverage",
     "pruning_masks",
     "remove_pruning_",
     "threshold_mask",
 ]
 
 log = logging.getLogger(__name__)
+
+# weight layers a coverage report accounts for (pruned or not)
+_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 #: what ``filter=`` accepts (a LayerSelector, a predicate, names/globs): kept for old imports
 Filter = Selectable
@@ -508,13 +513,61 @@ def prune_(
             task.advance(i + 1)
         if global_names:
             _prune_global(layers, global_names, config.sparsity, old_masks, report)
-    report = {n: report[n] for n in layers}
+    report = PruneReport({n: report[n] for n in layers})
+    report.coverage = _prune_coverage(model, config, layers, report)
+    report.coverage.warn()
     log.info(
         "pruned %d layers: %s",
         len(report),
         {n: round(r.kept_fraction, 4) for n, r in report.items()},
     )
     return report
+
+
+def pruning_coverage(model: nn.Module) -> CoverageReport:
+    """The weight layers carrying a pruning mask with zeros (changed) and the others (skipped:
+    not pruned), e.g. after :func:`~nncompress.prune.iterative_prune_` or AGP."""
+    masks = pruning_masks(model)
+    changed = {
+        n: f"{100 * (1 - float(m.float().mean())):.1f}% pruned"
+        for n, m in masks.items()
+        if bool((m == 0).any())
+    }
+    skipped = {
+        n: "not pruned (not selected, or no weight below its threshold)"
+        for n, m in model.named_modules()
+        if n and isinstance(m, _WEIGHT_LAYERS) and n not in changed
+    }
+    return coverage_report("prune", model, changed, skipped)
+
+
+class PruneReport(dict):
+    """``{layer: LayerPruning}`` as :func:`prune_` always returned, plus ``coverage``: the
+    layers pruned and the weight layers left alone with the reason."""
+
+    coverage: CoverageReport | None = None
+
+
+def _prune_coverage(
+    model: nn.Module,
+    config: MagnitudeConfig,
+    layers: Mapping[str, nn.Module],
+    report: Mapping[str, LayerPruning],
+) -> CoverageReport:
+    changed = {n: f"{100 * (1 - r.kept_fraction):.1f}% pruned" for n, r in report.items()}
+    skipped = {}
+    for name, m in model.named_modules():
+        if name in layers or not name or not isinstance(m, _WEIGHT_LAYERS):
+            continue
+        skipped[name] = (
+            f"not selected (include={list(config.include)}, exclude={list(config.exclude)}, "
+            "or the layer filter)"
+        )
+    for n, r in report.items():
+        if r.kept == r.params:
+            changed.pop(n)
+            skipped[n] = "selected, but no weight fell below its threshold"
+    return coverage_report("prune", model, changed, skipped)
 
 
 def masks_from_zeros_(

@@ -28,6 +28,7 @@ network; the paper's "prune once and retrain").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -39,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.convs import describe_conv
+from ..core.coverage import CoverageReport, LayerOutcome
 from ..core.errors import ConfigError
 from ..core.policy import Policy
 from ..core.progress import Progress, progress_task
@@ -218,13 +221,51 @@ class FilterPruneReport:
     layers: list[dict] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)
     plan: dict[str, list[int]] = field(default_factory=dict)
+    coverage: CoverageReport | None = None
 
     @property
     def macs_kept(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "macs_kept": self.macs_kept}
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "coverage"
+        }
+        out = copy.deepcopy(out)
+        out["coverage"] = self.coverage.to_dict() if self.coverage else None
+        return {**out, "macs_kept": self.macs_kept}
+
+
+def _filter_coverage(
+    model_before: dict[str, tuple[str, int]],
+    params_total: int,
+    graph: DependencyGraph,
+    thinned: list[str],
+    config: FilterPruneConfig,
+) -> CoverageReport:
+    """Layers thinned, and the Conv/Linear producers left whole with the reason."""
+    changed = {n: "channels removed" for n in thinned}
+    skipped: dict[str, str] = {}
+    sel = config.selector
+    for g in graph.groups:
+        fixed = sorted({r for r in g.reasons if r})
+        for p in g.producers:
+            if p in changed or p in skipped:
+                continue
+            if g.num_prunable == 0:
+                skipped[p] = "its channels cannot be removed: " + "; ".join(fixed[:2])
+            elif not all(sel(q, None) for q in g.producers):
+                skipped[p] = f"excluded (exclude={list(config.exclude)})"
+            else:
+                skipped[p] = "none of its group's channels were chosen"
+    rows = []
+    for status, entries in (("changed", changed), ("skipped", skipped)):
+        for name, detail in entries.items():
+            t, n = model_before.get(name, ("?", 0))
+            rows.append(LayerOutcome(name, t, n, status, detail))
+    order = {name: i for i, name in enumerate(model_before)}
+    rows.sort(key=lambda x: order.get(x.name, len(order)))
+    return CoverageReport("prune-filters", rows, params_total)
 
 
 def group_scores(
@@ -420,6 +461,15 @@ def prune_filters_(
     chosen = plan_filters(model, config, example_input, graph=graph, progress=progress)
     macs_before = graph.macs()
     macs_after = graph.macs(chosen.cuts)
+    before = {
+        n: (
+            describe_conv(m) if isinstance(m, nn.Conv1d | nn.Conv2d) else type(m).__name__,
+            sum(p.numel() for p in m.parameters()),
+        )  # fmt: skip
+        for n, m in model.named_modules()
+        if n
+    }
+    params_total = sum(p.numel() for p in model.parameters())
     thin = apply_cuts_(model, chosen.cuts, graph)
     layers = []
     for row in thin.layers:
@@ -447,6 +497,10 @@ def prune_filters_(
         groups=groups,
         plan=chosen.plan,
     )
+    report.coverage = _filter_coverage(
+        before, params_total, graph, [row["name"] for row in thin.layers], config
+    )
+    report.coverage.warn()
     log.info(
         "filter pruning (%s, %s): MACs %d -> %d (%.1f%% kept), params %d -> %d",
         config.criterion,

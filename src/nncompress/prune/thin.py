@@ -5,7 +5,7 @@ feature map, and the kernels that read that feature map in the next layer. Here 
 :class:`~nncompress.prune.graph.DependencyGraph` expands a plan (output channels of a few
 Conv/Linear layers) to every coupled module (BatchNorm, depthwise convs, residual partners,
 concatenation consumers, flatten -> Linear features), and every touched module is replaced by
-an ordinary ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` holding the
+an ordinary ``nn.Conv2d`` (a copy of a conv subclass that pads in its ``forward``) / ``nn.Linear`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` holding the
 kept slices of its weights, biases and running statistics::
 
     W'_conv = W[keep_out][:, keep_in]          # (C_out', C_in', kh, kw)
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.convs import is_conv_subclass, resized_conv
 from ..core.modules import plain_type as _plain_type
 from ..core.modules import set_submodule
 from .graph import DependencyGraph, GraphError, LayerCut, build_dependency_graph
@@ -113,6 +114,14 @@ def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
                     raise GraphError(
                         f"cannot remove input channels of grouped conv (groups={groups})"
                     )
+            if is_conv_subclass(module):
+                # keep the subclass (and the padding its forward applies)
+                wk = _take(w, 0, ko)  # (C_out', C_in/groups, *k)
+                if not depthwise:
+                    wk = _take(wk, 1, ki)  # (C_out', C_in', *k)
+                new = resized_conv(module, _like(wk, w), _take(module.bias, 0, ko), groups=groups)
+                new.train(module.training)
+                return new
             new = _plain_type(module)(
                 n_in,
                 n_out,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.coverage import CoverageReport, coverage_report
 from ..core.errors import ConfigError
 from ..core.policy import Policy
 from ..core.progress import Progress, progress_task
@@ -454,9 +455,13 @@ class LayerShareReport:
 @dataclass
 class ShareReport:
     layers: list[LayerShareReport] = field(default_factory=list)
+    coverage: CoverageReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [vars(r) for r in self.layers]}
+        out: dict[str, Any] = {"layers": [vars(r) for r in self.layers]}
+        if self.coverage is not None:
+            out["coverage"] = self.coverage.to_dict()
+        return out
 
 
 def _shareable(m: nn.Module) -> bool:
@@ -585,6 +590,7 @@ def share_weights_(
         if others:
             tied_bits[name] = _tied_group_bits(cfg, [name, *others], by_name)
     already = shared_layers(model)
+    tied_done: dict[str, str] = {}
     report = ShareReport()
     with progress_task(progress, "share", len(layers)) as task:
         for i, (name, m) in enumerate(layers):
@@ -595,12 +601,23 @@ def share_weights_(
             if twin is not None:  # tied to a layer shared a moment ago: same parametrization
                 _install_same(m, already[twin])
                 already[name] = already[twin]
+                tied_done[name] = twin
                 log.info("layer %s is tied to %s: shares its codebook", name, twin)
                 continue
             bits = tied_bits.get(name) or cfg.bits_for(name, m)
             rep, already[name] = _share_layer(name, m, cfg, bits)
             report.layers.append(rep)
             task.advance(i + 1, layer=name)
+    changed = {r.name: f"{r.bits} bits" for r in report.layers}
+    changed.update({n: f"tied to {t}" for n, t in tied_done.items()})
+    skipped = {
+        n: "not selected by the layer filter"
+        for n, m in model.named_modules()
+        if n and _shareable(m) and n not in names
+    }
+    skipped.update({n: "already shared" for n in names if n not in changed})
+    report.coverage = coverage_report("share", model, changed, skipped)
+    report.coverage.warn()
     return report
 
 

@@ -44,7 +44,9 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..core.fx import trace
+from ..core.convs import is_conv_leaf, is_conv_subclass, unrecognised_conv_message
+from ..core.coverage import CoverageReport, coverage_report
+from ..core.fx import module_of, op_name, trace
 from ..core.modules import model_device, strip_parametrizations_
 from ..core.progress import Progress, progress_task
 from .fakequant import ActivationQuantizer, WeightFakeQuant
@@ -83,6 +85,7 @@ __all__ = [
     "layer_precisions",
     "prepare",
     "prepare_qat",
+    "quantization_coverage",
     "quantize_ptq",
     "quantize_qat",
     "quantized_float_model",
@@ -90,6 +93,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# functional calls of layer weights that fx leaves as call_function nodes (they run in float)
+_FUNCTIONAL_LAYERS = (
+    torch.conv1d,
+    torch.conv2d,
+    nn.functional.conv1d,
+    nn.functional.conv2d,
+    nn.functional.linear,
+)
 
 
 def _plain_copy(model: nn.Module, config: PTQConfig) -> nn.Module:
@@ -116,6 +128,7 @@ def prepare(
     config = config or PTQConfig()
     was_training = model.training
     model = _plain_copy(model, config)
+    params_total = sum(p.numel() for p in model.parameters())
     gm = trace(model)  # TraceError (a ValueError) names the module that failed
     graph = gm.graph
     mods = dict(gm.named_modules())
@@ -132,6 +145,17 @@ def prepare(
     graph.lint()
     gm.recompile()
     gm.train(was_training if qat else False)
+    report = _coverage(model, gm, layers, prec, params_total)
+    gm.meta[COVERAGE_KEY] = report
+    stayed = [x for x in report.skipped if not x.detail.startswith("kept in float by")]
+    report.warn(
+        [
+            f"quantize: {len(stayed)} Conv/Linear layer(s) stayed in float: "
+            + "; ".join(f"'{x.name}': {x.detail}" for x in stayed)
+        ]
+        if stayed
+        else []
+    )
     log.info(
         "prepared %d layers (%s), %d activation quantizers",
         len(layers),
@@ -139,6 +163,51 @@ def prepare(
         count,
     )
     return gm
+
+
+COVERAGE_KEY = "nncompress.coverage"
+
+
+def _coverage(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    layers: list[str],
+    prec: dict[str, tuple[str, str | None]],
+    params_total: int,
+) -> CoverageReport:
+    """Which Conv/Linear layers got integer weights, and why the others stayed in float."""
+    changed, skipped = {}, {}
+    for name in layers:
+        w, a = prec[name]
+        if w == "fp32":
+            skipped[name] = "kept in float by keep_first_last / per_layer"
+        else:
+            changed[name] = f"{w} weights, {a or 'fp32'} activations"
+    functional = {}
+    mods = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
+            functional.setdefault(module_of(node), op_name(node))
+    for name, m in model.named_modules():
+        if not name or not isinstance(m, QUANT_LAYERS) or name in changed or name in skipped:
+            continue
+        if is_conv_subclass(m) and not is_conv_leaf(m):
+            skipped[name] = unrecognised_conv_message(name, m) + "; it runs in float"
+        elif name in functional or name not in mods:
+            skipped[name] = (
+                f"its weights are used by {functional.get(name, 'a functional call')} rather "
+                "than by calling the module, so it runs in float"
+            )
+        else:
+            skipped[name] = "not called in forward"
+    return coverage_report("quantize", model, changed, skipped, params_total=params_total)
+
+
+def quantization_coverage(gm: nn.Module) -> CoverageReport | None:
+    """The :class:`~nncompress.core.coverage.CoverageReport` :func:`prepare` recorded: the
+    layers quantized and those left in float with the reason (``None`` for other models)."""
+    meta = getattr(gm, "meta", None)
+    return meta.get(COVERAGE_KEY) if isinstance(meta, dict) else None
 
 
 def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> fx.GraphModule:

@@ -1,17 +1,27 @@
 """Where fake quantization goes in a traced model (the graph side of :func:`~.linear.prepare`).
 
-Weights: a :class:`~.fakequant.WeightFakeQuant` parametrization on every quantized Conv/Linear.
-Activations: an :class:`~.fakequant.ActivationQuantizer` on the graph input, after every
-integer layer (after its ReLU, which is fused), after residual additions of quantized tensors
-and after average pools; order-preserving ops (ReLU, max-pool, flatten, dropout: op kinds of
-:func:`nncompress.core.fx.op_kind`) keep their input's grid. This is exactly where
-:mod:`nncompress.quant.onnx_export` puts QuantizeLinear / DequantizeLinear pairs.
+Weights: a :class:`~.fakequant.WeightFakeQuant` parametrization on every quantized Conv/Linear
+(``nn.Conv2d`` subclasses that pad in their own ``forward`` included: :mod:`nncompress.core.convs`
+keeps them as module calls). Activations: an :class:`~.fakequant.ActivationQuantizer` on the
+graph input and after every integer layer - after its activation when onnxruntime fuses that
+activation into the integer kernel (ReLU, ReLU6, Hardtanh: a ``Relu``/``Clip`` before a
+``QuantizeLinear`` whose range it contains is dropped), else on the layer's output and again
+after the activation (SiLU, Hardswish, GELU, Sigmoid... run between a DequantizeLinear and a
+QuantizeLinear, so each tensor is quantized once). Residual additions, products of quantized
+tensors (squeeze-and-excitation gates) and average pools get a quantizer after them;
+order-preserving ops (ReLU, max-pool, flatten, dropout: op kinds of
+:func:`nncompress.core.fx.op_kind`) keep their input's grid. The ONNX export
+(:mod:`nncompress.quant.onnx_export`) turns every quantizer into a QuantizeLinear /
+DequantizeLinear pair at the same place.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
+import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
@@ -24,6 +34,8 @@ __all__ = [
     "QUANT_LAYERS",
     "grid_source",
     "insert_activation_quantizers",
+    "is_float_activation",
+    "is_fused_activation",
     "keeps_grid",
     "quantize_weights_",
     "quantized_layers",
@@ -35,10 +47,32 @@ QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # ops need no new quantizer after them
 _GRID_KINDS = ("relu", "maxpool", "flatten", "reshape", "dropout", "identity")
 _POOL_KINDS = ("avgpool", "adaptive_avgpool")
+_MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+
+
+def is_fused_activation(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """ReLU, ReLU6 and Hardtanh: clamps that onnxruntime drops before a QuantizeLinear whose
+    range they contain, so the integer layer before them writes the clamped grid directly."""
+    kind = op_kind(node, mods)
+    if kind in ("relu", "relu6"):
+        return True
+    if node.op == "call_module":
+        return isinstance(mods.get(str(node.target)), nn.Hardtanh)
+    return node.op == "call_function" and node.target is F.hardtanh
+
+
+def is_float_activation(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Other element-wise activations (SiLU, Hardswish, GELU, Sigmoid, ...): they run between
+    a DequantizeLinear and a QuantizeLinear (or as onnxruntime's QLinearSigmoid)."""
+    return op_kind(node, mods) == "activation" and not is_fused_activation(node, mods)
 
 
 def _is_relu(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
-    return op_kind(node, mods) == "relu"
+    return is_fused_activation(node, mods)
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _MUL
 
 
 def keeps_grid(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
@@ -130,9 +164,12 @@ class _Placer:
         return grid_source(node, self.mods, self.qdt)
 
     def fused_end(self, node: fx.Node) -> fx.Node:
+        """The last node of ``node`` plus the fused activations (ReLU/ReLU6/Hardtanh) that
+        follow it as its only users."""
         users = list(node.users)
-        if len(users) == 1 and _is_relu(users[0], self.mods):
-            return users[0]
+        while len(users) == 1 and _is_relu(users[0], self.mods):
+            node = users[0]
+            users = list(node.users)
         return node
 
 
@@ -163,17 +200,20 @@ def insert_activation_quantizers(
             end = p.fused_end(node)
             done.add(end)
             p.insert_after(end, prec[node.target][1])
-        elif _is_add(node):
+        elif _is_add(node) or _is_mul(node):
+            # residual sums and squeeze-and-excitation products of two quantized tensors
             ins = [a for a in node.args if isinstance(a, fx.Node)]
             dts = [p.qdt.get(p.source(a)) for a in ins]
-            if ins and all(dts):
+            if len(ins) == 2 and all(dts):
                 end = p.fused_end(node)
                 done.add(end)
                 p.insert_after(end, dts[0])
-        elif _is_pool(node, p.mods):
-            dt = p.qdt.get(p.source(node.args[0]))
+        elif _is_pool(node, p.mods) or is_float_activation(node, p.mods):
+            dt = p.qdt.get(p.source(node.args[0])) if node.args else None
             if dt:
-                p.insert_after(node, dt)
+                end = p.fused_end(node)
+                done.add(end)
+                p.insert_after(end, dt)
     # the network's output (logits) keeps its full range: clipping it (percentile / KL) changes
     # which class wins, so its quantizer always uses min/max (or the moving average in QAT)
     for node in graph.nodes:

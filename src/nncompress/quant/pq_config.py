@@ -174,6 +174,7 @@ class PQLayerReport:
 class PQReport:
     layers: list[PQLayerReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    coverage: Any = None  # nncompress.core.coverage.CoverageReport, set by pq_quantize_
 
     @property
     def weights(self) -> int:
@@ -190,4 +191,5 @@ class PQReport:
             "weights": self.weights,
             "bits": self.bits,
             "bits_per_weight": self.bits / self.weights if self.weights else 0.0,
+            **({"coverage": self.coverage.to_dict()} if self.coverage is not None else {}),
         }

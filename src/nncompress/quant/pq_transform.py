@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.coverage import coverage_report
 from ..core.errors import ConfigError
 from ..core.modules import folded_copy, model_device
 from ..core.progress import Progress, progress_task
@@ -461,11 +462,24 @@ def pq_quantize_(
         q.requires_grad_(False)
     was = model.training
     model.eval()
+    params_total = sum(p.numel() for p in model.parameters())
     try:
         plans = _check_data(model, teacher, calibration_loader, plans, device)
         report = _run(model, teacher, plans, calibration_loader, cfg, device, progress)
     finally:
         model.train(was)
+    changed = {r.name: f"d={r.block_size}, k={r.k}" for r in report.layers}
+    skipped = {
+        n: "already product-quantized" if n in pq_layers(model) else "not selected"
+        for n, m in model.named_modules()
+        if n and isinstance(m, nn.Conv2d | nn.Linear) and n not in changed
+    }
+    types = {n: type(m).__name__ for n, m in teacher.named_modules()}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in teacher.named_modules()}
+    report.coverage = coverage_report(
+        "pq", teacher, changed, skipped, params=params, types=types, params_total=params_total
+    )
+    report.coverage.warn()
     return report
 
 

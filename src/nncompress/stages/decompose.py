@@ -214,6 +214,7 @@ def run_decompose_stage(ctx: StageContext, config: DecomposeStageConfig) -> dict
     log.info("decompose: %d layers decomposed", len(report.decomposed))
     return {
         "method": config.method,
+        "coverage": report.coverage.to_dict(),
         "params_before": report.params_before,
         "params_after": report.params_after,
         "macs_before": report.macs_before,

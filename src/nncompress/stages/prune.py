@@ -40,6 +40,7 @@ from ..prune.magnitude import (
     masks_from_zeros_,
     prunable_layers,
     prune_,
+    pruning_coverage,
     pruning_masks,
 )
 from ..prune.schedule import AGPConfig, agp_prune_, iterative_prune_
@@ -353,6 +354,7 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
         }
         for n, m in pruning_masks(model).items()
     }
+    report["coverage"] = pruning_coverage(model).to_dict()
     params, nz = _nonzeros(model)
     report.update(
         params=params,

@@ -19,6 +19,7 @@ from ..quant.linear import (
     PTQConfig,
     QATConfig,
     layer_precisions,
+    quantization_coverage,
     quantize_ptq,
     quantize_qat,
     quantized_float_model,
@@ -120,6 +121,7 @@ def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[s
             lr_scale=config.lr_scale,
             progress=ctx.progress,
         )
+    coverage = quantization_coverage(gm)
     test = splits.loader("test", 500)
     sim = evaluate(gm, test, progress=ctx.progress)["accuracy"]
     path = ctx.out_dir / config.out
@@ -147,4 +149,5 @@ def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[s
         "fp32_param_bytes": 4 * n_params,
         "onnx_path": str(path),
         "layers": layer_precisions(gm),
+        "coverage": coverage.to_dict() if coverage is not None else None,
     }

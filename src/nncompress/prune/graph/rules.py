@@ -18,6 +18,7 @@ import numpy as np
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from ...core.convs import is_conv_subclass, unrecognised_conv_message
 from ...core.fx import module_of, op_kind, op_name
 from .atoms import OPAQUE, Chan, ChannelAtoms
 from .errors import GraphError
@@ -112,6 +113,11 @@ class ChannelWalker(ChannelAtoms):
             if all(not isinstance(v, Chan) for _, v in self._inputs(node, env)):
                 return None
         rule = _OP_RULES.get(kind)
+        if rule is None and is_conv_subclass(modules.get(where)):
+            raise GraphError(
+                unrecognised_conv_message(where, modules[where])
+                + "; filter pruning cannot follow its channels"
+            )
         if rule is None:
             raise GraphError(
                 f"unsupported operation {op_name(node)} in module '{where}' (node '{node.name}'): "
