@@ -347,6 +347,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.split not in ("test", "val"):
         raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
+    hf = args.checkpoint.is_dir() or args.reference is not None
+    hf_only = "only for a Hugging Face model (a folder, or a .ncz with --reference)"
+    refuse_inapplicable(args, {"text": (hf, hf_only), "examples": (hf, hf_only)})
     # --- ONNX models (nncompress.cli.quant) ---
     if args.checkpoint.suffix == ".onnx":
         from .quant import cmd_eval_onnx
@@ -354,7 +357,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_onnx(args)
     # --- end ONNX ---
     # --- Hugging Face folders and .ncz files written from them (nncompress.cli.hf) ---
-    if args.checkpoint.is_dir() or args.reference is not None:
+    if hf:
         from .hf import cmd_eval_hf
 
         return cmd_eval_hf(args)

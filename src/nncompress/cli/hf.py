@@ -74,8 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_out(path: Path, flag: str) -> None:
+    """Refuse an output folder that exists with files in it or cannot be created (a file on
+    its way, a read-only place), before any work."""
+    from ..core.files import output_problem
+
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{flag} '{path}': exists and is not an empty folder; not overwritten")
+    problem = output_problem(path, "dir")
+    if problem:
+        raise ValueError(f"{flag}={str(path)!r}: {problem}")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -203,6 +210,7 @@ def cmd_eval_hf(args: argparse.Namespace) -> int:
 def cmd_decode_hf(args: argparse.Namespace) -> int:
     from ..io.hf import decode_to_hf_folder
 
+    _check_out(args.hf_out, "--hf-out")
     path = decode_to_hf_folder(args.file, args.hf_out, tokenizer_from=args.tokenizer_from)
     out.print(f"wrote {path} (AutoModel.from_pretrained loads it)", highlight=False)
     return 0
