@@ -16,6 +16,7 @@ from .common import (
     checkpoint_out,
     console,
     dataset_for,
+    number_list,
     open_model,
     out,
     print_json,
@@ -397,10 +398,8 @@ def print_accuracy(args: argparse.Namespace, res: dict, runtime: str | None = No
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError as exc:
-        raise ValueError(f"--batches={text!r}: must be comma-separated positive integers") from exc
+    error = f"--batches={text!r}: must be comma-separated positive integers"
+    batches = number_list(text, int, error)
     if any(b < 1 for b in batches):
         raise ValueError(f"--batches={text!r}: batch sizes must be >= 1")
     return batches

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import RichProgress, add_json_arg, add_quiet_arg, out, print_json
+from .common import RichProgress, add_json_arg, add_quiet_arg, number_list, out, print_json
 
 
 def existing_path(value: str) -> Path:
@@ -21,10 +21,8 @@ def existing_path(value: str) -> Path:
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"'{text}': comma-separated integers expected") from exc
+    error = f"'{text}': comma-separated integers expected"
+    return number_list(text, int, error, argparse.ArgumentTypeError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
