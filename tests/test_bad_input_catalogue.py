@@ -362,6 +362,14 @@ BAD_CLI: dict[str, tuple[list[str], tuple[str, ...]]] = {
         [*P, "--q", "1", "--retrain-epochs", "1", "--l1-then-l2", "2"],
         ("--l1-then-l2=2", "only with --l1"),
     ),
+    "prune filter ratio zero": (
+        [*P, "--method", "filter-l1", "--ratio", "0"],
+        ("--ratio=0", "prunes nothing", "(0, 1)"),
+    ),
+    "prune-filters macs budget one": (
+        ["prune-filters", "{ckpt}", "--macs-budget", "1", "--out", _o()],
+        ("--macs-budget=1", "prunes nothing"),
+    ),
     "prune-filters ratio": (
         ["prune-filters", "{ckpt}", "--ratio", "1.5", "--out", _o()],
         ("ratio=1.5", "[0, 1)"),
@@ -414,6 +422,18 @@ BAD_CLI: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "decode max-bytes small": (
         ["decode", "{ncz}", "--max-bytes", "1000", "--out", _o()],
         ("max_bytes=1000", "raise max_bytes"),
+    ),
+    "decode hf-out below a file": (
+        ["decode", "{ncz}", "--hf-out", "{plain}/hf"],
+        ("--hf-out=", "is a file", "cannot be created"),
+    ),
+    "eval examples without a HF model": (
+        ["eval", "{ckpt}", "--examples", "5"],
+        ("--examples=5", "only for a Hugging Face model"),
+    ),
+    "eval text without a HF model": (
+        ["eval", "{ckpt}", "--text", "{plain}"],
+        ("--text=", "only for a Hugging Face model"),
     ),
     "inspect damaged": (["inspect", "{bad}"], ("bad.ncz", "truncated")),
     "eval missing": (["eval", "{root}/none.safetensors"], ("none.safetensors", "does not exist")),

@@ -16,6 +16,7 @@ from .common import (
     checkpoint_out,
     console,
     dataset_for,
+    number_list,
     open_model,
     out,
     print_json,
@@ -347,6 +348,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.split not in ("test", "val"):
         raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
+    hf = args.checkpoint.is_dir() or args.reference is not None
+    hf_only = "only for a Hugging Face model (a folder, or a .ncz with --reference)"
+    refuse_inapplicable(args, {"text": (hf, hf_only), "examples": (hf, hf_only)})
     # --- ONNX models (nncompress.cli.quant) ---
     if args.checkpoint.suffix == ".onnx":
         from .quant import cmd_eval_onnx
@@ -354,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_onnx(args)
     # --- end ONNX ---
     # --- Hugging Face folders and .ncz files written from them (nncompress.cli.hf) ---
-    if args.checkpoint.is_dir() or args.reference is not None:
+    if hf:
         from .hf import cmd_eval_hf
 
         return cmd_eval_hf(args)
@@ -394,10 +398,8 @@ def print_accuracy(args: argparse.Namespace, res: dict, runtime: str | None = No
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError as exc:
-        raise ValueError(f"--batches={text!r}: must be comma-separated positive integers") from exc
+    error = f"--batches={text!r}: must be comma-separated positive integers"
+    batches = number_list(text, int, error)
     if any(b < 1 for b in batches):
         raise ValueError(f"--batches={text!r}: batch sizes must be >= 1")
     return batches

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -381,12 +382,49 @@ def print_table(
         Console(file=sys.stdout, width=need).print(table)
 
 
-def checkpoint_out(value: str) -> Path:
-    """argparse type of ``--out`` checkpoint paths: checked at parse time, before any work."""
-    path = Path(value)
-    if path.suffix != ".safetensors":
-        raise argparse.ArgumentTypeError(f"'{value}' must end in .safetensors")
-    return path
+def path_with_suffix(*suffixes: str, what: str | None = None) -> Callable[[str], Path]:
+    """argparse type of an output path that must end in one of ``suffixes`` (checked at parse
+    time, before any work): ``'x.pt' must end in .safetensors``; ``what`` replaces the list of
+    suffixes in that message."""
+    shown = what or " or ".join(suffixes)
+
+    def check(value: str) -> Path:
+        path = Path(value)
+        if path.suffix not in suffixes:
+            raise argparse.ArgumentTypeError(f"'{value}' must end in {shown}")
+        return path
+
+    return check
+
+
+checkpoint_out = path_with_suffix(".safetensors")  # --out of the checkpoint commands
+
+
+def number_list(
+    text: str, convert: Callable[[str], Any], error: str, exc: type[Exception] | None = None
+) -> tuple:
+    """Comma-separated numbers (``'0.1,0.5'``; blank items skipped) converted by ``convert``.
+
+    A value ``convert`` rejects raises ``exc`` (default :class:`ConfigError`; an argparse type
+    passes ``argparse.ArgumentTypeError``) with the message ``error``."""
+    from ..core.errors import ConfigError
+
+    try:
+        return tuple(convert(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise (exc or ConfigError)(error) from None
+
+
+def name_value_pairs(text: str) -> list[tuple[str, str]] | None:
+    """``'fc1=0.9,fc2=0.8'`` as ``[('fc1', '0.9'), ('fc2', '0.8')]`` (names stripped,
+    values as written), or ``None`` when an item has no ``=``."""
+    pairs = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep:
+            return None
+        pairs.append((name.strip(), value))
+    return pairs
 
 
 def existing_file(value: str) -> Path:

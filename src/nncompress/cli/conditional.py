@@ -16,7 +16,9 @@ from .common import (
     checkpoint_out,
     dataset_for,
     existing_file,
+    number_list,
     out,
+    path_with_suffix,
     print_json,
     print_table,
 )
@@ -30,17 +32,11 @@ def _comma_list(value: str) -> tuple[str, ...]:
 
 
 def _floats(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}': give comma-separated numbers") from None
+    error = f"'{value}': give comma-separated numbers"
+    return number_list(value, float, error, argparse.ArgumentTypeError)
 
 
-def _json_out(value: str) -> Path:
-    path = Path(value)
-    if path.suffix != ".json":
-        raise argparse.ArgumentTypeError(f"'{value}' must end in .json")
-    return path
+_json_out = path_with_suffix(".json")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser, max_loss: float) -> None:

@@ -74,8 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def filter_stage_config(args: argparse.Namespace, criterion: str, per_layer: Any):
     """The ``filter_prune`` stage config a recipe would build, from the flags."""
+    from ..core.errors import ConfigError
     from ..stages.filter_prune import FilterPruneStageConfig
 
+    # a ratio of 0 or a MACs budget of 1 removes nothing: refused, not run and saved unchanged
+    if args.ratio == 0:
+        raise ConfigError("--ratio=0: prunes nothing; give a fraction of filters in (0, 1)")
+    if args.macs_budget == 1:
+        raise ConfigError("--macs-budget=1: keeps every MAC, prunes nothing; give one in (0, 1)")
     policy = getattr(args, "policy", None)
     if policy is not None:
         return FilterPruneStageConfig(

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import RichProgress, add_json_arg, add_quiet_arg, out, print_json
+from .common import RichProgress, add_json_arg, add_quiet_arg, number_list, out, print_json
 
 
 def existing_path(value: str) -> Path:
@@ -21,10 +21,8 @@ def existing_path(value: str) -> Path:
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"'{text}': comma-separated integers expected") from exc
+    error = f"'{text}': comma-separated integers expected"
+    return number_list(text, int, error, argparse.ArgumentTypeError)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,8 +72,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_out(path: Path, flag: str) -> None:
+    """Refuse an output folder that exists with files in it or cannot be created (a file on
+    its way, a read-only place), before any work."""
+    from ..core.files import output_problem
+
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{flag} '{path}': exists and is not an empty folder; not overwritten")
+    problem = output_problem(path, "dir")
+    if problem:
+        raise ValueError(f"{flag}={str(path)!r}: {problem}")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -203,6 +208,7 @@ def cmd_eval_hf(args: argparse.Namespace) -> int:
 def cmd_decode_hf(args: argparse.Namespace) -> int:
     from ..io.hf import decode_to_hf_folder
 
+    _check_out(args.hf_out, "--hf-out")
     path = decode_to_hf_folder(args.file, args.hf_out, tokenizer_from=args.tokenizer_from)
     out.print(f"wrote {path} (AutoModel.from_pretrained loads it)", highlight=False)
     return 0

@@ -18,6 +18,8 @@ from .common import (
     add_quiet_arg,
     checkpoint_out,
     existing_file,
+    name_value_pairs,
+    number_list,
     out,
     print_json,
     print_table,
@@ -186,10 +188,7 @@ METHODS: dict[str, tuple[Callable[[argparse.Namespace], Any], Runner]] = {
 
 
 def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise ValueError(f"{flag}={text!r}: must be comma-separated numbers") from exc
+    return list(number_list(text, float, f"{flag}={text!r}: must be comma-separated numbers"))
 
 
 def parse_per_layer(text: str | None) -> dict[str, Any]:
@@ -204,13 +203,13 @@ def parse_per_layer(text: str | None) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"--per-layer={text!r}: the JSON file must hold a mapping")
         return data
+    pairs = name_value_pairs(text)
+    if pairs is None:
+        raise ValueError(f"--per-layer={text!r}: expected name=value[,name=value] or a file")
     out_map: dict[str, Any] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--per-layer={text!r}: expected name=value[,name=value] or a file")
+    for name, value in pairs:
         try:
-            out_map[name.strip()] = float(value)
+            out_map[name] = float(value)
         except ValueError as exc:
             raise ValueError(f"--per-layer: value {value!r} for {name!r} is not a number") from exc
     return out_map

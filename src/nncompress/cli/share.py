@@ -6,7 +6,6 @@ the same code."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .common import (
     CheckpointJob,
@@ -14,7 +13,9 @@ from .common import (
     add_json_arg,
     add_model_arg,
     add_quiet_arg,
+    name_value_pairs,
     out,
+    path_with_suffix,
     print_json,
     print_table,
     refuse_inapplicable,
@@ -24,13 +25,9 @@ from .coverage import print_coverage
 __all__ = ["register"]
 
 
-def _out_path(value: str) -> Path:
-    path = Path(value)
-    if path.suffix not in (".safetensors", ".ncz"):
-        raise argparse.ArgumentTypeError(
-            f"'{value}' must end in .safetensors (checkpoint) or .ncz (compressed file)"
-        )
-    return path
+_out_path = path_with_suffix(
+    ".safetensors", ".ncz", what=".safetensors (checkpoint) or .ncz (compressed file)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,13 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _per_layer(text: str | None) -> dict[str, int]:
     if not text:
         return {}
-    out_map: dict[str, int] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise ValueError(f"--per-layer={text!r}: expected NAME=BITS[,NAME=BITS] (integers)")
-        out_map[name.strip()] = int(value)
-    return out_map
+    pairs = name_value_pairs(text)
+    if pairs is None or not all(value.strip().isdigit() for _, value in pairs):
+        raise ValueError(f"--per-layer={text!r}: expected NAME=BITS[,NAME=BITS] (integers)")
+    return {name: int(value) for name, value in pairs}
 
 
 def cmd_share(args: argparse.Namespace) -> int:
