@@ -430,3 +430,13 @@ def test_diverging_layer_fine_tuning_is_reverted() -> None:
     twin = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
     pq_quantize_(twin, PQConfig(**{**vars(cfg), "layer_steps": 0}), data, filter="0")
     assert torch.equal(model[0].weight, twin[0].weight)  # EM's codebook, as without tuning
+
+
+def test_paper_block_sizes_mean_whole_kernels_for_any_kernel_size() -> None:
+    small, large, odd = PQConfig(), PQConfig(block_size_conv=18), PQConfig(block_size_conv=5)
+    c3, c5, c1 = nn.Conv2d(4, 8, 3), nn.Conv2d(4, 8, 5), nn.Conv2d(4, 8, 1)
+    assert [small.block_size_for("c", m) for m in (c3, c5, c1)] == [9, 25, 4]
+    assert [large.block_size_for("c", m) for m in (c3, c5)] == [18, 50]
+    assert [odd.block_size_for("c", m) for m in (c3, c5)] == [5, 5]  # other sizes as given
+    model = nn.Sequential(nn.Conv2d(1, 4, 5), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    assert pq_plan(model, PQConfig(k=4))["0"]["block_size"] == 25  # LeNet-5-like: no error

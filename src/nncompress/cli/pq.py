@@ -35,8 +35,9 @@ def add_pq_args(p: argparse.ArgumentParser) -> None:
         "--block-size",
         type=block_sizes,
         default=BLOCKS["small"],
-        help="subvector size: 'small' (9 for k x k convs, 4 for 1x1 convs and Linear; "
-        "default), 'large' (18 / 8 / 8) or CONV[,PW[,FC]]",
+        help="subvector size: 'small' (one whole kernel for k x k convs: 9 for 3x3, 25 for "
+        "5x5; 4 for 1x1 convs and Linear; default), 'large' (two kernels / 8 / 8) or "
+        "CONV[,PW[,FC]] (CONV 9 or 18 keep meaning one or two kernels)",
     )
     g.add_argument("--k", type=int, default=256, help="codewords per layer, at most (default 256)")
     g.add_argument(

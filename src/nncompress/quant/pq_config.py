@@ -26,6 +26,10 @@ def _is_num(v: Any) -> bool:
     return is_number(v) and math.isfinite(v)
 
 
+#: block_size_conv values that mean "one / two whole kernels" (Stock et al.'s 3x3 sizes)
+PAPER_CONV_SIZES = (9, 18)
+
+
 @dataclass(frozen=True)
 class PQConfig:
     """How :func:`pq_quantize_` quantizes a network.
@@ -34,7 +38,9 @@ class PQConfig:
     ----------
     block_size_conv, block_size_pw, block_size_fc : subvector size ``d`` for k x k convs
         (k > 1), 1x1 convs and Linear layers. "Small blocks" 9 / 4 / 4 (default), "large
-        blocks" 18 / 8 / 8 (Stock et al. 4.1).
+        blocks" 18 / 8 / 8 (Stock et al. 4.1). The paper's 9 and 18 are one and two whole
+        3x3 kernels, so for other kernel sizes they mean one and two whole kernels (25 and 50
+        for 5x5); any other ``block_size_conv`` is used as given.
     per_layer_block_size : module name -> ``d``.
     k : codewords per layer (<= 65536); clamped per layer to the largest power of two with at
         least ``min_per_codeword`` subvectors per codeword (0 disables the clamp; ``k`` above a
@@ -138,7 +144,14 @@ class PQConfig:
             return self.per_layer_block_size[name]
         if isinstance(module, nn.Linear):
             return self.block_size_fc
-        return self.block_size_pw if math.prod(module.kernel_size) == 1 else self.block_size_conv
+        area = math.prod(module.kernel_size)
+        if area == 1:
+            return self.block_size_pw
+        if area != 9 and self.block_size_conv in PAPER_CONV_SIZES:
+            # the paper's 9 / 18 are one / two whole 3x3 kernels: the same regime for a
+            # k x k kernel is one / two whole kernels (25 / 50 for 5x5)
+            return area * self.block_size_conv // 9
+        return self.block_size_conv
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
