@@ -142,7 +142,8 @@ def test_bad_executor_settings_are_clear_errors():
         make_executor("gpu")
     with pytest.raises(ConfigError, match="only applies to executor='ray'"):
         make_executor("local", address="auto")
-    pytest.importorskip("ray")  # without Ray the error says to install it (checked in test_policy_cli)
+    # without Ray the error says to install it (checked in test_policy_cli)
+    pytest.importorskip("ray")
     with pytest.raises(ConfigError, match="no Ray head answers there.*--executor local"):
         RayExecutor(address="127.0.0.1:9").connect()
     with pytest.raises(ConfigError, match="must be 'auto' or HOST:PORT"):
