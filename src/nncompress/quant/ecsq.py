@@ -46,15 +46,8 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
 from ..core.select import Selectable
-from .kmeans import (
-    INITS,
-    LayerShareReport,
-    ShareReport,
-    _candidates,
-    _init_centroids,
-    _install,
-    shared_layers,
-)
+from .kmeans import LayerShareReport, ShareReport, _candidates, _install, shared_layers
+from .lloyd import INITS, _init_centroids
 
 __all__ = [
     "ECSQConfig",
