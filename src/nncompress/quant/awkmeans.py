@@ -310,15 +310,5 @@ def _share_one(group, name, m, importance, bits, cfg) -> LayerShareReport:
         parametrize.register_parametrization(mod, "weight", p)
         mod.parametrizations["weight"].original.requires_grad_(False)
     nnz = int(mask.sum())
-    from .kmeans import sharing_compression_rate
-
     log.info("shared %s (activation-weighted): %d weights -> %d values", name, nnz, k)
-    return LayerShareReport(
-        name=name,
-        n_weights=w.numel(),
-        n_nonzero=nnz,
-        bits=bits,
-        k=k,
-        inertia=inertia,
-        compression_rate=sharing_compression_rate(max(nnz, 1), k),
-    )
+    return LayerShareReport.of(name, w.numel(), nnz, bits, k, inertia)

@@ -213,6 +213,14 @@ class LayerShareReport:
     inertia: float
     compression_rate: float  # r of eq. 2 for the surviving weights (fp32 originals)
 
+    @classmethod
+    def of(
+        cls, name: str, n_weights: int, nnz: int, bits: int, k: int, inertia: float
+    ) -> LayerShareReport:
+        """The report of a layer whose ``nnz`` surviving weights now take ``k`` values."""
+        rate = sharing_compression_rate(max(nnz, 1), k)
+        return cls(name, n_weights, nnz, bits, k, inertia, rate)
+
 
 @dataclass
 class ShareReport:
@@ -292,16 +300,7 @@ def _share_layer(
     p = _install(m, codebook, indices, mask, cfg.centroid_grad)
     nnz = int(mask.sum())
     log.info("shared %s: %d weights -> %d values (%d bits)", name, nnz, k, bits)
-    report = LayerShareReport(
-        name=name,
-        n_weights=w.numel(),
-        n_nonzero=nnz,
-        bits=bits,
-        k=k,
-        inertia=inertia,
-        compression_rate=sharing_compression_rate(max(nnz, 1), k),
-    )
-    return report, p
+    return LayerShareReport.of(name, w.numel(), nnz, bits, k, inertia), p
 
 
 def share_weights_(
