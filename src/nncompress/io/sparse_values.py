@@ -14,7 +14,8 @@ raw bytes. As in the codebook scheme, +0.0 and -0.0 both count as zero and decod
 
 This module holds the scheme's three parts (docs/format.md, scheme ``sparse``): the writer's
 candidates (:func:`sparse_candidates`), the header check (:func:`check_sparse`) and the
-decoder (:func:`decode_sparse`); ``encode.py`` / ``decode.py`` register them.
+decoder (:func:`decode_sparse`); ``candidates.py``, ``decode_checks.py`` and ``decode_schemes.py``
+register them.
 """
 
 from __future__ import annotations
