@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bitpack import ByteReader, CodingError, pack_bits, write_uvarint
+from .bitpack import ByteReader, CodedStream, CodingError, pack_bits, write_uvarint
 from .entropy import symbol_counts
 
 __all__ = ["AnsStream", "ans_decode", "ans_decode_chunks", "ans_encode"]
@@ -49,7 +49,7 @@ def _model(counts_present: np.ndarray):
 
 
 @dataclass(frozen=True)
-class AnsStream:
+class AnsStream(CodedStream):
     """An ANS-coded stream: ``n`` symbols, their ``counts`` (the model) and the coded words."""
 
     n: int
@@ -83,10 +83,6 @@ class AnsStream:
         return bytes(out)
 
     @property
-    def nbytes(self) -> int:
-        return len(self.to_bytes())
-
-    @property
     def table_bits(self) -> int:
         return 8 * self.nbytes - self.payload_bits
 
@@ -94,13 +90,9 @@ class AnsStream:
     def from_bytes(cls, data: bytes | memoryview, *, max_symbols: int = MAX_SYMBOLS) -> AnsStream:
         """Parse :meth:`to_bytes` output; raises :class:`CodingError` when inconsistent."""
         r = ByteReader(data)
-        n = r.varint("ans symbol count", max_symbols)
+        n, A = r.stream_head("ans", max_symbols, MAX_ALPHABET)
         if n == 0:
-            r.expect_end("ans stream")
             return cls(0, np.zeros(0, np.int64), np.zeros(0, np.uint32))
-        A = r.varint("ans alphabet size", MAX_ALPHABET)
-        if A == 0:
-            raise CodingError("ans alphabet size=0 for a non-empty stream")
         w = r.u8("ans count width")
         if not 1 <= w <= MAX_COUNT_BITS:
             raise CodingError(f"ans count width={w}: must be in [1, {MAX_COUNT_BITS}]")

@@ -18,6 +18,7 @@ from ..core.errors import NncompressError
 
 __all__ = [
     "ByteReader",
+    "CodedStream",
     "CodingError",
     "check_padding",
     "pack_bits",
@@ -138,6 +139,17 @@ def read_uvarint(data: bytes | memoryview, pos: int, what: str = "varint") -> tu
     raise CodingError(f"{what}: varint at byte {pos} is longer than 10 bytes")
 
 
+class CodedStream:
+    """Base of the coded streams: ``nbytes`` is the length of :meth:`to_bytes`."""
+
+    def to_bytes(self) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.to_bytes())
+
+
 class ByteReader:
     """Bounds-checked sequential reader over bytes; every read names what it reads."""
 
@@ -174,6 +186,18 @@ class ByteReader:
     def expect_end(self, what: str) -> None:
         if self.remaining:
             raise CodingError(f"{what}: {self.remaining} unexpected trailing bytes")
+
+    def stream_head(self, codec: str, max_symbols: int, max_alphabet: int) -> tuple[int, int]:
+        """The symbol count ``n`` and alphabet size ``A`` that open a coded stream (``huffman``,
+        ``ans``); an empty stream (``n == 0``) must end there and gives ``(0, 0)``."""
+        n = self.varint(f"{codec} symbol count", max_symbols)
+        if n == 0:
+            self.expect_end(f"{codec} stream")
+            return 0, 0
+        A = self.varint(f"{codec} alphabet size", max_alphabet)
+        if A == 0:
+            raise CodingError(f"{codec} alphabet size=0 for a non-empty stream")
+        return n, A
 
     def packed(self, count: int, width: int, what: str) -> np.ndarray:
         """Read ``count`` values of ``width`` bits packed with :func:`pack_bits` (whose padding

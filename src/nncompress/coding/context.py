@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bitpack import ByteReader, CodingError, pack_bits, write_uvarint
+from .bitpack import ByteReader, CodedStream, CodingError, pack_bits, write_uvarint
 
 __all__ = [
     "CODE_CONTEXTS",
@@ -302,7 +302,7 @@ def _categorical(counts: np.ndarray):
 
 
 @dataclass(frozen=True)
-class ContextStream:
+class ContextStream(CodedStream):
     """A context-coded weight matrix: its table and ANS words, with the size of each part
     (``part_bits``: information content in bits of 'classes', 'map' and 'codes' under the
     coded model; ``part_entropy``: their order-0 empirical entropy in bits per symbol without
@@ -322,10 +322,6 @@ class ContextStream:
     @property
     def payload_bits(self) -> int:
         return 32 * int(self.words.size)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.to_bytes())
 
 
 def _report(m: _Model, vals: np.ndarray, k: int, R: int, C: int):

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bitpack import ByteReader, CodingError, pack_bits, packed_size, write_uvarint
+from .bitpack import ByteReader, CodedStream, CodingError, pack_bits, packed_size, write_uvarint
 from .entropy import symbol_counts
 from .huffman_parse import Tables, decode_codes
 
@@ -144,7 +144,7 @@ def _default_block_size(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class HuffmanStream:
+class HuffmanStream(CodedStream):
     """A canonical-Huffman-coded stream of ``n`` symbols in ``[0, alphabet_size)``.
 
     Attributes
@@ -192,10 +192,6 @@ class HuffmanStream:
         return bytes(out)
 
     @property
-    def nbytes(self) -> int:
-        return len(self.to_bytes())
-
-    @property
     def table_bits(self) -> int:
         """Bits of everything but the code payload (counts, code-length table, block table)."""
         return 8 * (self.nbytes - len(self.payload))
@@ -210,14 +206,10 @@ class HuffmanStream:
         trailing bytes and codes that do not form a complete prefix code.
         """
         r = ByteReader(data)
-        n = r.varint("huffman symbol count", max_symbols)
+        n, A = r.stream_head("huffman", max_symbols, MAX_ALPHABET)
         empty = np.zeros(0, dtype=np.int64)
         if n == 0:
-            r.expect_end("huffman stream")
             return cls(0, 0, np.zeros(0, np.uint8), 1, empty, b"")
-        A = r.varint("huffman alphabet size", MAX_ALPHABET)
-        if A == 0:
-            raise CodingError("huffman alphabet size=0 for a non-empty stream")
         L = r.u8("huffman max code length")
         if L == 0:
             r.expect_end("huffman stream")

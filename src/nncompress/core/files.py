@@ -9,7 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "output_problem"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "no_duplicate_keys",
+    "output_problem",
+]
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -73,3 +79,14 @@ def output_problem(path: str | Path, kind: str = "file") -> str | None:
     if kind == "file" and p.exists() and not os.access(p, os.W_OK):
         return f"'{p}' exists and is not writable"
     return None
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads` that refuses an object naming a key twice
+    (plain ``json`` keeps the last silently): ``ValueError`` naming the key."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out

@@ -4,6 +4,7 @@ without torch's parametrization wrapper, fold parametrizations into plain weight
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ __all__ = [
     "model_device",
     "own_parametrized_class_",
     "plain_type",
+    "probe_forward",
     "set_submodule",
     "strip_parametrizations",
     "strip_parametrizations_",
@@ -41,6 +43,26 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def probe_forward(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    hooks: list,
+    run: Callable[[torch.Tensor], object] | None = None,
+) -> None:
+    """One forward pass of a zero batch ``(1, *input_shape)`` in eval mode without gradients,
+    for forward ``hooks`` that record shapes or costs; restores the training mode and removes
+    the hooks. ``run``: what to call instead of ``model`` (e.g. its ``forward_all``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            (run or model)(torch.zeros(1, *input_shape, device=model_device(model)))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
 
 
 def own_parametrized_class_(m: nn.Module) -> None:

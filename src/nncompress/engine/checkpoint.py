@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..core.errors import CheckpointError, SpecError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, no_duplicate_keys
 from ..core.modules import folded_copy
 from .modspec import build_architecture, describe_architecture, validate_architecture
 
@@ -140,15 +140,6 @@ MAX_SIDECAR_BYTES = 64 << 20
 MAX_JSON_DEPTH = 200  # nesting of a sidecar's JSON (a module tree is far shallower)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
-    return out
-
-
 def _json_depth_ok(text: str, limit: int) -> bool:
     """Whether ``text`` nests brackets at most ``limit`` deep (outside strings), checked
     before parsing so a hostile nesting never reaches the recursive parser."""
@@ -238,7 +229,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         text = side.read_text()
         if not _json_depth_ok(text, MAX_JSON_DEPTH):
             raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
-        data = json.loads(text, object_pairs_hook=_no_duplicates)
+        data = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"checkpoint sidecar '{side}' is not valid JSON: {exc}") from exc
     return validate_sidecar(data, f"checkpoint sidecar '{side}'")

@@ -73,6 +73,7 @@ from ..coding.bitpack import (
 )
 from ..coding.entropy import empirical_entropy
 from ..coding.huffman import HuffmanStream, huffman_decode, huffman_encode
+from ..core.files import no_duplicate_keys
 from .errors import FormatError
 from .report import StreamReport, TensorReport
 
@@ -385,15 +386,6 @@ def _frame(payload: bytes, index: int) -> bytes:
     return _FRAME.pack(len(payload), section_crc(index, payload)) + payload
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
-    return out
-
-
 def _inflate(payload: memoryview, what: str) -> Any:
     d = zlib.decompressobj()
     try:
@@ -405,7 +397,7 @@ def _inflate(payload: memoryview, what: str) -> Any:
     if not d.eof or d.unused_data:
         raise _fail(f"{what}: deflate stream truncated or followed by extra bytes")
     try:
-        return json.loads(text.decode("ascii"), object_pairs_hook=_no_duplicates)
+        return json.loads(text.decode("ascii"), object_pairs_hook=no_duplicate_keys)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise _fail(f"{what}: not valid JSON ({exc})") from exc
 

@@ -14,7 +14,8 @@ raw bytes. As in the codebook scheme, +0.0 and -0.0 both count as zero and decod
 
 This module holds the scheme's three parts (docs/format.md, scheme ``sparse``): the writer's
 candidates (:func:`sparse_candidates`), the header check (:func:`check_sparse`) and the
-decoder (:func:`decode_sparse`); ``encode.py`` / ``decode.py`` register them.
+decoder (:func:`decode_sparse`); ``candidates.py``, ``decode_checks.py`` and ``decode_schemes.py``
+register them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .format import (
     open_stream,
     stream_report,
 )
+from .reading import _req, _req_int, _Taker, entry_report, relative_positions
 from .report import TensorReport
 
 __all__ = ["MAX_DENSITY", "check_sparse", "decode_sparse", "sparse_candidates"]
@@ -142,8 +144,6 @@ def sparse_candidates(
 
 def check_sparse(e: dict, dtype: str, numel: int, n_sections: int, where: str) -> list[int]:
     """Fields of a ``sparse`` entry; returns its section references."""
-    from .decode import _req, _req_int
-
     if dtype not in _CODEBOOK_DTYPES:
         raise _fail(f"{where}: sparse scheme for dtype {dtype}")
     if numel == 0:
@@ -174,12 +174,9 @@ def decode_sparse(e: dict, secs: list[memoryview], with_report: bool):
     """A ``sparse`` entry: positions from the relative indices, values from the byte planes,
     decoded chunk by chunk (as the codebook scheme's sparse layout) and scattered straight into
     the zeroed output."""
-    from .decode import _Taker
-
     name, dtype, shape = e["name"], e["dtype"], tuple(e["shape"])
     where = f"tensor '{name}'"
     numel, nnz, b, order = math.prod(shape), e["nnz"], e["b"], e["order"]
-    M = (1 << b) - 1  # the filler
     idx = e["index"]
     index = open_stream(idx["codec"], secs[idx["sec"]], e["entries"], 1 << b, f"{where} index")
     planes = [
@@ -190,34 +187,14 @@ def decode_sparse(e: dict, secs: list[memoryview], with_report: bool):
     vtype, utype = _VALS[e["vals"]]
     sign = utype(1 << (8 * vtype.itemsize - 1))
     out = np.zeros(numel, dtype=_CODEBOOK_DTYPES[dtype][0])  # (numel,) C order
-    base = found = 0
-    ends_with_filler = False
-    for ent in index.chunks(count=with_report):
-        if not ent.size:
-            continue
-        real = ent < M
-        ends = np.cumsum(np.where(real, ent + 1, M)) + (base - 1)  # (m,) last position of each
-        base = int(ends[-1]) + 1
-        ends_with_filler = not bool(real[-1])
-        if base > numel:
-            raise _fail(f"{where} index: runs past the end of the tensor ({numel} elements)")
-        pos = ends[real]  # (r,) positions in `order`
-        found += pos.size
-        if found > nnz:
-            raise _fail(f"{where}: index stream holds more than the header's nnz={nnz} nonzeros")
+    for pos in relative_positions(index, shape, nnz, b, order, with_report, where):
         bits = np.zeros(pos.size, dtype=np.int64)
         for i, t in enumerate(takers):
             bits = (bits << 8) | t.take(pos.size, f"{where} values plane {i}")
         values = bits.astype(utype)  # (r,) bit patterns
         if not np.all((values & ~sign) != 0):
             raise _fail(f"{where}: a stored value is zero (zeros are positions, not values)")
-        if order == "F" and len(shape) > 1:  # column-major position -> row-major position
-            pos = np.ravel_multi_index(np.unravel_index(pos, shape, order="F"), shape)
         out[pos] = values.view(vtype).astype(out.dtype)
-    if ends_with_filler:
-        raise _fail(f"{where} index: ends with a filler (an encoder never writes one)")
-    if found != nnz:
-        raise _fail(f"{where}: index stream holds {found} nonzeros, header says {nnz}")
     for i, t in enumerate(takers):
         t.finish(f"{where} values plane {i}")
     t = torch.from_numpy(out.reshape(shape)).to(_TORCH_DTYPES[dtype])
@@ -226,13 +203,10 @@ def decode_sparse(e: dict, secs: list[memoryview], with_report: bool):
         streams = [stream_report("index", index)]
         streams += [stream_report(f"values[{i}]", p) for i, p in enumerate(planes)]
         refs = [idx, *e["planes"]]
-        rep = TensorReport(
-            name=name,
-            shape=shape,
-            dtype=dtype,
-            scheme="sparse",
+        rep = entry_report(
+            e,
+            "sparse",
             layout="sparse",
-            numel=numel,
             nonzeros=nnz,
             total_bytes=sum(len(secs[r["sec"]]) + _FRAME.size for r in refs),
             dense_store=e["vals"],

@@ -18,6 +18,7 @@ from ..core.convs import (
     is_conv_subclass,
     unrecognised_conv_message,
 )
+from ..core.modules import probe_forward
 from ..core.validate import config_error as _err
 from .config import _SPECTRAL, DecomposeConfig
 from .cp import cp_conv, cp_cost
@@ -312,16 +313,7 @@ def _record_geometry(model: nn.Module, plans: list[_Plan], input_shape: tuple[in
 
     for p in plans:
         hooks.append(p.module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, input_shape, hooks)
 
 
 def _tt_modes(p: _Plan) -> tuple[list[int], list[int]]:

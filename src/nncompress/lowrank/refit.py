@@ -21,9 +21,9 @@ convolution or Linear (the Tucker-2 core, the first SVD factor), that factor is 
 first, to the targets ``pinv(U) (Y - b)``, and the last one after it. The candidate with the
 lowest response error on the calibration data is kept (the untouched factors included).
 
-The closed-form solve is a few lines of ``torch.linalg.solve`` on a small (rank x rank) system:
-no library offers "least squares of one layer's response through PyTorch hooks", so it is
-written here.
+The closed-form solve (:mod:`nncompress.core.lstsq`, shared with channel pruning) is
+``torch.linalg.solve`` on a small (rank x rank) system: no library offers "least squares of one
+layer's response through PyTorch hooks", so it is written here.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.convs import is_conv_subclass
+from ..core.lstsq import ridge_solve, set_layer_solution_, with_bias_column
 from ..core.modules import model_device
 from ..core.progress import Progress, progress_task
 from ..engine.batches import run_model, take_batches, to_device
@@ -215,13 +216,11 @@ def _solve(
     for z, tgt in zip(inputs, targets, strict=True):
         rows = _rows(mod, z).double()  # (S, in)
         if mod.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            rows = with_bias_column(rows)  # (S, in + 1)
         gram = rows.T @ rows if gram is None else gram + rows.T @ rows  # (in, in)
         cross = rows.T @ tgt if cross is None else cross + rows.T @ tgt  # (in, out)
     assert gram is not None and cross is not None
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, cross)
+    return ridge_solve(gram, cross, ridge)
 
 
 def _refit_one(
@@ -256,7 +255,7 @@ def _refit_one(
 
     def fit_last() -> None:
         mids = [chain[:-1](z) for z in zs] if core is not None else zs
-        _set_flat_weight(last, _solve(last, mids, y_rows, ridge).to(last.weight.dtype))
+        set_layer_solution_(last, _solve(last, mids, y_rows, ridge))
 
     old = [p.detach().clone() for p in chain.parameters()]
     before = error()
@@ -274,7 +273,7 @@ def _refit_one(
         b = last.bias.detach().double() if last.bias is not None else 0.0
         u_pinv_t = torch.linalg.pinv(u).T  # (N, R)
         t_rows = [(t - b) @ u_pinv_t for t in y_rows]  # (S, R) each
-        _set_flat_weight(core, _solve(core, zs, t_rows, ridge).to(core.weight.dtype))
+        set_layer_solution_(core, _solve(core, zs, t_rows, ridge))
         fit_last()
         if (e := error()) < best:
             best, best_state = e, [p.detach().clone() for p in chain.parameters()]
@@ -289,11 +288,3 @@ def _refit_one(
         "" if applied else " (kept the old factors)",
     )
     return RefitResult(name, before, best, applied, sum(t.shape[0] for t in y_rows))
-
-
-def _set_flat_weight(mod: nn.Module, w: torch.Tensor) -> None:
-    """Write the (in_features [+ 1 bias row], out_features) solution into the factor."""
-    n_in = mod.weight[0].numel()
-    mod.weight.copy_(w[:n_in].T.reshape(mod.weight.shape))
-    if mod.bias is not None:
-        mod.bias.copy_(w[n_in])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .svd import truncated_svd
+from .svd import factor_pair, truncated_svd
 
 __all__ = [
     "separable_conv",
@@ -81,9 +81,4 @@ def separable_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
     vert = nn.Conv2d(c, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False)
     horiz = nn.Conv2d(rank, n, (1, kw), (1, sw), (0, pw), (1, dw), bias=conv.bias is not None)
-    with torch.no_grad():
-        vert.weight.copy_(vert_w)
-        horiz.weight.copy_(horiz_w)
-        if conv.bias is not None:
-            horiz.bias.copy_(conv.bias.detach())
-    return nn.Sequential(vert, horiz).to(device=w.device, dtype=w.dtype)
+    return factor_pair(vert, horiz, vert_w, horiz_w, conv.bias, w)

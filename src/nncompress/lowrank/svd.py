@@ -55,12 +55,25 @@ def svd_linear(linear: nn.Linear, rank: int) -> nn.Sequential:
     a, b = truncated_svd(w, rank)  # (r, in), (out, r)
     first = nn.Linear(linear.in_features, rank, bias=False)
     second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+    return factor_pair(first, second, a, b, linear.bias, w)
+
+
+def factor_pair(
+    first: nn.Module,
+    second: nn.Module,
+    first_w: torch.Tensor,
+    second_w: torch.Tensor,
+    bias: torch.Tensor | None,
+    like: torch.Tensor,
+) -> nn.Sequential:
+    """``Sequential(first, second)`` holding the two factors' weights, the original ``bias`` on
+    the second, on the device and in the dtype of ``like`` (the original weight)."""
     with torch.no_grad():
-        first.weight.copy_(a)
-        second.weight.copy_(b)
-        if linear.bias is not None:
-            second.bias.copy_(linear.bias.detach())
-    return nn.Sequential(first, second).to(device=w.device, dtype=w.dtype)
+        first.weight.copy_(first_w)
+        second.weight.copy_(second_w)
+        if bias is not None:
+            second.bias.copy_(bias.detach())
+    return nn.Sequential(first, second).to(device=like.device, dtype=like.dtype)
 
 
 def svd_conv1x1(conv: nn.Conv2d, rank: int) -> nn.Sequential:

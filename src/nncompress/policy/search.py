@@ -248,22 +248,7 @@ def search(
         )
     fingerprint = problem.fingerprint
     out = Path(out_dir) if out_dir is not None else None
-    previous: list[dict] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        previous = _read_log(out / EPISODES_FILE)
-        meta_path = out / META_FILE
-        if previous and meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            cur = cfg.to_dict()
-            cur.pop("episodes")
-            if old.get("model") != fingerprint or old.get("config") != json.loads(json.dumps(cur)):
-                raise ConfigError(
-                    f"out_dir '{out}': holds a search of another model or configuration; "
-                    "use another folder (or delete its episodes.jsonl to start over)"
-                )
-        elif previous:
-            raise ConfigError(f"out_dir '{out}': episodes.jsonl without search.json; cannot resume")
+    previous = _previous_episodes(out, cfg, fingerprint) if out is not None else []
     baseline = problem.evaluate_fn(problem.shared, problem.candidate(space.dense_q()))["accuracy"]
     agent = make_agent(cfg.agent, space, cfg.seed, cfg.ddpg)
     if isinstance(agent, GreedyAgent):
@@ -271,38 +256,8 @@ def search(
     if out is not None:
         blob = json.dumps(_meta(cfg, fingerprint, space, baseline), indent=2, sort_keys=True)
         atomic_write(out / META_FILE, lambda tmp: tmp.write_text(blob + "\n"))
-    episodes: list[dict] = []
-    best: dict | None = None
-
-    def better(row: dict) -> bool:
-        return (
-            row["tag"] != "scan"
-            and row["feasible"]
-            and (best is None or row["reward"] > best["reward"])
-        )
-
-    # ---- replay the log (resume) --------------------------------------------------------------
-    n_round = 0
-    i = 0
-    while i < len(previous):
-        rnd = [r for r in previous[i:] if r["round"] == previous[i]["round"]]
-        props = agent.propose(len(rnd))
-        if len(props) != len(rnd) or any(
-            list(map(int, p.q)) != r["q"] for p, r in zip(props, rnd, strict=False)
-        ):
-            raise ConfigError(
-                f"out_dir '{out}': episodes.jsonl does not match what this search proposes "
-                f"(round {rnd[0]['round']}); it was written by another seed or version"
-            )
-        for p, r in zip(props, rnd, strict=True):
-            p.info["accuracy"] = r["accuracy"]
-        agent.observe(props, [r["reward"] for r in rnd])
-        for r in rnd:
-            episodes.append(r)
-            if better(r):
-                best = r
-        i += len(rnd)
-        n_round += 1
+    episodes, n_round = _replay(agent, previous, out)
+    best = _best(None, episodes)
     resumed = len(episodes)
     total = agent.total(cfg.episodes)
     if progress:
@@ -322,50 +277,18 @@ def search(
             rows = []
             for p, res in zip(props, results, strict=True):
                 p.info["accuracy"] = res["accuracy"]
-                fr = space.fractions(p.q)
-                costs = space.costs(p.q)
-                row = {
-                    "episode": len(episodes) + len(rows),
-                    "round": n_round,
-                    "round_size": len(props),
-                    "agent": agent.name,
-                    "tag": p.tag,
-                    "actions": [float(a) for a in p.rollout.actions],
-                    "q": [int(x) for x in p.q],
-                    "accuracy": res["accuracy"],
-                    "loss": res["loss"],
-                    "refit_error": res["refit_error"],
-                    "reward": reward_of(cfg.reward, res["accuracy"], costs["macs"]),
-                    "fractions": fr,
-                    "feasible": bool(space.feasible(p.q)),
-                    "eval_s": res["wall_s"],
-                    "round_s": time.perf_counter() - t0,
-                }
-                rows.append(row)
+                row = _episode_row(space, cfg, agent.name, p, res, len(props), t0)
+                rows.append(dict(row, episode=len(episodes) + len(rows), round=n_round))
             agent.observe(props, [r["reward"] for r in rows])
-            for r in rows:
-                episodes.append(r)
-                if better(r):
-                    best = r
+            episodes += rows
+            best = _best(best, rows)
             if out is not None:
                 _append(out / EPISODES_FILE, rows)
                 if best is not None:
                     _policy_of(space, best, cfg, baseline).save(out / POLICY_FILE)
             n_round += 1
             if progress:
-                progress(
-                    ProgressEvent(
-                        "advance",
-                        "search",
-                        total=total,
-                        completed=len(episodes),
-                        info={
-                            "episode": len(episodes),
-                            "best_reward": best["reward"] if best else None,
-                            "best_accuracy": best["accuracy"] if best else None,
-                        },
-                    )
-                )
+                progress(_advance_event(total, len(episodes), best))
     finally:
         if own_executor:
             executor.close()
@@ -385,6 +308,96 @@ def search(
         space=space.describe(),
         resumed_episodes=resumed,
     )
+
+
+def _previous_episodes(out: Path, cfg: SearchConfig, fingerprint: Any) -> list[dict]:
+    """The episodes an earlier run of the same search logged in ``out`` (created if missing);
+    :class:`ConfigError` when ``out`` holds a search of another model or configuration."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _read_log(out / EPISODES_FILE)
+    meta_path = out / META_FILE
+    if previous and meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        cur = cfg.to_dict()
+        cur.pop("episodes")
+        if old.get("model") != fingerprint or old.get("config") != json.loads(json.dumps(cur)):
+            raise ConfigError(
+                f"out_dir '{out}': holds a search of another model or configuration; "
+                "use another folder (or delete its episodes.jsonl to start over)"
+            )
+    elif previous:
+        raise ConfigError(f"out_dir '{out}': episodes.jsonl without search.json; cannot resume")
+    return previous
+
+
+def _replay(agent: Any, previous: list[dict], out: Path | None) -> tuple[list[dict], int]:
+    """Feed the logged rounds back to a fresh agent (resume): it must propose exactly the
+    logged candidates. Returns the episodes and the number of rounds replayed."""
+    episodes: list[dict] = []
+    n_round = i = 0
+    while i < len(previous):
+        rnd = [r for r in previous[i:] if r["round"] == previous[i]["round"]]
+        props = agent.propose(len(rnd))
+        if len(props) != len(rnd) or any(
+            list(map(int, p.q)) != r["q"] for p, r in zip(props, rnd, strict=False)
+        ):
+            raise ConfigError(
+                f"out_dir '{out}': episodes.jsonl does not match what this search proposes "
+                f"(round {rnd[0]['round']}); it was written by another seed or version"
+            )
+        for p, r in zip(props, rnd, strict=True):
+            p.info["accuracy"] = r["accuracy"]
+        agent.observe(props, [r["reward"] for r in rnd])
+        episodes += rnd
+        i += len(rnd)
+        n_round += 1
+    return episodes, n_round
+
+
+def _best(best: dict | None, rows: list[dict]) -> dict | None:
+    """The first row of highest reward among ``best`` and the feasible, non-scan ``rows``."""
+    for row in rows:
+        if (
+            row["tag"] != "scan"
+            and row["feasible"]
+            and (best is None or row["reward"] > best["reward"])
+        ):
+            best = row
+    return best
+
+
+def _episode_row(
+    space: ActionSpace, cfg: SearchConfig, agent: str, p: Any, res: dict, n_props: int, t0: float
+) -> dict:
+    """The log row of one evaluated proposal (``episode`` and ``round`` set by the caller)."""
+    costs = space.costs(p.q)
+    return {
+        "episode": None,
+        "round": None,
+        "round_size": n_props,
+        "agent": agent,
+        "tag": p.tag,
+        "actions": [float(a) for a in p.rollout.actions],
+        "q": [int(x) for x in p.q],
+        "accuracy": res["accuracy"],
+        "loss": res["loss"],
+        "refit_error": res["refit_error"],
+        "reward": reward_of(cfg.reward, res["accuracy"], costs["macs"]),
+        "fractions": space.fractions(p.q),
+        "feasible": bool(space.feasible(p.q)),
+        "eval_s": res["wall_s"],
+        "round_s": time.perf_counter() - t0,
+    }
+
+
+def _advance_event(total: int, done: int, best: dict | None) -> ProgressEvent:
+    """The per-round progress event: episodes done and the best reward / accuracy so far."""
+    info = {
+        "episode": done,
+        "best_reward": best["reward"] if best else None,
+        "best_accuracy": best["accuracy"] if best else None,
+    }
+    return ProgressEvent("advance", "search", total=total, completed=done, info=info)
 
 
 def _policy_of(space: ActionSpace, row: dict, cfg: SearchConfig, baseline: float) -> Policy:

@@ -19,8 +19,8 @@ right before the layer runs.
 
 :func:`nncompress.lowrank.refit_` solves the same problem for decomposed blocks; channel
 pruning needs it for ordinary layers whose input width changed, and families do not import
-each other, so this is its own small module (a ridge solve on a Gram matrix; no library fits
-"the response of one layer inside a PyTorch model").
+each other, so the shared solve is :mod:`nncompress.core.lstsq` (a ridge solve on a Gram matrix; no library
+fits "the response of one layer inside a PyTorch model").
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..core.lstsq import ridge_solve, set_layer_solution_, with_bias_column
 
 __all__ = ["ReconstructionData", "ReconstructionResult", "reconstruct_", "reconstruction_data"]
 
@@ -188,15 +190,6 @@ def reconstruction_data(
     return ReconstructionData(inputs, positions, targets)
 
 
-def _solve(rows: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Ridge least squares ``argmin ||rows X - targets||^2 + lam ||X||^2``, ``(in, out)``."""
-    gram = rows.T @ rows  # (in, in)
-    cross = rows.T @ targets  # (in, out)
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, cross)
-
-
 @torch.no_grad()
 def reconstruct_(
     model: nn.Module,
@@ -243,18 +236,15 @@ def reconstruct_(
             rows = _rows(mod, args[0], data.positions[name]).double()  # (S, in)
             w_old = mod.weight.detach().reshape(mod.weight.shape[0], -1).double()  # (out, in)
             if mod.bias is not None:
-                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+                rows = with_bias_column(rows)  # (S, in + 1)
                 w_old = torch.cat([w_old, mod.bias.detach().double()[:, None]], dim=1)
             yy = float((y * y).sum()) or 1e-300
             before = (float(((rows @ w_old.T - y) ** 2).sum()) / yy) ** 0.5
-            sol = _solve(rows, y, ridge)  # (in [+1], out)
+            sol = ridge_solve(rows.T @ rows, rows.T @ y, ridge)  # (in [+1], out)
             after = (float(((rows @ sol - y) ** 2).sum()) / yy) ** 0.5
             applied = after < before
             if applied:
-                n_in = mod.weight[0].numel()
-                mod.weight.copy_(sol[:n_in].T.reshape(mod.weight.shape).to(mod.weight.dtype))
-                if mod.bias is not None:
-                    mod.bias.copy_(sol[n_in].to(mod.bias.dtype))
+                set_layer_solution_(mod, sol)
             results.append(ReconstructionResult(name, before, after, applied, rows.shape[0]))
 
         return fn

@@ -40,6 +40,7 @@ from ..core.progress import ProgressEvent
 from ..engine.batches import take_batches
 from ..engine.layers import layer_kind, matrix_layers, record_inputs, tied_groups, weight_matrix
 from .kmeans import CENTROID_GRADS, LayerShareReport, SharedWeight, ShareReport, shared_layers
+from .lloyd import _assign, _cuts
 
 __all__ = ["AwareKMeansConfig", "share_weights_aware_", "weighted_kmeans_1d"]
 
@@ -100,8 +101,7 @@ def weighted_kmeans_1d(
     c = np.sort(_weighted_init(x, a, cw, k_eff, init))  # (k_eff,)
     cuts_prev = None
     for _ in range(max_iter):
-        mids = 0.5 * (c[1:] + c[:-1])  # (k_eff-1,)
-        cuts = np.concatenate(([0], np.searchsorted(x, mids, side="right"), [n]))  # (k_eff+1,)
+        cuts = _cuts(x, c)  # (k_eff+1,)
         mass = s0[cuts[1:]] - s0[cuts[:-1]]  # (k_eff,)
         total = s1[cuts[1:]] - s1[cuts[:-1]]  # (k_eff,)
         full = mass > 0
@@ -111,14 +111,8 @@ def weighted_kmeans_1d(
         if cuts_prev is not None and np.array_equal(cuts, cuts_prev):
             break
         cuts_prev = cuts
-    mids = 0.5 * (c[1:] + c[:-1])
-    cuts = np.concatenate(([0], np.searchsorted(x, mids, side="right"), [n]))
-    sorted_labels = np.repeat(np.arange(k_eff, dtype=np.int64), np.diff(cuts))  # (n,)
-    labels = np.empty(n, dtype=np.int64)
-    labels[order] = sorted_labels
+    c, labels, sorted_labels = _assign(x, order, c, int(k))
     inertia = float(np.sum(a * (x - c[sorted_labels]) ** 2))
-    if k_eff < k:
-        c = np.concatenate([c, np.full(int(k) - k_eff, c[-1])])
     return torch.from_numpy(c).to(torch.float32), torch.from_numpy(labels), inertia
 
 
@@ -316,15 +310,5 @@ def _share_one(group, name, m, importance, bits, cfg) -> LayerShareReport:
         parametrize.register_parametrization(mod, "weight", p)
         mod.parametrizations["weight"].original.requires_grad_(False)
     nnz = int(mask.sum())
-    from .kmeans import sharing_compression_rate
-
     log.info("shared %s (activation-weighted): %d weights -> %d values", name, nnz, k)
-    return LayerShareReport(
-        name=name,
-        n_weights=w.numel(),
-        n_nonzero=nnz,
-        bits=bits,
-        k=k,
-        inertia=inertia,
-        compression_rate=sharing_compression_rate(max(nnz, 1), k),
-    )
+    return LayerShareReport.of(name, w.numel(), nnz, bits, k, inertia)

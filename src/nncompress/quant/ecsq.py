@@ -46,15 +46,8 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
 from ..core.select import Selectable
-from .kmeans import (
-    INITS,
-    LayerShareReport,
-    ShareReport,
-    _candidates,
-    _init_centroids,
-    _install,
-    shared_layers,
-)
+from .kmeans import LayerShareReport, ShareReport, _candidates, _install, shared_layers
+from .lloyd import INITS, _init_centroids
 
 __all__ = [
     "ECSQConfig",
@@ -89,6 +82,40 @@ def _assign(
         obj = as_ * (xs - c[None, :]) ** 2 + lam * cost[None, :]  # (chunk, k)
         out[s : s + _CHUNK] = np.argmin(obj, axis=1)
     return out
+
+
+def _ecsq_inputs(
+    w: torch.Tensor | np.ndarray,
+    k: Any,
+    lam: Any,
+    importance: torch.Tensor | np.ndarray | None,
+    density: float,
+    init: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ecsq_1d`'s arguments checked: the values ``x`` and their importances ``a`` as
+    float64 ``(n,)`` arrays (``a`` all ones by default, else nudged above zero)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k={k!r}: must be an integer >= 1")
+    if not (isinstance(lam, int | float) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam={lam!r}: must be a finite number >= 0")
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: must be one of {INITS}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density!r}: must be in (0, 1]")
+    x = torch.as_tensor(w).detach().reshape(-1).cpu().to(torch.float64).numpy()  # (n,)
+    n = x.size
+    if n == 0:
+        raise ValueError("w is empty: nothing to quantize")
+    if not np.isfinite(x).all():
+        raise ValueError("w contains NaN or infinite values")
+    if importance is None:
+        a = np.ones(n)
+    else:
+        a = torch.as_tensor(importance).detach().reshape(-1).cpu().to(torch.float64).numpy()
+        if a.size != n or not np.isfinite(a).all() or a.min() < 0:
+            raise ValueError(f"importance: must be {n} finite values >= 0")
+        a = a + 1e-12 * max(float(a.mean()), 1e-30)  # keep every weight's distortion alive
+    return x, a
 
 
 def ecsq_1d(
@@ -127,27 +154,8 @@ def ecsq_1d(
     info : ``distortion`` (weighted), ``rate_bits`` (entropy of the labels, zeros counted as a
         symbol when pruning), ``objective``, ``n_iter``, ``pruned``.
     """
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k={k!r}: must be an integer >= 1")
-    if not (isinstance(lam, int | float) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam={lam!r}: must be a finite number >= 0")
-    if init not in INITS:
-        raise ValueError(f"init={init!r}: must be one of {INITS}")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density={density!r}: must be in (0, 1]")
-    x = torch.as_tensor(w).detach().reshape(-1).cpu().to(torch.float64).numpy()  # (n,)
+    x, a = _ecsq_inputs(w, k, lam, importance, density, init)  # (n,), (n,)
     n = x.size
-    if n == 0:
-        raise ValueError("w is empty: nothing to quantize")
-    if not np.isfinite(x).all():
-        raise ValueError("w contains NaN or infinite values")
-    if importance is None:
-        a = np.ones(n)
-    else:
-        a = torch.as_tensor(importance).detach().reshape(-1).cpu().to(torch.float64).numpy()
-        if a.size != n or not np.isfinite(a).all() or a.min() < 0:
-            raise ValueError(f"importance: must be {n} finite values >= 0")
-        a = a + 1e-12 * max(float(a.mean()), 1e-30)  # keep every weight's distortion alive
     rng = np.random.default_rng(random_state)
     c = _init_centroids(np.sort(x), min(int(k), n), init, rng).astype(np.float64)
     c = np.unique(c)  # (k,) distinct, ascending

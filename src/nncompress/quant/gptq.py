@@ -185,10 +185,4 @@ def gptq_quantize(
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return QuantizedWeight(
-        codes=codes,
-        scale=scale.to(torch.float16),
-        zero=None if symmetric else zero.to(torch.uint8),
-        bits=bits,
-        group_size=g,
-    )
+    return QuantizedWeight.stored(codes, scale, zero, bits, g, symmetric)

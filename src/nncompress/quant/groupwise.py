@@ -78,6 +78,26 @@ class QuantizedWeight:
     bits: int
     group_size: int
 
+    @classmethod
+    def stored(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+    ) -> QuantizedWeight:
+        """From computed quantization parameters, in their stored types: ``scale`` as float16,
+        ``zero`` as uint8 (dropped when ``symmetric``)."""
+        return cls(
+            codes=codes,
+            scale=scale.to(torch.float16),
+            zero=None if symmetric else zero.to(torch.uint8),
+            bits=bits,
+            group_size=group_size,
+        )
+
     @property
     def symmetric(self) -> bool:
         return self.zero is None
@@ -189,10 +209,4 @@ def rtn_quantize(
     g = resolve_group_size(w.shape[1], group_size)
     scale, zero = group_qparams(w, bits, g, symmetric, mse_clip=mse_clip)
     codes = quantize_to_codes(w, scale, zero, bits, g)
-    return QuantizedWeight(
-        codes=codes,
-        scale=scale.to(torch.float16),
-        zero=None if symmetric else zero.to(torch.uint8),
-        bits=bits,
-        group_size=g,
-    )
+    return QuantizedWeight.stored(codes, scale, zero, bits, g, symmetric)

@@ -63,6 +63,13 @@ class Observer(nn.Module):
         flat = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)  # (C, rest)
         return flat.min(1).values, flat.max(1).values
 
+    def _first_batch(self, mn: torch.Tensor, mx: torch.Tensor) -> bool:
+        """The first batch's range becomes the observed range; True when this was it."""
+        if self.observed:
+            return False
+        self.min_val, self.max_val = mn.clone(), mx.clone()
+        return True
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen ``(min, max)`` clipping range."""
         return self.min_val, self.max_val
@@ -92,11 +99,10 @@ class MinMaxObserver(Observer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         mn, mx = self._batch_range(x)
-        if not self.observed:
-            self.min_val, self.max_val = mn.clone(), mx.clone()
-        else:
-            self.min_val = torch.minimum(self.min_val, mn)
-            self.max_val = torch.maximum(self.max_val, mx)
+        if self._first_batch(mn, mx):
+            return
+        self.min_val = torch.minimum(self.min_val, mn)
+        self.max_val = torch.maximum(self.max_val, mx)
 
 
 class MovingAverageMinMaxObserver(Observer):
@@ -111,12 +117,11 @@ class MovingAverageMinMaxObserver(Observer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         mn, mx = self._batch_range(x)
-        if not self.observed:
-            self.min_val, self.max_val = mn.clone(), mx.clone()
-        else:
-            c = self.averaging_constant
-            self.min_val = self.min_val + c * (mn - self.min_val)
-            self.max_val = self.max_val + c * (mx - self.max_val)
+        if self._first_batch(mn, mx):
+            return
+        c = self.averaging_constant
+        self.min_val = self.min_val + c * (mn - self.min_val)
+        self.max_val = self.max_val + c * (mx - self.max_val)
 
 
 def percentile_threshold(hist: torch.Tensor, bin_width: float, percentile: float) -> float:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,31 +258,37 @@ def _read(
     return data, str(path), Path(base_dir) if base_dir else path.parent, path.stem
 
 
+def _check_named(
+    what: str, name: str | None, registry: Any, check: Callable[[], None], errors: list[str]
+) -> None:
+    """A named model / dataset: one of ``registry``, and its options as ``check`` accepts
+    them (a model's errors are prefixed ``model.kwargs:``); problems go to ``errors``."""
+    if name is None:
+        return
+    if name not in registry:
+        errors.append(f"{what}={name!r:.80}: must be one of {sorted(registry)}")
+        return
+    try:
+        check()
+    except ValueError as exc:
+        errors.append(f"model.kwargs: {exc}" if what == "model" else str(exc))
+
+
 def _start(data: dict, base_dir: Path | None, errors: list[str]) -> dict[str, Any]:
     """The starting point: model (+ kwargs) and dataset, or a baseline checkpoint."""
     from ..data import DATASETS, check_dataset_options
     from ..models import MODELS, check_kwargs
 
     model, model_kwargs = _name_and_kwargs(data.get("model"), "model", errors)
-    if model is not None and model not in MODELS:
-        errors.append(f"model={model!r:.80}: must be one of {sorted(MODELS)}")
-    elif model is not None:
-        try:
-            check_kwargs(model, model_kwargs)
-        except ValueError as exc:
-            errors.append(f"model.kwargs: {exc}")
+    _check_named("model", model, MODELS, lambda: check_kwargs(model, model_kwargs), errors)
     dataset, data_kwargs = _name_and_kwargs(data.get("data"), "data", errors)
     data_dir = data_kwargs.pop("data_dir", None)
     if data_dir is not None and not isinstance(data_dir, str):
         errors.append(f"data.data_dir={data_dir!r:.80}: must be a folder path (a string)")
         data_dir = None
-    if dataset is not None and dataset not in DATASETS:
-        errors.append(f"data={dataset!r:.80}: must be one of {sorted(DATASETS)}")
-    elif dataset is not None:
-        try:
-            check_dataset_options(dataset, data_kwargs)
-        except ValueError as exc:
-            errors.append(str(exc))
+    _check_named(
+        "data", dataset, DATASETS, lambda: check_dataset_options(dataset, data_kwargs), errors
+    )
     baseline = data.get("baseline")
     if baseline is not None:
         if not isinstance(baseline, str):

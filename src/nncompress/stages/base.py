@@ -199,6 +199,25 @@ class RetrainKeys:
 # --------------------------------------------------------------------------------------------
 
 
+def check_policy_file(allocate: str, policy_file: str | None) -> None:
+    """``policy_file`` (a ``policy.json`` of ``nncompress search``) only with
+    ``allocate='policy'``."""
+    if policy_file is not None:
+        check(
+            allocate == "policy" and isinstance(policy_file, str),
+            "policy_file",
+            policy_file,
+            "a path, with allocate='policy'",
+        )
+
+
+def check_allocate(allocate: str, policy_file: str | None) -> None:
+    """``allocate`` of a stage that takes a searched policy or nothing ('none' / 'policy'), and
+    its ``policy_file``."""
+    check(allocate in ("none", "policy"), "allocate", allocate, "must be 'none' or 'policy'")
+    check_policy_file(allocate, policy_file)
+
+
 def _renamed(exc: ConfigError, names: Mapping[str, str]) -> ConfigError:
     """``exc`` with a leading ``field=`` renamed to the stage's key for that field."""
     text = str(exc)

@@ -26,10 +26,10 @@ import itertools
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.modules import probe_forward
 from ..core.progress import Progress
 from ..core.select import LayerSelector
 from ..core.validate import check, is_int
@@ -121,16 +121,7 @@ def output_layer(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
         for name, m in model.named_modules()
         if name and isinstance(m, nn.Linear | nn.Conv2d)
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, input_shape, hooks)
     return order[-1] if order else None
 
 

@@ -25,7 +25,7 @@ from ..core.modules import model_device
 from ..core.validate import check
 from ..engine.train import evaluate
 from ..prune.structured import FilterPruneConfig, prune_filters_
-from .base import RetrainKeys, StageConfig, StageContext, stage_config
+from .base import RetrainKeys, StageConfig, StageContext, check_allocate, stage_config
 
 __all__ = ["FilterPruneStageConfig", "run_filter_prune_stage"]
 
@@ -54,19 +54,7 @@ class FilterPruneStageConfig(StageConfig):
     policy_file: str | None = None
 
     def _check_options(self) -> None:
-        check(
-            self.allocate in ("none", "policy"),
-            "allocate",
-            self.allocate,
-            "must be 'none' or 'policy'",
-        )
-        if self.policy_file is not None:
-            check(
-                self.allocate == "policy" and isinstance(self.policy_file, str),
-                "policy_file",
-                self.policy_file,
-                "a path, with allocate='policy'",
-            )
+        check_allocate(self.allocate, self.policy_file)
         if self.allocate == "policy":
             given = [k for k in ("ratio", "per_layer", "macs_budget") if getattr(self, k)]
             check(

@@ -50,7 +50,7 @@ from ..prune.sensitivity import (
     sparsities_for_budget,
     thresholds_from_sensitivity,
 )
-from .base import RetrainKeys, StageConfig, StageContext, stage_config
+from .base import RetrainKeys, StageConfig, StageContext, check_policy_file, stage_config
 
 __all__ = ["PRUNE_METHODS", "PruneStageConfig", "run_prune_stage"]
 
@@ -171,13 +171,7 @@ class PruneStageConfig(StageConfig):
         )
         b = self.sensitivity_batches
         check(b is None or b >= 1, "sensitivity_batches", b, "must be >= 1")
-        if self.policy_file is not None:
-            check(
-                self.allocate == "policy" and isinstance(self.policy_file, str),
-                "policy_file",
-                self.policy_file,
-                "a path, with allocate='policy'",
-            )
+        check_policy_file(self.allocate, self.policy_file)
 
     def _build_algorithm(self, values: dict[str, Any]) -> MagnitudeConfig | None:
         if self.q is None and self.sparsity is None and self.allocate in ("sensitivity", "policy"):

@@ -8,9 +8,8 @@ from typing import Any
 from torch import nn
 
 from ..core.select import LayerSelector
-from ..core.validate import check
 from ..quant.kmeans import KMeansConfig, share_from_values_, share_weights_
-from .base import StageConfig, StageContext, stage_config
+from .base import StageConfig, StageContext, check_allocate, stage_config
 
 __all__ = ["ShareStageConfig", "run_share_stage"]
 
@@ -29,19 +28,7 @@ class ShareStageConfig(StageConfig):
 
     def _check_options(self) -> None:
         object.__setattr__(self, "exclude", LayerSelector(exclude=self.exclude).exclude)
-        check(
-            self.allocate in ("none", "policy"),
-            "allocate",
-            self.allocate,
-            "must be 'none' or 'policy'",
-        )
-        if self.policy_file is not None:
-            check(
-                self.allocate == "policy" and isinstance(self.policy_file, str),
-                "policy_file",
-                self.policy_file,
-                "a path, with allocate='policy'",
-            )
+        check_allocate(self.allocate, self.policy_file)
 
     def resume_(self, model: nn.Module) -> None:
         """A shared checkpoint's layers take few distinct values: make them codebooks again."""

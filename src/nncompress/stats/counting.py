@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.modules import probe_forward
 from ..engine.train import model_device
 
 __all__ = [
@@ -127,16 +128,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tupl
     for name, m in model.named_modules():
         if is_mac_layer(m):
             hooks.append(m.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    run = getattr(model, "forward_all", model)
-    try:
-        with torch.no_grad():
-            run(torch.zeros(1, *input_shape, device=model_device(model)))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, input_shape, hooks, getattr(model, "forward_all", model))
     return out
 
 
