@@ -176,6 +176,12 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
+    _print_decompose(args, report, info, before, after)
+    return 0
+
+
+def _print_decompose(args: argparse.Namespace, report, info: dict, before: float, after: float):
+    """The terminal report of ``decompose``: per-layer table, skips, budget, accuracy."""
     rows = []
     for x in report.layers:
         rows.append(
@@ -235,4 +241,3 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     else:
         tail = " (no fine-tuning: --finetune-epochs N recovers more)"
     out.print(f"test accuracy {before:.2f}% -> {after:.2f}%{tail}  -> {args.out}")
-    return 0

@@ -221,6 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
+    # one argparse declaration per option, in --help order: longer than 100 lines, but
+    # splitting it would only scatter the order of the help text over several functions
     p = sub.add_parser(
         "prune",
         help="prune a checkpoint: connection pruning (magnitude, agp) or filter pruning "
