@@ -1,0 +1,90 @@
+"""Every benchmark script runs end to end in --smoke mode (tiny synthetic data, tiny baselines
+trained on the fly, one epoch), so that a script that rots fails the test suite.
+
+The scripts run in-process, in `make bench` order, into one temporary results tree. A row a
+script could not measure (an optional peer package missing) is reported by the script in its
+results and re-raised here as a warning: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# script -> the results files its smoke run must write
+SCRIPTS = {
+    "baselines": ["baselines"],
+    "pruning_han": ["pruning_han"],
+    "pruning_li": ["pruning_li-lenet-5"],
+    "deep_compression": ["deep_compression"],
+    "coding_throughput": ["coding_throughput"],
+    "linear_quant": ["linear_quant-lenet-5"],
+    "ort_int8_kernels": ["ort_int8_kernels"],
+    "lowrank": ["lowrank-lenet300-lenet5"],
+    "lowrank_latency": ["lowrank_latency"],
+    "distill": ["distill-lenet-5"],
+}
+EXTRA_ARGS = {"pruning_li": ["--model", "lenet-5"]}
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    sys.path.insert(0, str(BENCH))
+    yield tmp_path_factory.mktemp("bench-smoke")
+    sys.path.remove(str(BENCH))
+
+
+def test_every_script_has_a_smoke_test():
+    scripts = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == set(SCRIPTS) | {"collect_results"}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_script_smoke(script, smoke_dir):
+    mod = importlib.import_module(script)
+    mod.main(["--smoke", "--results-dir", str(smoke_dir), *EXTRA_ARGS.get(script, [])])
+    for name in SCRIPTS[script]:
+        data = json.loads((smoke_dir / "results" / f"{name}.json").read_text())
+        assert data["smoke"] is True
+        assert data["command"].startswith(f"python {script}.py --smoke")
+        m = data["machine"]
+        assert m["cpu_flags"] is not None and m["cores"] >= 1 and m["torch"]
+        assert m["load_average"]["samples"] >= 1
+        md = (smoke_dir / "results" / f"{name}.md").read_text()
+        assert md.startswith("_Command (from benchmarks/): `python ")
+        for row in data.get("summary", []):
+            assert row["test"] and row["val"] and len(row["test"]) == len(row["seeds"])
+        skipped = [s for r in data.get("runs", []) if isinstance(r, dict)
+                   for s in r.get("skipped", [])]  # fmt: skip
+        for s in skipped:
+            assert "not installed" in s, s  # only a missing optional peer may be skipped
+            warnings.warn(f"{script} --smoke: {s}", stacklevel=1)
+
+
+def test_collect_results_smoke(smoke_dir):
+    mod = importlib.import_module("collect_results")
+    mod.main(["--smoke", "--results-dir", str(smoke_dir)])
+    text = (smoke_dir / "RESULTS.md").read_text()
+    assert text.startswith("# Benchmark results") and "## Summary" in text
+    assert "a --smoke run" in text  # smoke results are marked as such
+
+
+def test_makefile_runs_the_published_commands():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from collect_results import SECTIONS
+    finally:
+        sys.path.remove(str(BENCH))
+    make = (BENCH.parent / "Makefile").read_text()
+    bench = make.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    ran = re.findall(r"\$\(BENCH_PY\) (\S+\.py[^;&\n\\]*)", bench)
+    assert [f"python {c.strip()}" for c in ran] == [cmd for _, _, cmd in SECTIONS] + [
+        "python collect_results.py"
+    ]
