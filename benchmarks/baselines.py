@@ -55,6 +55,9 @@ def report(argv: list[str] | None) -> None:
         "One seed per baseline (seed 0); wall times are of training on the shared 2-core "
         "machine, one thread.",
     ]
+    md += [f"- {r['model']}: trained by {r['trained_by']}" for r in rows if r.get("trained_by")]
+    if argv and "--report-only" in argv or any(r.get("trained_by") for r in rows):
+        md.append("The machine record in the header is of the run that wrote this report.")
     write_result(
         "baselines",
         {"rows": rows, "compute_s": sum(r["wall_time_s"] for r in rows)},

@@ -239,6 +239,60 @@ def _layout_text(f: dict) -> str:
     return f"{f['layout']} layout"
 
 
+def markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_md) -> list[str]:
+    from nncompress.io import EncodeConfig
+
+    md = [
+        f"Synthetic layer {shape[0]}x{shape[1]} = {flat.size:,} weights, N(0,1) pruned by "
+        f"magnitude to {100 * mask.mean():.1f}% kept, {len(codebook)} linear centroids "
+        f"(5-bit codes). Timings are medians of {repeats} run(s) on a shared 2-core machine "
+        f"(other jobs running: noisy; load average {os.getloadavg()[0]:.1f} at the end), one "
+        "thread.",
+        "",
+        "| stream | codec | symbols | entropy (bits/sym) | spent (bits/sym) | encode Msym/s "
+        "| decode Msym/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['stream']} | {r['codec']} | {r['symbols']:,} | "
+            f"{r['entropy_bits_per_symbol']:.3f} | {r['bits_per_symbol']:.3f} | "
+            f"{r['encode_msym_per_s']:.2f} | {r['decode_msym_per_s']:.2f} |"
+        )
+    md += [
+        "",
+        "Whole layer, same weights: our .ncz file vs the dense codes (zero = code 0) as uint8 "
+        f"plus the same {len(codebook)}-entry codebook our file stores "
+        f"({EncodeConfig().codebook_dtype}), compressed by general-purpose tools.",
+        "",
+        "| storage | bytes | x vs fp32 | encode s | decode s |",
+        "|---|---:|---:|---:|---:|",
+        f"| dense fp32 | {4 * flat.size:,} | 1.0 | | |",
+    ]
+    for f in files:
+        md.append(
+            f"| .ncz {f['codec']} ({_layout_text(f)})"
+            f" | {f['bytes']:,} | {4 * flat.size / f['bytes']:.1f} | {f['encode_s']:.2f} | "
+            f"{f['decode_s']:.2f} |"
+        )
+    for k, v in general.items():
+        md.append(f"| codes + codebook as {k} | {v:,} | {4 * flat.size / v:.1f} | | |")
+    md += [
+        "",
+        "## Flattening order on LeNet",
+        "",
+        "Baseline Fashion-MNIST LeNets pruned by magnitude to the paper's per-layer kept "
+        "fractions and snapped to 2**bits linear centroids (8 bits conv, 5 bits FC; no "
+        "retraining), sparse layout forced: relative-index fillers and layer bytes when the "
+        "weight is flattened row-major (C: CSR for a Linear (out, in) weight; for a conv "
+        "(out, in, kh, kw)) or column-major (F: CSC; for a conv (kw, kh, in, out)). 'auto "
+        "picks' is the layout/order the encoder chooses by size when free.",
+        "",
+        order_md,
+    ]
+    return md
+
+
 def main(argv: list[str] | None = None) -> None:
     from _common import add_protocol_args, setup, write_result
     from nncompress.coding import relative_index_encode
@@ -295,54 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     general = compare_general_purpose(dense_codes, codebook.astype(cb_dtype).tobytes())
     order_rows, order_md = order_study()
 
-    md = [
-        f"Synthetic layer {shape[0]}x{shape[1]} = {flat.size:,} weights, N(0,1) pruned by "
-        f"magnitude to {100 * mask.mean():.1f}% kept, {len(codebook)} linear centroids "
-        f"(5-bit codes). Timings are medians of {repeats} run(s) on a shared 2-core machine "
-        f"(other jobs running: noisy; load average {os.getloadavg()[0]:.1f} at the end), one "
-        "thread.",
-        "",
-        "| stream | codec | symbols | entropy (bits/sym) | spent (bits/sym) | encode Msym/s "
-        "| decode Msym/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        md.append(
-            f"| {r['stream']} | {r['codec']} | {r['symbols']:,} | "
-            f"{r['entropy_bits_per_symbol']:.3f} | {r['bits_per_symbol']:.3f} | "
-            f"{r['encode_msym_per_s']:.2f} | {r['decode_msym_per_s']:.2f} |"
-        )
-    md += [
-        "",
-        "Whole layer, same weights: our .ncz file vs the dense codes (zero = code 0) as uint8 "
-        f"plus the same {len(codebook)}-entry codebook our file stores "
-        f"({EncodeConfig().codebook_dtype}), compressed by general-purpose tools.",
-        "",
-        "| storage | bytes | x vs fp32 | encode s | decode s |",
-        "|---|---:|---:|---:|---:|",
-        f"| dense fp32 | {4 * flat.size:,} | 1.0 | | |",
-    ]
-    for f in files:
-        md.append(
-            f"| .ncz {f['codec']} ({_layout_text(f)})"
-            f" | {f['bytes']:,} | {4 * flat.size / f['bytes']:.1f} | {f['encode_s']:.2f} | "
-            f"{f['decode_s']:.2f} |"
-        )
-    for k, v in general.items():
-        md.append(f"| codes + codebook as {k} | {v:,} | {4 * flat.size / v:.1f} | | |")
-    md += [
-        "",
-        "## Flattening order on LeNet",
-        "",
-        "Baseline Fashion-MNIST LeNets pruned by magnitude to the paper's per-layer kept "
-        "fractions and snapped to 2**bits linear centroids (8 bits conv, 5 bits FC; no "
-        "retraining), sparse layout forced: relative-index fillers and layer bytes when the "
-        "weight is flattened row-major (C: CSR for a Linear (out, in) weight; for a conv "
-        "(out, in, kh, kw)) or column-major (F: CSC; for a conv (kw, kh, in, out)). 'auto "
-        "picks' is the layout/order the encoder chooses by size when free.",
-        "",
-        order_md,
-    ]
+    md = markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_md)
     write_result(
         "coding_throughput",
         {

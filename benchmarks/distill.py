@@ -78,6 +78,38 @@ class CachedTeacher(nn.Module):
         return self.logits[torch.tensor(idx)]  # (B, K)
 
 
+def markdown(args, rows, hidden, t_params, t_val, t_test, cache_s) -> list[str]:
+    first = next(iter(rows.values()))[0]
+    md = [
+        f"Teacher: baseline {args.teacher} ({t_params:,} params), held-out {t_val:.2f}%, test "
+        f"{t_test:.2f}%.",
+        f"Student: MLP 784-{'-'.join(map(str, hidden))}-10, {first['params']:,} params "
+        f"({t_params / first['params']:.1f}x fewer than the teacher); {args.epochs} epochs, "
+        "SGD lr 0.05 cosine, batch 128; within a seed every run starts from the same "
+        "initialisation and sees the same data order. Mean ± std over the seeds. The 'student "
+        "alone' row is the control: same budget, no teacher.",
+        "",
+        "| run | held-out accuracy (%) | test accuracy (%) | test errors / 10k (mean) | "
+        "train wall time (s, mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, rs in rows.items():
+        md.append(
+            f"| {label} | {pm([r['val_accuracy'] for r in rs])} | "
+            f"{pm([r['test_accuracy'] for r in rs])} | "
+            f"{statistics.fmean(r['test_errors'] for r in rs):.0f} | "
+            f"{statistics.fmean(r['train_wall_time_s'] for r in rs):.0f} |"
+        )
+    md.append("")
+    md.append(
+        "The teacher's logits on the training images were computed once "
+        f"({cache_s:.0f} s) and looked up per batch (same values as running it: frozen, "
+        "eval mode, no augmentation). Pick a configuration by its held-out accuracy, not by "
+        "the test column."
+    )
+    return md
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--teacher", default="lenet-5", help="baseline name (default: lenet-5)")
@@ -154,34 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             rows[label].append(row)
             print(f"{label} seed {seed}: {test['accuracy']:.2f}% in {wall:.0f} s", flush=True)
 
-    first = next(iter(rows.values()))[0]
-    md = [
-        f"Teacher: baseline {args.teacher} ({t_params:,} params), held-out {t_val:.2f}%, test "
-        f"{t_test:.2f}%.",
-        f"Student: MLP 784-{'-'.join(map(str, hidden))}-10, {first['params']:,} params "
-        f"({t_params / first['params']:.1f}x fewer than the teacher); {args.epochs} epochs, "
-        "SGD lr 0.05 cosine, batch 128; within a seed every run starts from the same "
-        "initialisation and sees the same data order. Mean ± std over the seeds. The 'student "
-        "alone' row is the control: same budget, no teacher.",
-        "",
-        "| run | held-out accuracy (%) | test accuracy (%) | test errors / 10k (mean) | "
-        "train wall time (s, mean) |",
-        "|---|---|---|---|---|",
-    ]
-    for label, rs in rows.items():
-        md.append(
-            f"| {label} | {pm([r['val_accuracy'] for r in rs])} | "
-            f"{pm([r['test_accuracy'] for r in rs])} | "
-            f"{statistics.fmean(r['test_errors'] for r in rs):.0f} | "
-            f"{statistics.fmean(r['train_wall_time_s'] for r in rs):.0f} |"
-        )
-    md.append("")
-    md.append(
-        "The teacher's logits on the training images were computed once "
-        f"({cache_s:.0f} s) and looked up per batch (same values as running it: frozen, "
-        "eval mode, no augmentation). Pick a configuration by its held-out accuracy, not by "
-        "the test column."
-    )
+    md = markdown(args, rows, hidden, t_params, t_val, t_test, cache_s)
     write_result(
         f"distill-{args.teacher}",
         {
