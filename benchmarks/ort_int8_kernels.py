@@ -260,6 +260,29 @@ def finding(data: dict) -> str:
         bad = sorted({f"{r['op']} ({r['shape']})" for r in data["probes"]
                       if r["options"] == "default" and not r["exact"]})  # fmt: skip
         text = "Finding: these default-session probes are NOT exact (saturation): " + "; ".join(bad)
+    for m in sorted({r["model"] for r in data["models"]}):
+        rs = {r["variant"]: r for r in data["models"] if r["model"] == m}
+        gap = max(
+            abs(r["deployed_val_accuracy"] - r["no_fusion_val_accuracy"]) for r in rs.values()
+        )
+        text += (
+            f" {m}: the deployed integer model is within {gap:.2f} points (held-out) of the same "
+            "QDQ graph run without integer kernels, for 8-bit and 7-bit weights alike"
+        )
+        u8, s8 = rs.get("u8s8, 8-bit w"), rs.get("s8s8, 8-bit w")
+        if u8 and s8:
+            n_u8, n_s8 = (sum(v for k, v in r["integer_ops"].items() if k == "QLinearConv")
+                          for r in (u8, s8))  # fmt: skip
+            text += (
+                f"; with int8 activations (s8s8) onnxruntime fuses {n_s8} convolutions into "
+                f"QLinearConv instead of {n_u8} (u8s8) and runs {s8['deployed_ms_b64']:.1f} ms "
+                f"instead of {u8['deployed_ms_b64']:.1f} ms at batch 64"
+            )
+        if u8:
+            text += (
+                f"; x64quantprecision (U8U8 kernels) takes {u8['precision_ms_b64']:.1f} ms "
+                f"instead of {u8['deployed_ms_b64']:.1f} ms for 8-bit weights."
+            )
     return text
 
 
