@@ -88,6 +88,16 @@ def add_protocol_args(ap: argparse.ArgumentParser, seeds: str = "0,1,2") -> None
     )
 
 
+def add_results_dir_arg(ap: argparse.ArgumentParser) -> None:
+    """``--results-dir`` alone, for scripts that define their own ``--seeds`` and ``--smoke``."""
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="write results here (default benchmarks/results; smoke: out/smoke)",
+    )
+
+
 def setup(args: argparse.Namespace) -> None:
     """Apply the protocol arguments: paths, one torch thread, logging, the load monitor."""
     global RESULTS, BASELINES
@@ -98,7 +108,8 @@ def setup(args: argparse.Namespace) -> None:
     if args.smoke:
         root = args.results_dir or ROOT / "out" / "smoke"
         PATHS.results, PATHS.out, PATHS.baselines = root / "results", root / "out", root / "base"
-        args.seeds = args.seeds[:1]
+        if isinstance(getattr(args, "seeds", None), list):
+            args.seeds = args.seeds[:1]
     else:
         PATHS.results = args.results_dir or ROOT / "results"
         PATHS.out, PATHS.baselines = ROOT / "out", ROOT / "out" / "baselines"

@@ -204,6 +204,12 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, repeats: int) ->
             lambda: huffman_encode(symbols).to_bytes(),
             lambda b: huffman_decode(HuffmanStream.from_bytes(b)),
         ),
+        # the whole stream in one Huffman block: the layout that made the old decoder take one
+        # numpy step per symbol (issue 19); decoding must not depend on it
+        "huffman, 1 block": (
+            lambda: huffman_encode(symbols, block_size=n).to_bytes(),
+            lambda b: huffman_decode(HuffmanStream.from_bytes(b)),
+        ),
         "ans": (
             lambda: ans_encode(symbols).to_bytes(),
             lambda b: ans_decode(AnsStream.from_bytes(b)),
@@ -233,13 +239,61 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, repeats: int) ->
     return rows
 
 
+def bench_context(w: np.ndarray, codebook: np.ndarray, repeats: int) -> list[dict]:
+    """The context coder (coding/context.py) on the whole layer: map + codes in one stream.
+    Throughput counted in weights decoded per second (every position of the significance map
+    and every code) and in coded symbols per second (map symbols of g bits + codes)."""
+    from nncompress.coding.context import (
+        ContextConfig,
+        best_context_config,
+        context_decode,
+        context_encode,
+    )
+
+    codes = np.full(w.shape, -1, dtype=np.int64)
+    nz = w != 0
+    codes[nz] = np.searchsorted(codebook, w[nz])
+    k, nnz = len(codebook), int(nz.sum())
+    t_search, (best, _) = _median_time(lambda: best_context_config(codes, k), 1)
+    rows = []
+    for label, cfg in (("chosen " + _cfg_text(best), best), ("g=1 (binary flags)", ContextConfig(
+            best.row_classes, best.col_classes, best.code_context, 1))):  # fmt: skip
+        t_enc, stream = _median_time(lambda cfg=cfg: context_encode(codes, k, cfg), repeats)
+        data = stream.to_bytes()
+        t_dec, (mask, vals, _) = _median_time(
+            lambda data=data: context_decode(data, *w.shape, k, nnz), repeats
+        )
+        if not (np.array_equal(mask, nz) and np.array_equal(vals, codes[nz])):
+            raise AssertionError("context coder: round trip failed")
+        n_sym = -(-w.shape[1] // cfg.map_bits) * w.shape[0] + nnz
+        rows.append(
+            {
+                "model": label,
+                "bytes": len(data),
+                "bits_per_nonzero": 8 * len(data) / nnz,
+                "search_s": t_search,
+                "encode_s": t_enc,
+                "decode_s": t_dec,
+                "decode_mweights_per_s": (w.size + nnz) / t_dec / 1e6,
+                "decode_msym_per_s": n_sym / t_dec / 1e6,
+            }
+        )
+    return rows
+
+
+def _cfg_text(c) -> str:
+    return f"({c.row_classes}x{c.col_classes} classes, codes by {c.code_context}, g={c.map_bits})"
+
+
 def _layout_text(f: dict) -> str:
     if f["layout"] == "sparse":
         return f"sparse, order {f['order']}, {f['fillers']:,} fillers"
     return f"{f['layout']} layout"
 
 
-def markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_md) -> list[str]:
+def markdown(
+    shape, flat, mask, codebook, repeats, rows, files, general, order_md, ctx_rows
+) -> list[str]:
     from nncompress.io import EncodeConfig
 
     md = [
@@ -258,6 +312,22 @@ def markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_m
             f"| {r['stream']} | {r['codec']} | {r['symbols']:,} | "
             f"{r['entropy_bits_per_symbol']:.3f} | {r['bits_per_symbol']:.3f} | "
             f"{r['encode_msym_per_s']:.2f} | {r['decode_msym_per_s']:.2f} |"
+        )
+    md += [
+        "",
+        "Context coder (coding/context.py) on the whole layer: significance map and codes in one "
+        "stream. 'weights/s' counts every position of the map plus every code decoded; "
+        "'coded sym/s' the symbols the ANS decoder produced (map symbols of g bits, codes).",
+        "",
+        "| model | bytes | bits/nonzero | search s | encode s | decode s | decode M weights/s "
+        "| decode M coded sym/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in ctx_rows:
+        md.append(
+            f"| {r['model']} | {r['bytes']:,} | {r['bits_per_nonzero']:.3f} | {r['search_s']:.2f} "
+            f"| {r['encode_s']:.2f} | {r['decode_s']:.3f} | {r['decode_mweights_per_s']:.1f} | "
+            f"{r['decode_msym_per_s']:.1f} |"
         )
     md += [
         "",
@@ -324,8 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     rows += bench_stream("relative index b=5", ri.entries, 32, repeats)
     rows += bench_stream("dense codes (whole layer)", dense_codes, len(codebook) + 1, repeats)
 
+    ctx_rows = bench_context(flat.reshape(shape), codebook, repeats)
     files = []
-    for codec in ("huffman", "ans", "raw"):
+    for codec in ("huffman", "ans", "raw", "context"):
         cfg = EncodeConfig(codec=codec)
         t_enc, (data, report) = _median_time(lambda cfg=cfg: encode_state_dict({"w": w}, cfg), 1)
         t_dec, (state, _) = _median_time(lambda data=data: decode_bytes(data), 1)
@@ -349,13 +420,14 @@ def main(argv: list[str] | None = None) -> None:
     general = compare_general_purpose(dense_codes, codebook.astype(cb_dtype).tobytes())
     order_rows, order_md = order_study()
 
-    md = markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_md)
+    md = markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_md, ctx_rows)
     write_result(
         "coding_throughput",
         {
             "shape": list(shape),
             "streams": rows,
             "files": files,
+            "context": ctx_rows,
             "general_purpose": general,
             "lenet_order": order_rows,
             "compute_s": time.perf_counter() - t_start,

@@ -39,6 +39,17 @@ SECTIONS = [
         "python deep_compression.py",
     ),
     ("coding_throughput", "Entropy coder throughput", "python coding_throughput.py"),
+    ("fuzz_decoder", "Structured fuzzing of the .ncz decoder (issue 19)", "python fuzz_decoder.py"),
+    (
+        "coding_vs_nncodec",
+        "Coding the same pruned + shared weights: ours vs NNCodec vs xz / zstd",
+        "python coding_vs_nncodec.py",
+    ),
+    (
+        "rate_aware",
+        "Rate-aware pipelines (ECSQ + RD pruning + context coding)",
+        "python rate_aware.py",
+    ),
     (
         "linear_quant-lenet-5",
         "Linear INT8 / INT4 quantization with ONNX Runtime — LeNet-5",
@@ -66,7 +77,49 @@ SECTIONS = [
         "python lowrank_latency.py",
     ),
     ("distill-lenet-5", "Knowledge distillation", "python distill.py"),
+    ("pq", "Product quantization — Stock et al. 2020", "python pq.py"),
+    (
+        "early_exit",
+        "Early exits and cascades (BranchyNet, Teerapittayanon et al. 2016)",
+        "python early_exit.py",
+    ),
+    (
+        "transformers-gpt-vit",
+        "Transformers — ViT-tiny and char-GPT",
+        "python transformers.py --parts vit,gpt --seeds 0,1,2",
+    ),
+    (
+        "amc",
+        "Automated compression policy — AMC (He et al. 2018)",
+        "python amc.py --parts resnet --seeds 3 --epochs 2 --episodes 120 --warmup 40 "
+        "--train-limit 20000",
+    ),
+    *(
+        (f"mobile_{part}", f"Mobile networks — {title}", f"python mobile.py --parts {part}")
+        for part, title in (
+            ("baselines", "baselines (MobileNetV2, EfficientNet-lite)"),
+            ("int8", "INT8 post-training quantization"),
+            ("filter", "filter pruning"),
+            ("deep", "pruning + weight sharing + coding"),
+        )
+    ),
 ]
+# commands `make bench` runs before a section's own command: they write parts that the section's
+# script reads or merges (pq.py reads out/pq/explore; early_exit.py reads early_exit_joint.json; amc.py merges
+# amc_<part>.json, the LeNet part published with the defaults)
+BEFORE = {
+    "pq": ["python pq.py --explore"],  # pq.py takes each row's blocks / lr from its exploration
+    "early_exit": ["python early_exit_joint.py"],
+    "amc": ["python amc.py --parts lenet"],
+}
+
+
+def published_commands() -> list[str]:
+    """Every command of `make bench`, in order (collect_results.py itself last)."""
+    cmds = []
+    for name, _, cmd in SECTIONS:
+        cmds += [*BEFORE.get(name, []), cmd]
+    return [*cmds, "python collect_results.py"]
 
 
 def _pm(xs: list[float] | None) -> str:
@@ -107,7 +160,13 @@ def build(results: Path) -> str:
         f = results / f"{name}.json"
         if f.is_file():
             data[name] = json.loads(f.read_text())
-    summary = [(name, r) for name, d in data.items() for r in d.get("summary", [])]
+    # protocol rows only (summary_row in _common.py); some scripts keep their own "summary"
+    summary = [
+        (name, r)
+        for name, d in data.items()
+        for r in d.get("summary", [])
+        if isinstance(r, dict) and "lost_vs_baseline" in r
+    ]
     compute = {name: d.get("compute_s") for name, d in data.items()}
     known = sum(v for v in compute.values() if v)
     missing = [n for n, _, _ in SECTIONS if not compute.get(n)]
@@ -166,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     args.results_dir = args.results_dir or ROOT / "results"
     args.out = args.out or ROOT / "RESULTS.md"
     if args.commands:
-        print("\n".join(cmd for _, _, cmd in SECTIONS))
+        print("\n".join(published_commands()))
         return
     text = build(args.results_dir)
     from nncompress.engine import atomic_write

@@ -244,7 +244,7 @@ def run_variant(model: str, vname: str, seed: int, smoke: bool) -> dict:
     for st in rep["stages"]:
         st["accuracy"] = evaluate(load_checkpoint(vdir / st["checkpoint"])[0], val)["accuracy"]
     ncz = vdir / "model.ncz"
-    decoded = decode_to_model(ncz, model, {})
+    decoded = decode_to_model(ncz)
     row = {
         "seed": seed,
         "bytes": rep["compressed_bytes"],

@@ -12,6 +12,8 @@ settings.register_profile(
 )
 settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# the CLI's --threads auto reads this: commands run in-process keep the suite at one thread
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # one thread: the 2 cores are shared with other jobs, and tiny models gain nothing from more
 torch.set_num_threads(1)
 

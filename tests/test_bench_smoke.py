@@ -25,13 +25,28 @@ SCRIPTS = {
     "pruning_li": ["pruning_li-lenet-5"],
     "deep_compression": ["deep_compression"],
     "coding_throughput": ["coding_throughput"],
+    "fuzz_decoder": ["fuzz_decoder"],
+    "coding_vs_nncodec": ["coding_vs_nncodec_smoke"],
+    "rate_aware": ["rate_aware_lenet-300-100_smoke"],
     "linear_quant": ["linear_quant-lenet-5"],
     "ort_int8_kernels": ["ort_int8_kernels"],
     "lowrank": ["lowrank-lenet300-lenet5"],
     "lowrank_latency": ["lowrank_latency"],
     "distill": ["distill-lenet-5"],
+    "pq": [],  # its smoke run measures every row but merges nothing into results (pq.py main)
+    "early_exit_joint": ["early_exit_joint_smoke"],  # before early_exit, which merges it
+    "early_exit": ["early_exit_smoke"],
+    "transformers": ["transformers-smoke"],
+    "amc": ["amc_smoke"],
+    "mobile": ["mobile_int8", "mobile_filter", "mobile_deep"],
 }
 EXTRA_ARGS = {"pruning_li": ["--model", "lenet-5"]}
+# runs before the script's own smoke run, as in `make bench` (collect_results.BEFORE)
+PRE_ARGS = {"pq": [["--explore"]]}
+# results written as a bare JSON part (no markdown page, no machine record) for another script
+PARTS_ONLY = {"early_exit_joint_smoke"}
+# modules imported by the scripts, or run inside the NNCodec environment: not scripts
+HELPERS = {"collect_results", "mobile_parts", "nncodec_env", "nncodec_worker"}
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +58,35 @@ def smoke_dir(tmp_path_factory):
 
 def test_every_script_has_a_smoke_test():
     scripts = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
-    assert scripts == set(SCRIPTS) | {"collect_results"}
+    assert scripts == set(SCRIPTS) | HELPERS
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+# pq.py --smoke fails on main too (found when merging main into bench): without --explore its
+# rows stop with "run the exploration first"; its --explore smoke rows stop with "no budget
+# reaches 20x" on the tiny data. Kept as a strict xfail so that the fix is noticed.
+PQ_XFAIL = pytest.mark.xfail(
+    strict=True, raises=(RuntimeError, SystemExit), reason="pq.py --smoke is broken (see above)"
+)
+
+
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=PQ_XFAIL) if s == "pq" else s for s in SCRIPTS]
+)
 def test_script_smoke(script, smoke_dir):
     mod = importlib.import_module(script)
-    mod.main(["--smoke", "--results-dir", str(smoke_dir), *EXTRA_ARGS.get(script, [])])
+    for pre in PRE_ARGS.get(script, []):
+        mod.main(["--smoke", "--results-dir", str(smoke_dir), *pre])
+    rc = mod.main(["--smoke", "--results-dir", str(smoke_dir), *EXTRA_ARGS.get(script, [])])
+    assert rc in (None, 0)
+    nncodec = BENCH / ".venv-nncodec" / "bin" / "python"
+    if script == "coding_vs_nncodec" and not nncodec.is_file():
+        msg = "coding_vs_nncodec --smoke: NNCodec rows not run (no make nncodec-venv)"
+        warnings.warn(msg, stacklevel=1)
     for name in SCRIPTS[script]:
         data = json.loads((smoke_dir / "results" / f"{name}.json").read_text())
+        if name in PARTS_ONLY:
+            assert data["settings"]["smoke"] is True
+            continue
         assert data["smoke"] is True
         assert data["command"].startswith(f"python {script}.py --smoke")
         m = data["machine"]
@@ -60,6 +95,8 @@ def test_script_smoke(script, smoke_dir):
         md = (smoke_dir / "results" / f"{name}.md").read_text()
         assert md.startswith("_Command (from benchmarks/): `python ")
         for row in data.get("summary", []):
+            if "lost_vs_baseline" not in row:  # a script's own summary, not a protocol row
+                continue
             assert row["test"] and row["val"] and len(row["test"]) == len(row["seeds"])
         skipped = [s for r in data.get("runs", []) if isinstance(r, dict)
                    for s in r.get("skipped", [])]  # fmt: skip
@@ -79,12 +116,10 @@ def test_collect_results_smoke(smoke_dir):
 def test_makefile_runs_the_published_commands():
     sys.path.insert(0, str(BENCH))
     try:
-        from collect_results import SECTIONS
+        from collect_results import published_commands
     finally:
         sys.path.remove(str(BENCH))
     make = (BENCH.parent / "Makefile").read_text()
     bench = make.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     ran = re.findall(r"\$\(BENCH_PY\) (\S+\.py[^;&\n\\]*)", bench)
-    assert [f"python {c.strip()}" for c in ran] == [cmd for _, _, cmd in SECTIONS] + [
-        "python collect_results.py"
-    ]
+    assert [f"python {c.strip()}" for c in ran] == published_commands()

@@ -26,6 +26,7 @@ from nncompress.coding import (
     huffman_code_lengths,
     huffman_decode,
     huffman_encode,
+    huffman_parse,
     pack_bits,
     relative_index_decode,
     relative_index_encode,
@@ -224,26 +225,114 @@ def test_huffman_roundtrip_property(symbols, block_size):
         assert h - 1e-9 <= per < h + 1  # Huffman's bound
 
 
-@pytest.mark.parametrize("scalar_max", [0, 1 << 17])
-def test_huffman_vectorised_and_scalar_decoders_agree(monkeypatch, scalar_max):
-    monkeypatch.setattr(huffman_mod, "_SCALAR_MAX_SYMBOLS", scalar_max)
+# decoder configurations: all-offsets parse only; lock-step lanes; lanes whose speculative
+# starts are not warmed up (most links fail -> the all-offsets fallback); tiny parse segments
+PARSE_MODES = {
+    "parse_span": {"SMALL_BITS": 1 << 40},
+    "lanes": {"SMALL_BITS": 0},
+    "lanes+fallback": {"SMALL_BITS": 0, "WARMUP_CODES": 0},
+    "segments": {"SMALL_BITS": 0, "WARMUP_CODES": 1, "SEGMENT_BITS": 1 << 9},
+}
+
+
+def _fib_stream(m: int) -> np.ndarray:
+    fib = [1, 1]
+    while len(fib) < m:
+        fib.append(fib[-1] + fib[-2])
+    return np.repeat(np.arange(m), fib)
+
+
+@pytest.mark.parametrize("mode", list(PARSE_MODES))
+def test_huffman_decoder_paths_agree(monkeypatch, mode):
+    for name, value in PARSE_MODES[mode].items():
+        monkeypatch.setattr(huffman_parse, name, value)
     rng = np.random.default_rng(1)
-    for n, k, bs in [(50_000, 33, 1000), (7, 2, 3), (5000, 300, 64), (4096, 17, None)]:
-        s = _skewed(rng, n, k, decay=k / 4)
+    cases = [(50_000, 33, 1000), (7, 2, 3), (5000, 300, 64), (4096, 17, None), (30_000, 2, None)]
+    streams = [(_skewed(rng, n, k, decay=k / 4), bs) for n, k, bs in cases]
+    streams.append((rng.permutation(_fib_stream(25)), 50_000))  # codes up to 24 bits (> K=16)
+    streams.append((rng.integers(0, 8, 20_000), 20_000))  # fixed 3-bit codes: never self-sync
+    for s, bs in streams:
         stream = HuffmanStream.from_bytes(huffman_encode(s, block_size=bs).to_bytes())
         np.testing.assert_array_equal(huffman_decode(stream), s)
 
 
-def test_huffman_long_codes_decode(monkeypatch):
-    # lengths above the 12-bit lookup table use the canonical search path
-    fib = [1, 1]
-    while len(fib) < 22:
-        fib.append(fib[-1] + fib[-2])
-    s = np.repeat(np.arange(22), fib)
+def _reference_starts(lengths: np.ndarray, payload: bytes, start: int, stop: int) -> tuple:
+    """Plain-Python canonical parse: code starts from ``start`` and the first start >= stop."""
+    codes = canonical_codes(lengths)
+    table = {
+        (int(ln), int(c)): i for i, (ln, c) in enumerate(zip(lengths, codes, strict=True)) if ln
+    }
+    bits = "".join(format(b, "08b") for b in payload) + "1" * 64
+    out, p = [], start
+    while p < stop:
+        out.append(p)
+        for ln in range(1, 25):
+            if (ln, int(bits[p : p + ln], 2)) in table:
+                p += ln
+                break
+    return out, p
+
+
+def test_huffman_parse_span_matches_reference():
+    from nncompress.coding.huffman_parse import Tables, parse_span, payload_words
+
+    rng = np.random.default_rng(4)
+    for k, n in [(5, 400), (40, 900), (25, 700)]:
+        s = _skewed(rng, n, k, decay=2.0) if k != 25 else rng.permutation(_fib_stream(16))[:n]
+        stream = huffman_encode(s)
+        tab = Tables(stream.lengths)
+        words = payload_words(stream.payload, pad_bytes=8)
+        T = stream.payload_bits
+        for start, stop in [(0, T), (0, T // 3), (0, 1)]:
+            got, exit_ = parse_span(words, start, stop, T, tab, n)
+            want, want_exit = _reference_starts(stream.lengths, stream.payload, start, stop)
+            assert got.tolist() == want and exit_ == want_exit
+        # from an arbitrary (not necessarily true) bit: the parse of the bits from there on
+        for start in (3, 11, T // 2):
+            got, exit_ = parse_span(words, start, T, T, tab, n)
+            want, want_exit = _reference_starts(stream.lengths, stream.payload, start, T)
+            assert got.tolist() == want and exit_ == want_exit
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    import time
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def test_huffman_decode_time_does_not_depend_on_block_layout():
+    """Issue 19, item 1: one block holding every symbol decoded one numpy step per symbol
+    (~100x slower than normal blocks at this size). Now the layout does not matter; a code
+    that never self-synchronises (fixed 3-bit codes, the all-offsets fallback) stays within a
+    small factor. Ratios of times measured in the same process, not absolute times."""
+    rng = np.random.default_rng(5)
+    n = 400_000
+    s = _skewed(rng, n, 32, decay=4.0)
+    normal = HuffmanStream.from_bytes(huffman_encode(s).to_bytes())
+    one = HuffmanStream.from_bytes(huffman_encode(s, block_size=n).to_bytes())
+    assert normal.block_bits.size > 50 and one.block_bits.size == 1
+    fixed = rng.integers(0, 8, n)
+    hostile = HuffmanStream.from_bytes(huffman_encode(fixed, block_size=n).to_bytes())
+    assert set(hostile.lengths.tolist()) == {3}
+    for stream, ref in ((normal, s), (one, s), (hostile, fixed)):
+        np.testing.assert_array_equal(huffman_decode(stream), ref)
+    t_normal = _best_time(lambda: huffman_decode(normal))
+    t_one = _best_time(lambda: huffman_decode(one))
+    t_hostile = _best_time(lambda: huffman_decode(hostile))
+    assert t_one < 2.0 * t_normal, (t_one, t_normal)
+    assert t_hostile < 12.0 * t_normal, (t_hostile, t_normal)
+
+
+def test_huffman_long_codes_decode():
+    # lengths above the 16-bit lookup table use the canonical search path
+    s = _fib_stream(22)
     stream = huffman_encode(s)
-    assert stream.max_length > 12
-    np.testing.assert_array_equal(huffman_decode(HuffmanStream.from_bytes(stream.to_bytes())), s)
-    monkeypatch.setattr(huffman_mod, "_SCALAR_MAX_SYMBOLS", 0)
+    assert stream.max_length > 16
     np.testing.assert_array_equal(huffman_decode(HuffmanStream.from_bytes(stream.to_bytes())), s)
 
 

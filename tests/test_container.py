@@ -28,6 +28,7 @@ from nncompress.io import (
     save_compressed,
 )
 from nncompress.io.container import MAGIC
+from nncompress.io.format import section_crc
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,8 @@ def test_roundtrip_odd_dtypes_and_shapes():
 
 def test_negative_zero_is_zero_in_codebook_scheme():
     w = torch.tensor([[0.5, -0.0, 0.0, -0.5] * 8] * 8)  # masked negative weights give -0.0
-    data, report = encode_state_dict({"w": w})
+    # (periodic rows: the pq scheme would be smaller, so the codebook scheme is forced)
+    data, report = encode_state_dict({"w": w}, EncodeConfig(scheme={"w": "codebook"}))
     back = decode_bytes(data)[0]["w"]
     assert report.tensor("w").scheme == "codebook" and report.tensor("w").codebook_size == 2
     assert torch.equal(back, w)  # equal values ...
@@ -155,18 +157,21 @@ def test_report_sums_and_inspect_agree(tmp_path):
 def test_sparse_layout_and_order_choice():
     # a (300, 100) layer whose nonzeros fill 2 adjacent columns: row-major (CSR) needs 3
     # fillers per row for the gap of 98 zeros, column-major (CSC) one run of 500 zeros, so
-    # 'auto' must pick F; forcing C must cost more bytes
+    # 'auto' must pick F; forcing C must cost more bytes (identical rows: the codebook scheme
+    # is forced, the pq scheme would store one subvector)
     w = torch.zeros(300, 100)
     w[:, [5, 6]] = torch.tensor([0.5, -0.25]).repeat(300, 1)
-    data, rep = encode_state_dict({"w": w}, EncodeConfig(codec="raw"))
+    cb = {"w": "codebook"}
+    data, rep = encode_state_dict({"w": w}, EncodeConfig(codec="raw", scheme=cb))
     t = rep.tensor("w")
     assert (t.layout, t.order) == ("sparse", "F")
-    forced = encode_state_dict({"w": w}, EncodeConfig(codec="raw", order="C"))[1].tensor("w")
+    forced = encode_state_dict({"w": w}, EncodeConfig(codec="raw", order="C", scheme=cb))
+    forced = forced[1].tensor("w")
     assert forced.order == "C" and forced.fillers > t.fillers
     assert forced.total_bytes > t.total_bytes
     assert torch.equal(decode_bytes(data)[0]["w"], w)
     for layout in ("dense", "sparse"):
-        data, rep = encode_state_dict({"w": w}, EncodeConfig(layout=layout))
+        data, rep = encode_state_dict({"w": w}, EncodeConfig(layout=layout, scheme=cb))
         assert rep.tensor("w").layout == layout
         assert torch.equal(decode_bytes(data)[0]["w"], w)
 
@@ -311,6 +316,16 @@ def test_cli_encode_inspect_decode(tmp_path, capsys):
     assert main(["decode", str(ncz), "--out", str(tmp_path / "d.safetensors")]) == 0
     m2, _ = load_checkpoint(tmp_path / "d.safetensors")
     assert_bit_exact(m2.state_dict(), model.state_dict())
+    ctx = tmp_path / "ctx.ncz"
+    args = ["--codec", "context", "--layout", "context", "--quiet"]
+    assert main(["encode", str(ckpt), "--out", str(ctx), *args]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(ctx), "--streams"]) == 0
+    text = capsys.readouterr().out
+    assert "context" in text and "map" in text and "classes" in text
+    assert main(["decode", str(ctx), "--out", str(tmp_path / "c.safetensors")]) == 0
+    m3, _ = load_checkpoint(tmp_path / "c.safetensors")
+    assert_bit_exact(m3.state_dict(), model.state_dict())
     bad = tmp_path / "bad.ncz"
     bad.write_bytes(ncz.read_bytes()[:-3])
     assert main(["inspect", str(bad)]) == 2
@@ -331,6 +346,9 @@ BASES = {
     ]
     for codec in ("huffman", "ans", "raw")
 }
+BASES["context"] = encode_state_dict(
+    BASE_STATE, EncodeConfig(codec="context", layout="context"), {"m": 1}
+)[0]
 
 
 def _sections(data: bytes) -> list[tuple[int, int]]:
@@ -344,17 +362,23 @@ def _sections(data: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def _rebuild(header, metadata, sections: list[bytes]) -> bytes:
+def _rebuild(header, metadata, sections: list[bytes], minor: int = 0) -> bytes:
     """A file with valid CRCs around arbitrary (possibly absurd) contents."""
 
-    def frame(p: bytes) -> bytes:
-        return struct.pack("<II", len(p), zlib.crc32(p)) + p
+    from nncompress.io.format import section_crc
+
+    def frame(i: int, p: bytes) -> bytes:
+        return struct.pack("<II", len(p), section_crc(i, p, minor)) + p
 
     def js(o) -> bytes:
         return zlib.compress(json.dumps(o).encode())
 
     body = [js(header), js(metadata), *sections]
-    return MAGIC + struct.pack("<HHI", 1, 0, len(body)) + b"".join(frame(p) for p in body)
+    return (
+        MAGIC
+        + struct.pack("<HHI", 1, minor, len(body))
+        + b"".join(frame(i, p) for i, p in enumerate(body))
+    )
 
 
 def _decode_or_format_error(data: bytes) -> None:
@@ -413,12 +437,14 @@ def test_fuzz_mutations_behind_valid_crcs(codec, seed):
     secs = _sections(base)
     for _ in range(FILES_PER_EXAMPLE):
         data = bytearray(base)
-        start, length = secs[int(rng.integers(0, len(secs)))]
+        i = int(rng.integers(0, len(secs)))
+        start, length = secs[i]
         if length == 0:
             continue
         for _ in range(int(rng.integers(1, 5))):
             data[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
-        struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start : start + length])))
+        crc = section_crc(i, bytes(data[start : start + length]))
+        struct.pack_into("<I", data, start - 4, crc)
         _decode_or_format_error(bytes(data))
 
 
@@ -426,7 +452,7 @@ def test_wrong_magic_version_and_trailing_bytes():
     data = BASES["huffman"]
     with pytest.raises(FormatError, match="magic"):
         decode_bytes(b"PK\x03\x04" + data[4:])
-    with pytest.raises(FormatError, match="version 2.0"):
+    with pytest.raises(FormatError, match="version 2."):
         decode_bytes(data[:8] + struct.pack("<H", 2) + data[10:])
     with pytest.raises(FormatError, match="unexpected bytes"):
         decode_bytes(data + b"\x00")
@@ -463,7 +489,7 @@ def _header_of(data: bytes):
         (lambda e: e["codes"].update(codec="lzma"), "codec"),
         (lambda e: e.update(order="Z"), "order"),
         (lambda e: e.update(nnz=e["nnz"] - 1, entries=e["nnz"] - 1), "symbol count"),
-        (lambda e: e.update(nnz=e["nnz"] - 1), "nonzeros"),
+        (lambda e: e.update(nnz=e["nnz"] - 1), "symbol count=60: larger"),
         (lambda e: e.update(k=e["k"] + 1), "codebook has"),
     ],
 )
@@ -519,3 +545,65 @@ def test_decode_file_missing(tmp_path):
         decode_file(tmp_path / "none.ncz")
     rep = inspect_bytes(BASES["ans"])
     assert {t.name for t in rep.tensors} == set(BASE_STATE)
+
+
+# ----------------------------------------------------------------------------- context layout
+
+
+def _structured_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A magnitude-pruned fc layer with dead rows/columns and density structure, shared."""
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.exp(-(((torch.arange(200) - 100) / 50.0) ** 2))  # image-like inputs
+    w = torch.randn(60, 200, generator=g) * cols * torch.rand(60, 1, generator=g)
+    w[:5] = 0.0
+    return {
+        "fc.weight": _shared(w, 0.1, 16, seed),
+        "fc.bias": torch.randn(60, generator=g),
+        "conv.weight": _shared(torch.randn(8, 4, 3, 3, generator=g), 0.3, 8, seed),
+    }
+
+
+def test_context_layout_roundtrip_version_and_size():
+    sd = _structured_state()
+    old, rep_old = encode_state_dict(sd, EncodeConfig(codec="ans", auto_index_bits=True))
+    data, rep = encode_state_dict(sd, EncodeConfig(codec="context", auto_index_bits=True))
+    assert_bit_exact(decode_bytes(data)[0], sd)
+    assert rep.tensor("fc.weight").layout == "context"
+    assert struct.unpack_from("<HH", data, 8) == (1, 4)  # format 1.4 when the layout is used
+    assert struct.unpack_from("<HH", old, 8) == (1, 2)  # and 1.2 otherwise
+    assert len(data) < len(old)
+    forced, rep_f = encode_state_dict(sd, EncodeConfig(layout="context"))
+    assert_bit_exact(decode_bytes(forced)[0], sd)
+    assert rep_f.tensor("conv.weight").layout == "context"  # 4-D: matrix (8, 36)
+    assert rep_f.tensor("fc.bias").layout != "context"  # 1-D: falls back
+    # the report's streams: classes, map, codes, tables, adding up to the section
+    t = inspect_bytes(data).tensor("fc.weight")
+    roles = [s.role for s in t.streams]
+    assert roles == ["classes", "map", "codes", "tables"]
+    assert sum(s.total_bits for s in t.streams) == t.weight_bits + t.index_bits_coded
+    m = t.streams[1]
+    assert m.symbols == 60 * 200 and m.bits_per_symbol < m.entropy  # contexts beat i.i.d.
+    assert rep.tensor("fc.weight").total_bytes == t.total_bytes
+
+
+def test_context_layout_refused_in_a_1_0_file_and_for_1_d():
+    header, payloads = _header_of(BASES["context"])
+    entry = next(e for e in header["tensors"] if e["name"] == "w")
+    assert entry["layout"] == "context"
+    assert (
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))[0].keys() == BASE_STATE.keys()
+    )
+    with pytest.raises(FormatError, match="need 1.4"):
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=2))
+    entry["shape"] = [entry["shape"][0] * entry["shape"][1]]
+    with pytest.raises(FormatError, match="2\\+ dimensions"):
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))
+    header, payloads = _header_of(BASES["context"])
+    entry = next(e for e in header["tensors"] if e["name"] == "w")
+    entry["codes"]["codec"] = "ans"
+    with pytest.raises(FormatError, match="codec"):
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))
+    entry["codes"]["codec"] = "context"
+    entry["nnz"] += 1
+    with pytest.raises(FormatError, match="nonzeros"):
+        decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))

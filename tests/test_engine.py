@@ -270,9 +270,14 @@ def test_progress_events():
     loader = BatchLoader(torch.randn(8, 4), torch.randint(0, 2, (8,)), 4)
     fit(_mlp(), loader, TrainConfig(epochs=2), progress=events.append)
     kinds = [e.kind for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("advance") == 4
+    steps = [e for e in events if e.kind == "advance" and not e.info.get("epoch_done")]
+    done = [e for e in events if e.info.get("epoch_done")]
+    assert kinds[0] == "start" and kinds[-1] == "end" and len(steps) == 4
     assert events[0].total == 4 and events[-2].completed == 4
     assert {"epoch", "loss", "acc"} <= set(events[1].info)
+    # one event per finished epoch, with the epoch's metrics (the CLI's line per epoch)
+    assert [e.info["epoch"] for e in done] == [1, 2] and done[0].info["epochs"] == 2
+    assert "train_loss" in done[0].info
 
 
 def test_evaluate_restores_training_flag_and_matches_manual():

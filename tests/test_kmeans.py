@@ -120,7 +120,7 @@ def test_sharing_compression_rate_formula():
 
 
 def test_config_errors_name_fields():
-    with pytest.raises(ConfigError, match="bits_fc=40: must be in \\[1, 8\\]"):
+    with pytest.raises(ConfigError, match="bits_fc=40: must be in \\[1, 16\\]"):
         KMeansConfig(bits_fc=40)
     with pytest.raises(ConfigError, match="per_layer\\['fc1'\\]=0"):
         KMeansConfig(per_layer={"fc1": 0})

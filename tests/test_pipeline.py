@@ -133,6 +133,9 @@ def test_resume_skips_finished_stages_and_rebuilds_state(tmp_path):
     assert seen == ["finetune"]  # only the missing stage ran again
     for n in ("train", "prune", "share"):
         assert ckpts[n].stat().st_mtime_ns == mtimes[n]
+    # the resumed run reports the earlier stages as they were, marked as not run again
+    assert [e.pop("this_run") for e in first["stages"]] == [True] * 4
+    assert [e.pop("this_run") for e in second["stages"]] == [False] * 3 + [True]
     assert second["stages"][:3] == first["stages"][:3]
     assert second["baseline_accuracy"] == first["baseline_accuracy"]
     # masks and codebooks were rebuilt: the resumed fine-tuning kept zeros and shared values

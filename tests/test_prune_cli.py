@@ -30,8 +30,9 @@ def test_cli_prune_magnitude_with_dead_removal(digits_ckpt, tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     rc = main(
         [
-            "prune", str(digits_ckpt), "--sparsity", "0.9", "--iterations", "2",
-            "--retrain-epochs", "1", "--remove-dead", "--out", str(out), "--quiet", "--json",
+            "prune", str(digits_ckpt), "--sparsity", "0.9", "--allocate", "uniform",
+            "--iterations", "2", "--retrain-epochs", "1", "--remove-dead", "--out", str(out),
+            "--quiet", "--json",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -61,7 +62,8 @@ def test_cli_prune_q_agp_and_errors(digits_ckpt, tmp_path, capsys):
     rc = main(
         [
             "prune", str(digits_ckpt), "--method", "agp", "--sparsity", "0.7",
-            "--retrain-epochs", "1", "--agp-frequency", "2", "--distill", "4,0.7",
+            "--allocate", "uniform", "--retrain-epochs", "1", "--agp-frequency", "2",
+            "--distill", "4,0.7",
             "--out", str(agp), "--quiet",
         ]
     )  # fmt: skip
@@ -72,11 +74,17 @@ def test_cli_prune_q_agp_and_errors(digits_ckpt, tmp_path, capsys):
     assert main(["prune", str(digits_ckpt), "--sparsity", "1.5", "--out", str(out)]) == 2
     assert "sparsity=1.5" in capsys.readouterr().err
     assert main(["prune", str(digits_ckpt), "--method", "nope", "--out", str(out)]) == 2
-    assert main(["prune", str(digits_ckpt), "--q", "1", "--distill", "4", "--out", str(out)]) == 2
+    capsys.readouterr()
+    argv = ["prune", str(digits_ckpt), "--q", "1", "--distill", "4", "--out", str(out)]
+    assert main(argv) == 2  # --distill without retraining does nothing: refused
+    assert "--distill=4: does not apply here" in capsys.readouterr().err
+    assert main([*argv, "--retrain-epochs", "1"]) == 2
     assert "--distill='4': expected TEMPERATURE,ALPHA" in capsys.readouterr().err
     bad = ["prune", str(digits_ckpt), "--method", "filter-l1", "--ratio", "0.5"]
     assert main([*bad, "--distill", "4,0.7", "--out", str(out)]) == 2
-    assert "--distill: not used by filter-l1" in capsys.readouterr().err
+    assert "--distill=4,0.7: does not apply here; not with --method filter-l1" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_sensitivity(digits_ckpt, tmp_path, capsys):

@@ -271,3 +271,25 @@ def test_cli_prune_filter_method(digits_data, tmp_path, capsys):
         ["prune", str(ckpt), "--method", "filter-l1", "--ratio", "1.5", "--out", str(out_path)]
     )
     assert rc == 2 and "ratio=1.5: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_prune_filters_command_matches_prune_method(digits_data, tmp_path, capsys):
+    import json
+
+    from nncompress.cli import main
+    from nncompress.engine import load_checkpoint
+
+    ckpt = _tiny_resnet_checkpoint(tmp_path / "r.safetensors", digits_data)
+    flags = ["--ratio", "0.5", "--quiet", "--json", "--exclude", "conv1", "*.conv2"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["prune-filters", str(ckpt), "--criterion", "l2", *flags, "--out", str(a)]) == 0
+    rep_a = json.loads(capsys.readouterr().out)
+    assert main(["prune", str(ckpt), "--method", "filter-l2", *flags, "--out", str(b)]) == 0
+    rep_b = json.loads(capsys.readouterr().out)
+    assert rep_a["plan"] == rep_b["plan"] and rep_a["macs_after"] < rep_a["macs_before"]
+    ma, mb = load_checkpoint(a)[0], load_checkpoint(b)[0]
+    for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    # connection-pruning flags do not exist on prune-filters
+    with pytest.raises(SystemExit):
+        main(["prune-filters", str(ckpt), "--ratio", "0.5", "--sparsity", "0.5", "--out", str(a)])

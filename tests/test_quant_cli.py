@@ -35,6 +35,7 @@ def test_quantize_eval_stats_commands(ckpt, tmp_path, capsys):
     # biases are a visible overhead
     assert res["compression"] > 3.2
     assert [r["weights"] for r in res["layers"]] == ["int8"] * 3
+    assert res["coverage"]["changed"] == ["fc1", "fc2", "fc3"] and not res["coverage"]["skipped"]
     assert main(["eval", str(onnx_path), "--json", "--quiet"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["accuracy"] == pytest.approx(res["accuracy_after"])
@@ -67,6 +68,8 @@ def test_quantize_qat_int4_command(ckpt, tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "layer precisions" in text and "int4" in text and "smaller" in text
+    # the coverage summary: every layer quantized, none skipped
+    assert "quantize: changed 3 layer(s)" in " ".join(text.split()) and "skipped 0" in text
 
 
 def test_quantize_command_errors(ckpt, tmp_path, capsys):

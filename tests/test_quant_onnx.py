@@ -154,9 +154,36 @@ def test_onnx_stats_and_evaluate(tmp_path, data):
     assert abs(res["accuracy"] - ref) <= 100.0 * 3 / len(data.test[1])
 
 
-def test_unsupported_module_is_named(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
-    with pytest.raises(ExportError, match="module '1' of type Sigmoid"):
+class _Bessel(nn.Module):
+    def forward(self, x):
+        return torch.special.i0(x)
+
+
+def test_operators_beyond_the_old_whitelist_export(tmp_path):
+    # the hand-written exporter refused all of these; torch.onnx.export writes them
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.Conv2d(1, 4, 3, stride=2),
+        nn.ReLU6(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.SiLU(),
+        nn.Hardswish(),
+        nn.Conv2d(4, 4, 1),
+        nn.Sigmoid(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.GELU(),
+    ).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", SHAPE)
+    x = torch.randn(5, *SHAPE)
+    out = make_session(path).run(None, {"input": x.numpy()})[0]
+    assert np.allclose(out, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_unsupported_operator_is_named(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), _Bessel())
+    with pytest.raises(ExportError, match="aten::i0"):
         export_onnx(model, tmp_path / "m.onnx", SHAPE)
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(model, tmp_path / "m.bin", SHAPE)

@@ -61,7 +61,7 @@ def test_all_errors_are_collected_and_name_fields():
     assert any(e.startswith("train: lr=-1") for e in errors)
     assert any(e.startswith("stages[0] (train): epochs=-3") for e in errors)
     assert any(e.startswith("stages[1] (prune):") and "1.2" in e for e in errors)
-    assert "stages[2] (share): bits_fc=40: must be in [1, 8]" in errors
+    assert "stages[2] (share): bits_fc=40: must be in [1, 16]" in errors
     assert any(e.startswith("stages[3] (finetune): lr_scale=0") for e in errors)
     assert any(e.startswith("stages[4] (shrink): stage='shrink': unknown stage") for e in errors)
     assert any(e.startswith("stages[5] (encode): codec='zip'") for e in errors)

@@ -5,10 +5,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import RichProgress, add_json_arg, add_quiet_arg, existing_file, out, print_json
+from .common import (
+    RichProgress,
+    add_factory_arg,
+    add_json_arg,
+    add_model_arg,
+    add_quiet_arg,
+    checkpoint_out,
+    existing_file,
+    open_model,
+    out,
+    print_json,
+    print_table,
+    refuse_inapplicable,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_encode(sub)
+    _add_decode(sub)
+    _add_inspect(sub)
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "encode",
         help="write a checkpoint as a compressed .ncz file",
@@ -17,13 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "positions and entropy-coded codes (Deep Compression stage 3); the rest is stored "
         "densely. Lossless unless an fp16 option is given.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument("--out", required=True, type=Path, help="output file (.ncz)")
     p.add_argument(
         "--codec",
         default="huffman",
-        choices=["huffman", "ans", "raw"],
+        choices=["huffman", "ans", "raw", "context"],
         help="entropy coder of the code and index streams (default: huffman)",
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "sparse", "dense", "context"],
+        help="positions of codebook tensors (default: auto, the smallest; 'context' codes the "
+        "significance map and codes of 2+-D weights with density-class contexts)",
     )
     p.add_argument(
         "--index-bits-conv", type=int, default=8, help="relative-index bits, conv (default: 8)"
@@ -63,6 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_encode)
 
+
+def _add_decode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decode",
         help="decode a .ncz file into a checkpoint",
@@ -70,9 +98,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'nncompress eval' and load_checkpoint() read.",
     )
     p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint (.safetensors)")
+    p.add_argument("--out", type=checkpoint_out, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--hf-out",
+        type=Path,
+        help="for a file written from a Hugging Face model: the folder to write "
+        "(AutoModel.from_pretrained loads it); new or empty",
+    )
+    p.add_argument(
+        "--tokenizer-from", type=Path, help="with --hf-out: copy tokenizer files from this folder"
+    )
+    add_max_bytes_arg(p)
+    add_factory_arg(p)
     p.set_defaults(func=cmd_decode)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="itemised size of a .ncz file, per tensor",
@@ -82,29 +123,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", type=existing_file, help="compressed file (.ncz)")
     p.add_argument("--streams", action="store_true", help="also list every coded stream")
+    add_max_bytes_arg(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_inspect)
 
 
+def _byte_count(text: str) -> int:
+    """argparse type of ``--max-bytes``: an integer >= 1, optionally with a K/M/G suffix."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': must be a byte count >= 1 (e.g. 4G, 500M)")
+    return value
+
+
+def add_max_bytes_arg(p: argparse.ArgumentParser) -> None:
+    from ..io import DEFAULT_MAX_BYTES
+
+    p.add_argument(
+        "--max-bytes",
+        type=_byte_count,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help="refuse a file declaring more than N bytes of tensors, before allocating "
+        "(default: 2G; K/M/G suffixes)",
+    )
+
+
 def _table(title: str, headers: list[str], rows: list[list]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, padding=(0, 1), collapse_padding=True)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-    cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in r] for r in rows]
-    for r in cells:
-        table.add_row(*r)
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    need = sum(widths) + 2 * len(widths) + 2
-    if need <= out.width:
-        out.print(table)
-    else:  # never squeeze numbers into ellipses: print wider than the terminal
-        import sys
-
-        from rich.console import Console
-
-        Console(file=sys.stdout, width=need).print(table)
+    print_table(title, headers, rows)
 
 
 def _print_report(report, title: str, streams: bool = False) -> None:
@@ -112,8 +164,11 @@ def _print_report(report, title: str, streams: bool = False) -> None:
     _table(title, headers, rows)
     out.print(
         "scheme: sparse = codebook + relative-index positions, codes = codebook + a code per "
-        "element, dense/dense16 = plain fp32/fp16 values; w/i = weight-code/index bits per "
-        "code (P+Q fixed width, H entropy-coded); b = index bits; fill = filler entries",
+        "element, context = codebook + context-coded significance map and codes (i H: map, "
+        "class maps and tables per nonzero), sparse32/sparse16 = fp32/fp16 values (byte planes, "
+        "entropy-coded) at relative-index positions, dense/dense16 = plain fp32/fp16 values, "
+        "pq = product quantization; w/i = weight-code/index bits per code (P+Q fixed width, H "
+        "entropy-coded; sparse32/16: bits per value); b = index bits; fill = filler entries",
         highlight=False,
         style="dim",
     )
@@ -148,11 +203,21 @@ def _print_report(report, title: str, streams: bool = False) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from ..engine import load_checkpoint
     from ..io import EncodeConfig, checkpoint_metadata, save_compressed
 
+    if args.out.suffix != ".ncz":
+        raise ValueError(f"--out={str(args.out)!r}: must end in .ncz")
+    auto = "not with --auto-index-bits (every width in [2, 12] is tried)"
+    refuse_inapplicable(
+        args,
+        {
+            "index_bits_conv": (not args.auto_index_bits, auto),
+            "index_bits_fc": (not args.auto_index_bits, auto),
+        },
+    )
     config = EncodeConfig(
         codec=args.codec,
+        layout=args.layout,
         index_bits_conv=args.index_bits_conv,
         index_bits_fc=args.index_bits_fc,
         auto_index_bits=args.auto_index_bits,
@@ -160,7 +225,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         dense_dtype=args.dense_dtype,
         max_codebook_bits=args.max_codebook_bits,
     )
-    model, sidecar = load_checkpoint(args.checkpoint)
+    model, sidecar = open_model(args.checkpoint, args)
     report = save_compressed(
         model,
         args.out,
@@ -176,9 +241,25 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from ..io import decode_to_checkpoint
+    from ..io import ArchitectureMissing, decode_to_checkpoint
+    from .common import build_from_factory
 
-    path = decode_to_checkpoint(args.file, args.out)
+    # --- Hugging Face folders (nncompress.cli.hf) ---
+    if args.hf_out is not None:
+        from .hf import cmd_decode_hf
+
+        return cmd_decode_hf(args)
+    # --- end Hugging Face ---
+    if args.out is None:
+        raise ValueError("decode: give --out (a checkpoint) or --hf-out (a Hugging Face folder)")
+    try:
+        model = build_from_factory(args.model_factory) if args.model_factory else None
+        path = decode_to_checkpoint(args.file, args.out, model=model, max_bytes=args.max_bytes)
+    except ArchitectureMissing as exc:
+        raise ValueError(
+            f"'{args.file}': {exc}"
+            + (f" (e.g. a function returning a fresh {exc.class_name})" if exc.class_name else "")
+        ) from exc
     out.print(f"wrote {path} (+ {path.with_suffix('.json').name})", highlight=False)
     return 0
 
@@ -186,7 +267,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..io import inspect_file
 
-    report = inspect_file(args.file)
+    report = inspect_file(args.file, max_bytes=args.max_bytes)
     if args.json:
         print_json({"file": str(args.file), **report.to_dict()})
     else:

@@ -8,12 +8,14 @@ from .common import (
     RichProgress,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
     dataset_for,
-    existing_file,
+    open_model,
     out,
     print_json,
+    refuse_inapplicable,
 )
 
 
@@ -26,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(Hinton et al. 2015); with --label-free the soft term alone, no labels. Reports "
         "teacher and student test accuracy and writes OUT (.safetensors) plus its sidecar.",
     )
-    p.add_argument("teacher", type=existing_file, help="teacher checkpoint (.safetensors)")
+    add_model_arg(p, "teacher", "teacher model: checkpoint (.safetensors) or .ncz file")
     p.add_argument(
         "--student", required=True, help="student registry name (see 'nncompress models')"
     )
@@ -67,7 +69,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
         config_to_dict,
         evaluate,
         fit,
-        load_checkpoint,
         save_checkpoint,
         seed_everything,
     )
@@ -75,6 +76,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .basic import _model_kwargs
 
     # validate everything before loading data or training
+    refuse_inapplicable(
+        args, {"alpha": (not args.label_free, "not with --label-free (soft targets only)")}
+    )
     if args.student not in MODELS:
         raise ValueError(f"--student={args.student!r}: must be one of {sorted(MODELS)}")
     kd = DistillConfig(temperature=args.temperature, alpha=args.alpha, label_free=args.label_free)
@@ -85,8 +89,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
     )
-    teacher, sidecar = load_checkpoint(args.teacher)
-    splits = dataset_for(sidecar, args.data_dir)
+    teacher, sidecar = open_model(args.teacher, args)
+    splits = dataset_for(sidecar, args.data_dir, args.dataset, args.teacher)
     progress = RichProgress(not args.quiet)
     teacher_test = evaluate(teacher, splits.loader("test", 512), progress=progress)
     kwargs = _model_kwargs(args.student, splits)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 
 from .common import (
-    RichProgress,
+    CheckpointJob,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
-    dataset_for,
-    existing_file,
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
+from .coverage import print_coverage
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fine-tune (by distillation from the original by default), print per-layer ranks, "
         "params and MACs before/after and test accuracy before/after, and save the result.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--method", required=True, help="svd | separable | tucker2 | cp | tt (see docs/lowrank.md)"
     )
@@ -52,6 +53,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME",
         help="layer names or fnmatch patterns (default: every layer the method supports)",
+    )
+    p.add_argument(
+        "--include-classifier",
+        action="store_true",
+        help="also decompose the output layer (kept whole by default unless --layers names it)",
+    )
+    p.add_argument(
+        "--allocate",
+        default="auto",
+        choices=["auto", "response", "energy"],
+        help="how --params-budget / --macs-budget is spread: response = ranks minimising the "
+        "summed relative response error on training batches (svd, separable), energy = one "
+        "singular-value energy shared by all layers, auto = response where possible",
     )
     p.add_argument("--min-rank", type=int, default=1, help="lower bound on ranks (default: 1)")
     p.add_argument("--tt-cores", type=int, default=3, help="tt: number of cores (default: 3)")
@@ -96,11 +110,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
-    from ..engine import TrainConfig, evaluate, load_checkpoint, save_checkpoint
-    from ..lowrank import DecomposeConfig
     from ..stages.decompose import DecomposeStageConfig, decompose_and_finetune
 
-    dcfg = DecomposeConfig(
+    tune = args.finetune_epochs > 0
+    no_tune = "only with --finetune-epochs > 0 (nothing is fine-tuned)"
+    refuse_inapplicable(
+        args,
+        {
+            "tt_cores": (args.method == "tt", f"only with --method tt (got {args.method})"),
+            "restore_best": (tune, no_tune),
+            "lr": (tune, no_tune),
+            "lr_scale": (tune, no_tune),
+            "no_distill": (tune, no_tune),
+            "augment": (tune, no_tune),
+            "batch_size": (tune, no_tune),
+        },
+    )
+    # the same stage config a recipe's {stage: decompose, ...} builds
+    stage = DecomposeStageConfig(
         method=args.method,
         rank=args.rank,
         energy=args.energy,
@@ -111,47 +138,33 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         min_rank=args.min_rank,
         tt_cores=args.tt_cores,
         require_fewer_macs=not args.allow_more_macs,
-    )
-    stage = DecomposeStageConfig(
-        decompose=dcfg,
         layers=tuple(args.layers) if args.layers else None,
+        keep_classifier=not args.include_classifier,
+        allocate=args.allocate,
         refit_batches=args.refit_batches,
         finetune_epochs=args.finetune_epochs,
         lr_scale=args.lr_scale,
         distill=not args.no_distill,
     )
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
-    base = (sidecar.get("extra") or {}).get("train_config") or {}
-    known = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
-    tcfg = TrainConfig(**known)
-    changes = {"augment": args.augment or tcfg.augment}
-    if args.restore_best:
-        changes["restore_best"] = True
-    if args.lr is not None:
-        changes["lr"] = args.lr
-    if args.batch_size is not None:
-        changes["batch_size"] = args.batch_size
-    tcfg = tcfg.replace(**changes)
-
-    progress = RichProgress(not args.quiet)
-    test = splits.loader("test", 512)
-    before = evaluate(model, test, progress=progress)["accuracy"]
-    report, info = decompose_and_finetune(model, splits, stage, tcfg, progress=progress)
-    after = evaluate(model, test, progress=progress)["accuracy"]
-
-    arch = sidecar["architecture"]
-    extra = dict(sidecar.get("extra") or {})
-    extra["decompose"] = {**report.to_dict(), "finetune": info, "stage": stage.to_dict()}
-    save_checkpoint(
+    job = CheckpointJob(args)
+    stage.check_model(job.model)  # --layers that match no layer of the model
+    base = job.train_config()
+    tcfg = job.train_config(
+        augment=args.augment or base.augment,
+        restore_best=True if args.restore_best else None,
+        lr=args.lr,
+        batch_size=args.batch_size,
+    )
+    model = job.model
+    before = job.accuracy()
+    report, info = decompose_and_finetune(model, job.splits, stage, tcfg, progress=job.progress)
+    after = job.accuracy()
+    extra = {**report.to_dict(), "finetune": info, "stage": stage.to_dict()}
+    job.save(
         model,
         args.out,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs"),
-        dataset=sidecar.get("dataset"),
-        metrics={"test_accuracy": after, "test_accuracy_before_decompose": before},
-        history=list(sidecar.get("history") or []),
-        extra=extra,
+        {"test_accuracy": after, "test_accuracy_before_decompose": before},
+        job.extra("decompose", extra),
     )
     result = {
         **report.to_dict(),
@@ -197,13 +210,29 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     for x in report.layers:
         if x.reason:
             out.print(f"{x.name}: skipped ({x.reason})", highlight=False)
-    if report.knob is not None:
+    print_coverage(report.coverage.to_dict(), details=False)  # reasons printed above
+    if info.get("classifier_kept"):
+        out.print(
+            f"{info['classifier_kept']}: kept whole (the output layer; --include-classifier "
+            "or --layers to decompose it)",
+            highlight=False,
+        )
+    if report.allocation == "response":
+        out.print(
+            f"budget: ranks by response error per parameter (allocate=response), met: "
+            f"{report.budget_met}",
+            highlight=False,
+        )
+    elif report.knob is not None:
         out.print(f"budget: global knob {report.knob:.4g}, met: {report.budget_met}")
     for r in info.get("refit", []):
         out.print(
             f"{r['name']}: refit response error {r['error_before']:.4f} -> {r['error_after']:.4f}",
             highlight=False,
         )
-    tail = f" after {info['finetune_epochs']} fine-tuning epochs" if info["finetune_epochs"] else ""
+    if info["finetune_epochs"]:
+        tail = f" after {info['finetune_epochs']} fine-tuning epochs"
+    else:
+        tail = " (no fine-tuning: --finetune-epochs N recovers more)"
     out.print(f"test accuracy {before:.2f}% -> {after:.2f}%{tail}  -> {args.out}")
     return 0

@@ -1,5 +1,6 @@
-"""Pruning commands: ``prune`` (connection pruning; filter pruning methods plug into the same
-command through :data:`METHODS`) and ``sensitivity`` (per-layer sensitivity curves)."""
+"""Pruning commands: ``prune`` (connection pruning; ``--method filter-*`` runs
+``prune-filters``, :mod:`nncompress.cli.filters`) and ``sensitivity`` (per-layer sensitivity
+curves)."""
 
 from __future__ import annotations
 
@@ -10,36 +11,59 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
-    RichProgress,
+    CheckpointJob,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     checkpoint_out,
-    dataset_for,
     existing_file,
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
 
-# --method name -> runner(args, ctx) returning the report dict. Connection pruning methods are
-# defined here; filter pruning adds its 'filter-*' methods (and their options) to this dict.
-Runner = Callable[[argparse.Namespace, Any], dict]
+# connection pruning here, the 'filter-*' methods of 'nncompress prune-filters'
+# (nncompress.cli.filters) with their flags
+Runner = Callable[[Any, Any], dict]
 
 
-def _run_connection(args: argparse.Namespace, ctx) -> dict:
-    from ..stages.prune import PruneStageConfig, run_prune_stage
+def _connection_config(args: argparse.Namespace):
+    """The ``prune`` stage config of ``--method magnitude|agp`` (validated before any work)."""
+    from ..stages.prune import PruneStageConfig
 
-    cfg = PruneStageConfig(
+    allocate = _allocation(args)
+    per_layer = parse_per_layer(args.per_layer)
+    nothing = args.q is None and args.sparsity is None and not per_layer
+    if (
+        nothing
+        and allocate not in ("policy",)
+        and not (allocate == "sensitivity" and args.max_drop)
+    ):
+        raise ValueError(
+            "nothing to prune: give --sparsity S (a model-wide target, spread over layers by "
+            "--allocate), --q Q (Han's per-layer threshold), --per-layer, --policy, or "
+            "--allocate sensitivity --max-drop POINTS"
+        )
+    if args.sparsity == 0 and not per_layer:
+        raise ValueError("--sparsity=0: prunes nothing; give a target in (0, 1)")
+    return PruneStageConfig(
         method=args.method,
         q=args.q,
         sparsity=args.sparsity,
-        scope=args.scope,
-        per_layer=_per_layer(args.per_layer),
+        scope=args.scope or "layer",
+        per_layer=per_layer,
         exclude=tuple(args.exclude),
-        allocate="sensitivity" if args.allocate_sensitivity else "none",
+        allocate=allocate,
+        floor=args.floor,
+        policy_file=str(args.policy) if args.policy is not None else None,
         max_drop=args.max_drop,
-        sensitivity_sparsities=tuple(_floats(args.sensitivities, "--sensitivities")),
+        **(
+            {"sensitivity_sparsities": tuple(_floats(args.sensitivities, "--sensitivities"))}
+            if args.allocate_sensitivity
+            else {}
+        ),
         iterations=args.iterations,
         epochs=args.retrain_epochs,
         lr_scale=args.lr_scale,
@@ -52,7 +76,39 @@ def _run_connection(args: argparse.Namespace, ctx) -> dict:
         remove_dead=args.remove_dead,
         distill=_distill(args.distill),
     )
+
+
+def _run_connection(cfg, ctx) -> dict:
+    from ..stages.prune import run_prune_stage
+
     return run_prune_stage(ctx, cfg)
+
+
+ALLOCATE = {"global": "global", "uniform": "none", "sensitivity": "sensitivity"}
+
+
+def _allocation(args: argparse.Namespace) -> str:
+    """The stage's ``allocate`` from ``--allocate`` / ``--allocate-sensitivity`` /
+    ``--policy`` / ``--scope``: by default a model-wide ``--sparsity`` is spread by one global
+    magnitude ranking with a per-layer floor."""
+    chosen = args.allocate
+    if args.allocate_sensitivity:
+        if chosen not in (None, "sensitivity"):
+            raise ValueError(f"--allocate-sensitivity and --allocate {chosen}: choose one")
+        chosen = "sensitivity"
+    if args.policy is not None:
+        if chosen is not None:
+            raise ValueError(f"--policy and --allocate {chosen}: choose one allocation")
+        return "policy"
+    if chosen is None:  # the default: global ranking, unless the flags say otherwise
+        if args.sparsity is None or args.scope == "global":
+            return "none"
+        return "global"
+    if args.scope == "global" and chosen != "uniform":
+        raise ValueError(f"--scope global ranks without floors; it replaces --allocate {chosen}")
+    if chosen == "global" and args.sparsity is None:
+        raise ValueError("--allocate global spreads a model-wide --sparsity: give --sparsity")
+    return ALLOCATE[chosen]
 
 
 def _distill(text: str | None) -> dict[str, float] | None:
@@ -64,48 +120,68 @@ def _distill(text: str | None) -> dict[str, float] | None:
     return {"temperature": values[0], "alpha": values[1]}
 
 
-def _run_filter(args: argparse.Namespace, ctx) -> dict:
-    """Filter pruning with thinning (Li et al. 2017): ``--method filter-CRITERION``."""
-    from ..stages.filter_prune import FilterPruneStageConfig, run_filter_prune_stage
+def _filter_config(args: argparse.Namespace):
+    """``--method filter-CRITERION``: the ``prune-filters`` command with ``prune``'s flags
+    (the connection-pruning flags it does not use are refused by :func:`_prune_rules`)."""
+    from .filters import filter_stage_config
 
-    if args.iterations != 1:
-        raise ValueError(f"--iterations={args.iterations}: filter pruning prunes once")
-    for flag in ("q", "sparsity", "distill"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag}: not used by {args.method}; use --ratio or --macs-budget")
-    cfg = FilterPruneStageConfig(
-        criterion=args.method.removeprefix("filter-"),
-        ratio=args.ratio,
-        per_layer=_per_layer(args.per_layer) or None,
-        macs_budget=args.macs_budget,
-        scope=args.scope,
-        min_channels=args.min_channels,
-        exclude=tuple(args.exclude),
-        epochs=args.retrain_epochs,
-        lr_scale=args.lr_scale,
-    )
-    report = run_filter_prune_stage(ctx, cfg)
-    # per-layer rows in the table format of this command: weights before -> after
-    report["filter_layers"] = report.pop("layers")
-    report["layers"] = {
-        r["name"]: {
-            "params": r["params_before"],
-            "kept": r["params_after"],
-            "kept_fraction": r["params_after"] / r["params_before"] if r["params_before"] else 1,
-        }
-        for r in report["filter_layers"]
+    per_layer = parse_per_layer(args.per_layer)
+    if args.ratio is None and args.macs_budget is None and not per_layer and args.policy is None:
+        raise ValueError(
+            f"nothing to prune: --method {args.method} needs --ratio, --macs-budget, "
+            "--per-layer or --policy"
+        )
+    return filter_stage_config(args, args.method.removeprefix("filter-"), per_layer)
+
+
+def _run_filter(cfg, ctx) -> dict:
+    from .filters import run_filter_prune
+
+    return run_filter_prune(cfg, ctx)
+
+
+def _prune_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
+    """Which options apply to this ``prune`` call (the others are refused, not ignored)."""
+    m = args.method
+    filt = m.startswith("filter-")
+    retrain = args.retrain_epochs > 0
+    sens = args.allocate_sensitivity or args.allocate == "sensitivity"
+    glob = not filt and _allocation(args) == "global"
+    no_retrain = "only with --retrain-epochs > 0 (nothing is retrained)"
+    conn = (retrain and not filt, f"not with --method {m}" if filt else no_retrain)
+    return {
+        "q": (not filt, f"--method {m} takes --ratio or --macs-budget"),
+        "sparsity": (not filt, f"--method {m} takes --ratio or --macs-budget"),
+        "ratio": (filt, f"only with --method filter-* (got {m}); use --q or --sparsity"),
+        "macs_budget": (filt, f"only with --method filter-* (got {m})"),
+        "min_channels": (filt, f"only with --method filter-* (got {m})"),
+        "iterations": (m == "magnitude", f"only with --method magnitude (got {m})"),
+        "agp_frequency": (m == "agp", f"only with --method agp (got {m})"),
+        "agp_initial_sparsity": (m == "agp", f"only with --method agp (got {m})"),
+        "allocate_sensitivity": (not filt, f"not with --method {m}"),
+        "allocate": (not filt, f"not with --method {m}"),
+        "floor": (glob, "only with --allocate global (the default with --sparsity)"),
+        "max_drop": (sens, "only with --allocate sensitivity (--allocate-sensitivity)"),
+        "sensitivities": (sens, "only with --allocate sensitivity (--allocate-sensitivity)"),
+        "remove_dead": (not filt, f"not with --method {m} (filters are removed physically)"),
+        "no_dropout_adjust": conn,
+        "distill": conn,
+        "l1": conn,
+        "weight_decay": conn,
+        "l1_then_l2": (retrain and args.l1 is not None, "only with --l1 and --retrain-epochs > 0"),
+        "lr": (retrain, no_retrain),
+        "lr_scale": (retrain, no_retrain),
     }
-    report["params"] = report["params_after"]
-    return report
 
 
-METHODS: dict[str, Runner] = {
-    "magnitude": _run_connection,
-    "agp": _run_connection,
-    "filter-l1": _run_filter,
-    "filter-l2": _run_filter,
-    "filter-random": _run_filter,
-    "filter-largest": _run_filter,
+# --method name -> (config from the flags, runner(config, ctx) returning the report)
+METHODS: dict[str, tuple[Callable[[argparse.Namespace], Any], Runner]] = {
+    "magnitude": (_connection_config, _run_connection),
+    "agp": (_connection_config, _run_connection),
+    "filter-l1": (_filter_config, _run_filter),
+    "filter-l2": (_filter_config, _run_filter),
+    "filter-random": (_filter_config, _run_filter),
+    "filter-largest": (_filter_config, _run_filter),
 }
 
 
@@ -116,7 +192,7 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag}={text!r}: must be comma-separated numbers") from exc
 
 
-def _per_layer(text: str | None) -> dict[str, Any]:
+def parse_per_layer(text: str | None) -> dict[str, Any]:
     """``fc1=0.9,fc2=0.8`` or a JSON file (``{name: sparsity}``, or a sensitivity output's
     ``per_layer.json``)."""
     if not text:
@@ -141,20 +217,31 @@ def _per_layer(text: str | None) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_prune(sub)
+    _add_sensitivity(sub)
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
-        help="prune a checkpoint (connection pruning: magnitude, agp)",
-        description="Prune a checkpoint and retrain it (Han et al. 2015 connection pruning: "
-        "threshold q x std per layer, or a target sparsity per layer / global; iterative "
-        "prune -> retrain or gradual AGP). Prints per-layer kept %% and test accuracy before "
-        "and after, and writes OUT (.safetensors) with its JSON sidecar.",
+        help="prune a checkpoint: connection pruning (magnitude, agp) or filter pruning "
+        "(filter-l1, ...)",
+        description="Prune a checkpoint and retrain it. Connection pruning (Han et al. 2015): "
+        "a model-wide --sparsity spread over layers by one global magnitude ranking with a "
+        "per-layer floor (or uniformly, or by sensitivity), or Han's threshold q x std per "
+        "layer; iterative prune -> retrain or gradual AGP (Zhu & Gupta 2017). Filter pruning "
+        "with physical thinning (Li et al. 2017): --method filter-l1|l2|random|largest with "
+        "--ratio or --macs-budget, the same as 'nncompress prune-filters'. Prints the chosen "
+        "per-layer sparsities, the predicted drop (held-out, one-shot, before retraining), "
+        "per-layer kept % and test accuracy before and after, and writes OUT (.safetensors) "
+        "with its JSON sidecar.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument(
         "--method",
         default="magnitude",
         help="magnitude | agp | filter-l1 | filter-l2 | filter-random | filter-largest "
-        "(default: magnitude)",
+        "(default: magnitude; filter-* is 'nncompress prune-filters')",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q", type=float, help="Han's quality parameter: prune |w| <= q * std(layer)")
@@ -168,7 +255,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-channels", type=int, default=1, help="filter-*: channels every layer keeps"
     )
-    p.add_argument("--scope", default="layer", help="layer | global ranking (default: layer)")
+    p.add_argument(
+        "--allocate",
+        choices=sorted(ALLOCATE),
+        default=None,
+        help="how a model-wide --sparsity is spread over layers: global = one magnitude "
+        "ranking of all layers with a per-layer floor (default with --sparsity), uniform = "
+        "every layer pruned to --sparsity, sensitivity = from a held-out sensitivity scan",
+    )
+    p.add_argument(
+        "--floor",
+        type=float,
+        default=0.3,
+        help="--allocate global: every layer keeps at least FLOOR x (1 - sparsity) of its weights",
+    )
+    p.add_argument(
+        "--scope",
+        default=None,
+        help="layer | global: global ranks all layers without floors (Han's --q is per "
+        "layer) (default: layer)",
+    )
     p.add_argument(
         "--per-layer",
         help="per-layer overrides: 'fc1=0.9,fc2=0.8' or a JSON file {name: value} "
@@ -180,10 +286,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allocate-sensitivity",
         action="store_true",
-        help="set per-layer sparsities from a sensitivity analysis on the held-out split "
-        "(within --max-drop, or the smallest drop reaching --sparsity overall)",
+        help="the same as --allocate sensitivity: per-layer sparsities from a sensitivity "
+        "analysis on the held-out split (within --max-drop, or the smallest drop reaching "
+        "--sparsity overall)",
     )
     p.add_argument("--max-drop", type=float, help="tolerated accuracy drop in points")
+    p.add_argument(
+        "--policy",
+        type=existing_file,
+        help="per-layer sparsities (magnitude) or filter ratios (filter-*) of a searched "
+        "policy.json ('nncompress search')",
+    )
     p.add_argument(
         "--sensitivities",
         default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95,0.97,0.98",
@@ -233,6 +346,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_arg(p)
     p.set_defaults(func=cmd_prune)
 
+
+def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sensitivity",
         help="per-layer pruning sensitivity curves (JSON + PNG)",
@@ -240,7 +355,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate on the held-out split, and write DIR/sensitivity.json, DIR/sensitivity.png "
         "and DIR/per_layer.json (the largest sparsity per layer within --max-drop points).",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
+    add_model_arg(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(
         "--sparsities",
@@ -260,100 +375,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sensitivity)
 
 
-def _base_train_config(sidecar: dict, lr: float | None):
-    from ..engine import TrainConfig, config_from_dict
-
-    saved = (sidecar.get("extra") or {}).get("train_config")
-    cfg = config_from_dict(TrainConfig, saved, "train_config") if saved else TrainConfig()
-    return cfg.replace(lr=lr) if lr is not None else cfg
-
-
-def _save(model, path: Path, sidecar: dict, splits, metrics: dict, extra: dict) -> None:
-    from ..engine import save_checkpoint
-    from ..prune import folded_copy
-
-    arch = sidecar.get("architecture") or {}
-    save_checkpoint(
-        folded_copy(model),
-        path,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs") or {},
-        dataset=splits.describe(),
-        metrics=metrics,
-        history=list(sidecar.get("history") or []),
-        extra=extra,
-    )
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ..engine import evaluate, load_checkpoint
-    from ..stages.base import StageContext
+    from .filters import finish_pruning, policy_rules
 
     if args.method not in METHODS:
         raise ValueError(f"--method={args.method!r}: must be one of {sorted(METHODS)}")
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
-    progress = RichProgress(not args.quiet)
-    before = evaluate(model, splits.loader("test", 512), progress=progress)["accuracy"]
-    arch = sidecar.get("architecture") or {}
-    ctx = StageContext(
-        model=model,
-        splits=splits,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs") or {},
-        train_config=_base_train_config(sidecar, args.lr),
-        out_dir=args.out.parent,
-        progress=progress,
-    )
-    report = METHODS[args.method](args, ctx)
-    model = ctx.model
-    report["test_accuracy_before"] = before
-    after = report.get("test_accuracy")
-    if after is None:
-        after = evaluate(model, splits.loader("test", 512))["accuracy"]
-        report["test_accuracy"] = after
-    metrics = {
-        "test_accuracy": after,
-        "test_accuracy_before": before,
-        "nonzeros": report.get("nonzeros"),
-        "params": report.get("params"),
-    }
-    extra = dict(sidecar.get("extra") or {})
-    extra["pruning"] = {k: v for k, v in report.items() if k not in ("iterations", "agp")}
-    _save(model, args.out, sidecar, splits, metrics, extra)
-    if args.json:
-        print_json(report)
-        return 0
-    layers = report.get("layers", {})
-    rows = [
-        [n, r["params"], r["kept"], f"{100 * r['kept_fraction']:.1f}%"] for n, r in layers.items()
-    ]
-    print_table(f"{args.method} pruning", ["layer", "weights", "kept", "kept %"], rows)
-    if "dead_neurons" in report:
-        d = report["dead_neurons"]
-        out.print(
-            f"dead neurons removed: params {d['params_before']:,} -> {d['params_after']:,} "
-            + ", ".join(
-                f"{n}: {v['before']}->{v['after']}" for n, v in d["layers"].items() if "after" in v
-            )
-        )
-    if "macs_before" in report:
-        out.print(
-            f"MACs {report['macs_before']:,} -> {report['macs_after']:,} "
-            f"({100 * (1 - report['macs_kept']):.1f}% fewer), params "
-            f"{report['params_before']:,} -> {report['params_after']:,} (physically thinned)"
-        )
-    if report.get("nonzeros"):
-        out.print(
-            f"nonzero parameters {report['nonzeros']:,} / {report['params']:,} "
-            f"({report['compression']:.1f}x fewer)"
-        )
-    out.print(f"test accuracy {before:.2f}% -> {after:.2f}%  -> {args.out}")
-    return 0
+    refuse_inapplicable(args, _prune_rules(args))
+    if args.method.startswith("filter-"):
+        refuse_inapplicable(args, policy_rules(args))
+    build, run = METHODS[args.method]
+    cfg = build(args)  # every option validated before anything is loaded
+    job = CheckpointJob(args)
+    cfg.check_model(job.model)  # --exclude / --per-layer names that match no layer
+    before = job.accuracy()
+    ctx = job.context(args.out.parent, job.train_config(lr=args.lr))
+    report = run(cfg, ctx)
+    job.model = ctx.model
+    return finish_pruning(job, args, report, before, f"{args.method} pruning")
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from ..engine import atomic_write, load_checkpoint
+    from ..core.files import atomic_write_json
+    from ..core.select import unmatched
     from ..prune.sensitivity import (
         sensitivity_analysis,
         thresholds_from_sensitivity,
@@ -361,23 +404,28 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     )
 
     grid = _floats(args.sparsities, "--sparsities")
+    if not grid or not all(0 < s < 1 for s in grid):
+        raise ValueError(f"--sparsities={args.sparsities!r}: must be numbers in (0, 1)")
     if args.max_drop < 0:
         raise ValueError(f"--max-drop={args.max_drop}: must be >= 0")
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
+    if args.val_batches is not None and args.val_batches < 1:
+        raise ValueError(f"--val-batches={args.val_batches}: must be >= 1")
+    job = CheckpointJob(args)
+    bad = unmatched(args.exclude, job.model)
+    if bad:
+        raise ValueError(f"--exclude={bad}: matches no layer of the model")
     res = sensitivity_analysis(
-        model,
-        splits.loader("val", 512),
+        job.model,
+        job.splits.loader("val", 512),
         grid,
         exclude=tuple(args.exclude),
         max_batches=args.val_batches,
-        progress=RichProgress(not args.quiet),
+        progress=job.progress,
     )
     files = write_sensitivity(res, args.out, title=f"{Path(args.checkpoint).name} sensitivity")
     per = thresholds_from_sensitivity(res, args.max_drop)
     per_path = args.out / "per_layer.json"
-    blob = json.dumps({"max_drop": args.max_drop, "per_layer": per}, indent=2)
-    atomic_write(per_path, lambda tmp: tmp.write_text(blob))
+    atomic_write_json(per_path, {"max_drop": args.max_drop, "per_layer": per}, indent=2)
     if args.json:
         print_json(
             {**res.to_dict(), "per_layer": per, "files": {k: str(v) for k, v in files.items()}}

@@ -8,16 +8,20 @@ import tempfile
 from pathlib import Path
 
 from .common import (
+    CheckpointJob,
     RichProgress,
     add_data_args,
     add_json_arg,
+    add_model_arg,
     add_quiet_arg,
     dataset_for,
-    existing_file,
     out,
     print_json,
     print_table,
+    refuse_inapplicable,
 )
+from .coverage import print_coverage
+from .pq import add_pq_args, cmd_quantize_pq
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "onnxruntime runs with integer kernels. Prints test accuracy before (PyTorch fp32) and "
         "after (onnxruntime), file sizes and each layer's precision.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="checkpoint (.safetensors)")
-    p.add_argument("--method", default="ptq", choices=["ptq", "qat"], help="default: ptq")
+    add_model_arg(p)
+    p.add_argument(
+        "--method",
+        default="ptq",
+        choices=["ptq", "qat", "pq"],
+        help="ptq / qat: integer ONNX model (default: ptq); pq: product quantization "
+        "(Stock et al. 2020) into a .ncz file",
+    )
     p.add_argument("--weights", default="int8", choices=["int8", "int4"], help="default: int8")
     p.add_argument(
         "--activations",
@@ -53,7 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="activation range estimator (default: minmax; QAT uses moving averages)",
     )
     p.add_argument(
-        "--calibration", type=int, default=512, help="held-out samples to calibrate (default 512)"
+        "--calibration",
+        type=int,
+        default=None,
+        help="ptq/qat: held-out samples to calibrate (default 512); pq: training images for "
+        "the activations and the codeword fine-tuning (default 4096)",
     )
     p.add_argument(
         "--keep-first-last",
@@ -76,22 +90,50 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="QAT learning rate relative to the checkpoint's training rate (default: 0.1)",
     )
     p.add_argument("--lsq", action="store_true", help="QAT with learned step sizes (LSQ)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
-    p.add_argument("--out", required=True, type=Path, help="output ONNX model (.onnx)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output ONNX model (.onnx), or .ncz with pq"
+    )
+    add_pq_args(p)
     add_data_args(p)
     add_json_arg(p)
     add_quiet_arg(p)
     p.set_defaults(func=cmd_quantize)
 
 
+_PQ_ONLY = ("block_size", "k", "bits_per_weight", "objective", "layer_steps", "layer_lr",
+            "global_steps", "global_lr", "exclude", "codec")  # fmt: skip
+_LINEAR_ONLY = ("weights", "activations", "per_channel", "observer", "keep_first_last",
+                "reduce_range", "threads")  # fmt: skip
+
+
+def _quantize_rules(args: argparse.Namespace) -> dict[str, tuple[bool, str]]:
+    """Which options apply to this ``quantize`` call (the others are refused, not ignored)."""
+    m = args.method
+    rules = {k: (m == "pq", f"only with --method pq (got {m})") for k in _PQ_ONLY}
+    rules.update({k: (m != "pq", f"only with --method ptq or qat (got {m})") for k in _LINEAR_ONLY})
+    rules.update(
+        qat_epochs=(m == "qat", f"only with --method qat (got {m})"),
+        lr_scale=(m == "qat", f"only with --method qat (got {m})"),
+        lsq=(m == "qat", f"only with --method qat (got {m})"),
+    )
+    if m != "pq" and args.activations == "none":
+        rules["observer"] = (False, "only with quantized activations (got --activations none)")
+    return rules
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..engine import TrainConfig, config_from_dict, evaluate, load_checkpoint
     from ..quant.onnx_export import export_onnx
-    from ..stages.base import StageContext
     from ..stages.quantize import QuantizeStageConfig, run_quantize_stage
 
+    refuse_inapplicable(args, _quantize_rules(args))
+    if args.method == "pq":
+        if args.out.suffix != ".ncz":
+            raise ValueError(f"--out={str(args.out)!r}: must end in .ncz with --method pq")
+        args.calibration = 4096 if args.calibration is None else args.calibration
+        return cmd_quantize_pq(args)
     if args.out.suffix != ".onnx":
         raise ValueError(f"--out={str(args.out)!r}: must end in .onnx")
+    args.calibration = 512 if args.calibration is None else args.calibration
     cfg = QuantizeStageConfig(
         method=args.method,
         weights=args.weights,
@@ -107,22 +149,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         out=args.out.name,
         threads=args.threads,
     )
-    model, sidecar = load_checkpoint(args.checkpoint)
-    splits = dataset_for(sidecar, args.data_dir)
-    progress = RichProgress(not args.quiet and not args.json)
-    train_cfg = (sidecar.get("extra") or {}).get("train_config")
-    tcfg = config_from_dict(TrainConfig, train_cfg) if train_cfg else TrainConfig()
-    before = evaluate(model, splits.loader("test", 500), progress=progress)["accuracy"]
-    arch = sidecar.get("architecture") or {}
-    ctx = StageContext(
-        model=model,
-        splits=splits,
-        model_name=arch.get("model"),
-        model_kwargs=arch.get("kwargs") or {},
-        train_config=tcfg,
-        out_dir=args.out.parent if str(args.out.parent) else Path("."),
-        progress=progress,
-    )
+    job = CheckpointJob(args, bars=not args.quiet and not args.json)
+    model, splits = job.model, job.splits
+    before = job.accuracy(batch=500)
+    out_dir = args.out.parent if str(args.out.parent) else Path(".")
+    ctx = job.context(out_dir)
     rep = run_quantize_stage(ctx, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", tuple(splits.input_shape))
@@ -138,7 +169,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "checkpoint_bytes": args.checkpoint.stat().st_size,
         "compression": fp32_bytes / rep["onnx_bytes"],
         "layers": rep["layers"],
-        "config": {k: v for k, v in cfg.__dict__.items()},
+        "coverage": rep.get("coverage"),
+        "config": cfg.to_dict(),
     }
     if args.json:
         print_json(res)
@@ -158,6 +190,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             for r in rep["layers"]
         ],
     )
+    print_coverage(rep.get("coverage"))
     out.print(
         f"test accuracy: {before:.2f}% (fp32, PyTorch) -> {rep['accuracy_onnx']:.2f}% "
         f"(onnxruntime; PyTorch simulation {rep['accuracy_sim']:.2f}%)"
@@ -173,38 +206,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_onnx(args: argparse.Namespace) -> int:
-    """``nncompress eval model.onnx``: accuracy of the ONNX model run by onnxruntime."""
+    """``nncompress eval model.onnx``: accuracy of the ONNX model run by onnxruntime (called
+    by ``cmd_eval``, which checked ``--split``)."""
     from ..quant.onnx_export import evaluate_onnx, onnx_metadata
+    from .basic import print_accuracy
 
-    if args.split not in ("test", "val"):
-        raise ValueError(f"--split={args.split!r}: must be 'test' or 'val'")
     meta = onnx_metadata(args.checkpoint)
     if not isinstance(meta.get("dataset"), dict):
         raise ValueError(
             f"'{args.checkpoint}' has no 'dataset' in its metadata_props (write it with "
             "nncompress quantize / export_onnx(metadata={'dataset': splits.describe()}))"
         )
-    splits = dataset_for(meta, args.data_dir)
+    splits = dataset_for(meta, args.data_dir, args.dataset, args.checkpoint)
     res = evaluate_onnx(
-        args.checkpoint, splits.loader(args.split, 500), progress=RichProgress(not args.quiet)
+        args.checkpoint,
+        splits.loader(args.split, 500),
+        threads=args.threads,
+        progress=RichProgress(not args.quiet),
     )
-    res["split"] = args.split
-    res["runtime"] = "onnxruntime"
-    if args.json:
-        print_json(res)
-    else:
-        out.print(
-            f"{args.split} accuracy {res['accuracy']:.2f}%  loss {res['loss']:.4f}  "
-            f"({res['samples']} samples, onnxruntime)"
-        )
-    return 0
+    return print_accuracy(args, res, "onnxruntime")
 
 
 def cmd_stats_onnx(args: argparse.Namespace, batches: tuple[int, ...]) -> int:
     """``nncompress stats model.onnx``: bytes per initializer, MACs, onnxruntime latency."""
     from ..quant.onnx_export import onnx_stats
 
-    st = onnx_stats(args.checkpoint, batches=batches, repeats=args.repeats)
+    st = onnx_stats(args.checkpoint, batches=batches, repeats=args.repeats, threads=args.threads)
     if args.json:
         print_json(st)
         return 0
@@ -227,6 +254,6 @@ def cmd_stats_onnx(args: argparse.Namespace, batches: tuple[int, ...]) -> int:
     for k, v in st["latency_ms"].items():
         out.print(
             f"latency {k.replace('_', ' ')}: {v:.3f} ms (median, onnxruntime, "
-            f"{st['threads']} thread)"
+            f"{st['threads']} thread{'s' if st['threads'] > 1 else ''})"
         )
     return 0

@@ -6,9 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import RichProgress, add_json_arg, add_quiet_arg, existing_file, out, print_json
+from .common import (
+    RichProgress,
+    add_json_arg,
+    add_quiet_arg,
+    console,
+    existing_file,
+    out,
+    print_json,
+)
 
-__all__ = ["print_run_report", "register"]
+__all__ = ["announce", "interrupt_text", "print_run_report", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a compression recipe (YAML) with a checkpoint after every stage",
         description="Run the stages of a recipe (train, prune, share, finetune, encode, ...). "
         "Writes DIR/stages/NN-name.safetensors after every stage, DIR/model.ncz (encode stage), "
-        "DIR/report.json and DIR/report.md. Re-running with the same recipe and DIR resumes "
-        "after the last finished stage.",
+        "DIR/report.json, DIR/report.md and figures (DIR/stages.png, layers.png, sharing.png) "
+        "linked from it. Re-running with the same recipe and DIR resumes after the last "
+        "finished stage (and says so); Ctrl-C keeps the finished stages.",
     )
     p.add_argument("recipe", type=existing_file, help="recipe file (.yaml)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -47,8 +56,12 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}%"
 
 
-def print_run_report(report: dict[str, Any]) -> None:
-    """Print the stage table, the per-layer Deep Compression table and the summary."""
+def print_run_report(report: dict[str, Any], *, quick_epochs: int | None = None) -> None:
+    """Print the stage table, the per-layer Deep Compression table and the summary.
+
+    ``quick_epochs``: the run was ``--quick`` (every epoch count capped at this); the summary
+    then says that the baseline is under-trained.
+    """
     from .common import print_table
 
     rows = [
@@ -58,7 +71,7 @@ def print_run_report(report: dict[str, Any]) -> None:
             _pct(e["accuracy"]),
             e["nonzeros"],
             f"{e['size_bytes']:,}" + ("" if e["size_kind"] == "file" else " (est.)"),
-            f"{e['wall_time_s']:.1f}",
+            f"{e['wall_time_s']:.1f}" + ("" if e.get("this_run", True) else " *"),
         ]
         for e in report["stages"]
     ]
@@ -67,6 +80,8 @@ def print_run_report(report: dict[str, Any]) -> None:
         ["#", "stage", "test acc.", "nonzeros", "size bytes", "wall s"],
         rows,
     )
+    if not all(e.get("this_run", True) for e in report["stages"]):
+        out.print("* finished by an earlier run (resumed): its wall time is from then")
     if report.get("layers"):
 
         def f(v: Any, spec: str) -> str:
@@ -101,10 +116,20 @@ def print_run_report(report: dict[str, Any]) -> None:
             ],
         )
     ratio = report.get("compression_ratio")
+    for w in report.get("warnings") or []:
+        out.print(f"[bold red]WARNING: {w}[/bold red]", highlight=False)
     out.print(
         f"baseline {_pct(report['baseline_accuracy'])} -> final {_pct(report['final_accuracy'])}"
         f" ({report['final_accuracy_source']})"
     )
+    trained_here = bool(report["stages"]) and report["stages"][0]["name"] == "train"
+    if quick_epochs is not None and trained_here:
+        out.print(
+            f"note: --quick trained the baseline for only {quick_epochs} epoch(s) and the later "
+            "stages train more, so the final accuracy can exceed this under-trained baseline; "
+            "without --quick the recipe's full schedule runs",
+            highlight=False,
+        )
     if ratio:
         out.print(
             f"{report['original_bytes']:,} bytes (dense fp32) -> {report['compressed_bytes']:,} "
@@ -112,13 +137,61 @@ def print_run_report(report: dict[str, Any]) -> None:
         )
 
 
+def announce(recipe, out_dir: Path, *, resume: bool, quick: bool) -> dict[str, Any]:
+    """Say (on stderr) whether the run starts, resumes or only reports a finished run, and
+    set up the Ctrl-C message; returns :func:`~nncompress.recipe.run_status`."""
+    from ..recipe import run_status
+
+    status = run_status(recipe, out_dir, quick=quick)
+    n, done = status["total"], status["finished"]
+    if resume and status["state"] == "resume":
+        console.print(
+            f"resuming {out_dir} after stage {len(done)}/{n} ({done[-1]}): stages 1-{len(done)} "
+            "are not run again (--no-resume starts over)",
+            highlight=False,
+        )
+    elif resume and status["state"] == "done":
+        console.print(
+            f"{out_dir} holds a finished run of this recipe: reporting it, nothing is trained "
+            "(wall times are from that run; --no-resume runs it again)",
+            highlight=False,
+        )
+    elif not resume and status["finished"]:
+        console.print(
+            f"--no-resume: starting over in {out_dir} ({len(done)} finished stage(s) there "
+            "are replaced)",
+            highlight=False,
+        )
+    return status
+
+
+def interrupt_text(recipe, out_dir: Path, quick: bool) -> str:
+    """The Ctrl-C message of a recipe run: what is saved and how to resume."""
+    from ..recipe import run_status
+
+    try:
+        status = run_status(recipe, out_dir, quick=quick)
+    except Exception:  # noqa: BLE001 - the message must not fail
+        return f"the finished stages are saved in {out_dir}; run the same command to resume"
+    done = status["finished"]
+    if not done:
+        return f"no stage had finished; nothing to resume in {out_dir}"
+    return (
+        f"{len(done)}/{status['total']} stages finished and saved in {out_dir} (last: "
+        f"{done[-1]}); run the same command again to resume after stage {len(done)}"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..recipe import load_recipe, run_recipe
+    from ..recipe import load_recipe, preflight, quick_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)  # every validation error, before any work
-    if args.check:
+    if args.check:  # every check the run makes before its first stage
+        preflight(quick_recipe(recipe) if args.quick else recipe, args.out, str(args.recipe))
         out.print(f"{args.recipe}: valid ({len(recipe.stages)} stages)")
         return 0
+    announce(recipe, args.out, resume=args.resume, quick=args.quick)
+    args.interrupt_hint = lambda: interrupt_text(recipe, args.out, args.quick)
     report = run_recipe(
         recipe,
         args.out,
@@ -129,6 +202,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
     else:
-        print_run_report(report)
-        out.print(f"report: {args.out / 'report.md'}")
+        print_run_report(report, quick_epochs=recipe.quick_epochs if args.quick else None)
+        figures = ", ".join(report.get("figures") or [])
+        out.print(
+            f"report: {args.out / 'report.md'}" + (f" (figures: {figures})" if figures else "")
+        )
     return 0

@@ -26,6 +26,7 @@ Serialised form (LEB128 varints unless noted), see docs/format.md::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +34,10 @@ import numpy as np
 from .bitpack import ByteReader, CodingError, pack_bits, write_uvarint
 from .entropy import symbol_counts
 
-__all__ = ["AnsStream", "ans_decode", "ans_encode"]
+__all__ = ["AnsStream", "ans_decode", "ans_decode_chunks", "ans_encode"]
 
 MAX_ALPHABET = 1 << 20
+MAX_COUNT_BITS = 32  # bits per stored count (pack_bits' limit): a symbol occurs < 2**32 times
 MAX_SYMBOLS = 1 << 34
 
 
@@ -68,6 +70,11 @@ class AnsStream:
             return bytes(out)
         out += write_uvarint(self.alphabet_size)
         w = int(self.counts.max()).bit_length()
+        if w > MAX_COUNT_BITS:
+            raise ValueError(
+                f"ans stream: a symbol occurs {int(self.counts.max())} times; counts are stored "
+                f"in at most {MAX_COUNT_BITS} bits (split the stream)"
+            )
         out.append(w)
         out += pack_bits(self.counts, w)
         if np.count_nonzero(self.counts) > 1:
@@ -95,8 +102,8 @@ class AnsStream:
         if A == 0:
             raise CodingError("ans alphabet size=0 for a non-empty stream")
         w = r.u8("ans count width")
-        if not 1 <= w <= 40:
-            raise CodingError(f"ans count width={w}: must be in [1, 40]")
+        if not 1 <= w <= MAX_COUNT_BITS:
+            raise CodingError(f"ans count width={w}: must be in [1, {MAX_COUNT_BITS}]")
         counts = r.packed(A, w, "ans counts")
         if int(counts.sum()) != n:
             raise CodingError(f"ans counts sum to {int(counts.sum())}, stream has {n} symbols")
@@ -137,31 +144,51 @@ def ans_encode(symbols: np.ndarray) -> AnsStream:
     return AnsStream(n, counts, coder.get_compressed().astype(np.uint32))
 
 
+def ans_decode_chunks(stream: AnsStream, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+    """Decode an :class:`AnsStream` in chunks of at most ``chunk`` int64 symbols (a decoder's
+    memory then stays ``O(chunk)`` whatever ``n`` the stream declares).
+
+    Raises :class:`CodingError` (while iterating) if the words are not a valid ANS stream of
+    exactly ``n`` symbols under the stored model (constriction's errors are wrapped); the
+    check that no coded word is left runs after the last chunk.
+    """
+    n = stream.n
+    if n == 0:
+        return
+    present = np.flatnonzero(stream.counts)
+    if present.size == 1:
+        for a in range(0, n, chunk):
+            yield np.full(min(chunk, n - a), int(present[0]), dtype=np.int64)
+        return
+    import constriction
+
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(stream.words, np.uint32))
+        model = _model(stream.counts[present])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # constriction: ValueError, or a Rust panic (BaseException)
+        raise CodingError(f"ans stream corrupt: {exc}") from exc
+    for a in range(0, n, chunk):
+        m = min(chunk, n - a)
+        try:
+            ranks = np.asarray(coder.decode(model, m), dtype=np.int64)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            raise CodingError(f"ans stream corrupt: {exc}") from exc
+        if ranks.size != m or ranks.min() < 0 or ranks.max() >= present.size:
+            raise CodingError("ans stream corrupt: decoded symbols out of range")
+        yield present[ranks]
+    if not coder.is_empty():
+        raise CodingError("ans stream corrupt: coded words left after the last symbol")
+
+
 def ans_decode(stream: AnsStream) -> np.ndarray:
     """Decode an :class:`AnsStream` back to its int64 symbols.
 
     Raises :class:`CodingError` if the words are not a valid ANS stream of exactly ``n``
     symbols under the stored model (constriction's errors are wrapped).
     """
-    n = stream.n
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    present = np.flatnonzero(stream.counts)
-    if present.size == 1:
-        return np.full(n, int(present[0]), dtype=np.int64)
-    import constriction
-
-    try:
-        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(stream.words, np.uint32))
-        ranks = coder.decode(_model(stream.counts[present]), n)
-        leftover = not coder.is_empty()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # constriction: ValueError, or a Rust panic (BaseException)
-        raise CodingError(f"ans stream corrupt: {exc}") from exc
-    if leftover:
-        raise CodingError("ans stream corrupt: coded words left after the last symbol")
-    ranks = np.asarray(ranks, dtype=np.int64)
-    if ranks.size != n or (n and (ranks.min() < 0 or ranks.max() >= present.size)):
-        raise CodingError("ans stream corrupt: decoded symbols out of range")
-    return present[ranks]
+    parts = list(ans_decode_chunks(stream, max(stream.n, 1)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import NncompressError
+
 __all__ = [
     "ByteReader",
     "CodingError",
+    "check_padding",
     "pack_bits",
     "packed_size",
     "read_uvarint",
@@ -28,7 +31,7 @@ MAX_WIDTH = 32
 _CHUNK = 1 << 20  # values per chunk while packing/unpacking (bounds temporary memory)
 
 
-class CodingError(ValueError):
+class CodingError(NncompressError, ValueError):
     """A coded stream is malformed (truncated, inconsistent, or with absurd sizes)."""
 
 
@@ -168,10 +171,28 @@ class ByteReader:
         self.pos += n
         return view
 
-    def packed(self, count: int, width: int, what: str) -> np.ndarray:
-        """Read ``count`` values of ``width`` bits packed with :func:`pack_bits`."""
-        return unpack_bits(self.take(packed_size(count, width), what), width, count)
-
     def expect_end(self, what: str) -> None:
         if self.remaining:
             raise CodingError(f"{what}: {self.remaining} unexpected trailing bytes")
+
+    def packed(self, count: int, width: int, what: str) -> np.ndarray:
+        """Read ``count`` values of ``width`` bits packed with :func:`pack_bits` (whose padding
+        bits after the last value must be zero)."""
+        return unpack_bits(self.packed_bytes(count, width, what), width, count)
+
+    def packed_bytes(self, count: int, width: int, what: str) -> memoryview:
+        """The bytes of ``count`` packed ``width``-bit values, not unpacked (for readers that
+        unpack them in chunks); checks that the padding bits of the last byte are zero."""
+        if not isinstance(width, int) or not 0 <= width <= MAX_WIDTH:
+            raise CodingError(f"{what}: width={width} outside [0, {MAX_WIDTH}]")
+        view = self.take(packed_size(count, width), what)
+        check_padding(view, count * width, what)
+        return view
+
+
+def check_padding(data: bytes | memoryview, bits: int, what: str) -> None:
+    """Raise :class:`CodingError` unless the bits of ``data`` after the first ``bits`` (the
+    padding of the last byte) are zero, as every writer of the format leaves them."""
+    used = bits % 8
+    if used and len(data) and data[(bits - 1) // 8] & ((1 << (8 - used)) - 1):
+        raise CodingError(f"{what}: nonzero padding bits after the last value")

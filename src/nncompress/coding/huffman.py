@@ -15,13 +15,13 @@ What is implemented here, and why it is hand-written
 * Canonical codes (Schwartz & Kallick 1964; DEFLATE, RFC 1951 section 3.2.2): symbols sorted by
   (length, symbol value) receive consecutive code values, so the table is fully described by
   the code length of each symbol. That list is what the file stores, packed at 5 bits each.
-* Encoding is vectorised numpy (one pass per code-length bit). Decoding is table-free canonical
-  decoding: peek the next ``L`` bits (``L`` = longest code) as an integer ``w``; the code length
-  is the first ``l`` with ``w < limit[l]`` (``np.searchsorted`` over at most 24 limits); the
-  symbol follows from the first code and the first rank of that length. A pure-Python loop over
-  10 million symbols would take tens of seconds, so the stream is cut into blocks of ``B``
-  symbols whose bit lengths are stored; all blocks are decoded in lock-step, one numpy step
-  per symbol position (``B`` steps over arrays of ``n / B`` blocks). The block table costs
+* Encoding is vectorised numpy (one pass per code-length bit). Decoding
+  (:mod:`nncompress.coding.huffman_parse`) finds the code boundaries in ``O(payload bits)``
+  numpy work whatever the block layout: regions of the payload are parsed in lock step from
+  self-synchronised starting points, each start proven by the previous region landing on it,
+  with a worst-case-linear all-offsets parse where a start fails. The stream is still cut
+  into blocks of ``B`` symbols whose bit lengths are stored (format 1.0); the decoder only
+  checks them (each block's codes must end at its recorded length). The block table costs
   ``(n/B - 1) * w`` bits (w = bits of the largest block length), under 0.3% of the stream.
   ``constriction``'s Huffman coder is not used: its trees are not canonical, and it codes one
   symbol per Python call.
@@ -51,6 +51,7 @@ import numpy as np
 
 from .bitpack import ByteReader, CodingError, pack_bits, packed_size, write_uvarint
 from .entropy import symbol_counts
+from .huffman_parse import Tables, decode_codes
 
 __all__ = [
     "HuffmanStream",
@@ -236,8 +237,8 @@ class HuffmanStream:
             raise CodingError("huffman block size=0")
         nb = -(-n // B)
         w = r.u8("huffman block-length width")
-        if w > 40:
-            raise CodingError(f"huffman block-length width={w}: must be <= 40")
+        if w > 32:
+            raise CodingError(f"huffman block-length width={w}: must be <= 32")
         if packed_size(nb - 1, w) > r.remaining:
             raise CodingError("huffman block table truncated")
         head = r.packed(nb - 1, w, "huffman block table")
@@ -319,119 +320,25 @@ def huffman_encode(
     return HuffmanStream(n, A, lengths.astype(np.uint8), B, block_bits.astype(np.int64), payload)
 
 
-_SCALAR_MAX_SYMBOLS = 1 << 17  # below this, a plain loop beats B lock-step numpy steps
-_TABLE_BITS = 12
-
-
-def _decode_scalar(stream, L, limit, shift, rank0, first, sorted_syms) -> np.ndarray:
-    """One symbol per iteration with a 2**K-entry lookup table (K = min(L, 12)); codes longer
-    than K bits fall back to the canonical search. Fast for short streams (~1 us/symbol)."""
-    K = min(L, _TABLE_BITS)
-    win = np.arange(1 << K, dtype=np.int64) << (L - K)  # (2**K,) windows, left-aligned to L
-    li = np.minimum(np.searchsorted(limit, win, side="right"), L - 1)
-    t_len = (li + 1).tolist()
-    t_sym = sorted_syms[
-        np.minimum(rank0[li] + (win >> shift[li]) - first[li], sorted_syms.size - 1)
-    ].tolist()
-    lim, sh, r0, fc = limit.tolist(), shift.tolist(), rank0.tolist(), first.tolist()
-    syms = sorted_syms.tolist()
-    payload = stream.payload
-    n, B = stream.n, stream.block_size
-    ends = np.cumsum(stream.block_bits).tolist()
-    out = [0] * n
-    acc = nbits = i = consumed = 0
-    nbytes = len(payload)
-    for j in range(n):
-        while nbits < L:
-            acc = (acc << 8) | (payload[i] if i < nbytes else 0)
-            i += 1
-            nbits += 8
-        w = acc >> (nbits - K)
-        ln = t_len[w]
-        if ln <= K:
-            out[j] = t_sym[w]
-        else:  # long code: canonical search on the full L-bit window
-            wl = acc >> (nbits - L)
-            k = 0
-            while wl >= lim[k]:
-                k += 1
-            ln = k + 1
-            out[j] = syms[r0[k] + (wl >> sh[k]) - fc[k]]
-        nbits -= ln
-        acc &= (1 << nbits) - 1
-        consumed += ln
-        if (j + 1) % B == 0 or j + 1 == n:
-            if consumed != ends[(j // B)]:
-                raise CodingError("huffman stream corrupt: codes do not end at the block ends")
-    return np.asarray(out, dtype=np.int64)
-
-
 def huffman_decode(stream: HuffmanStream) -> np.ndarray:
     """Decode a :class:`HuffmanStream` back to its int64 symbols (exact inverse of encode).
 
-    Raises :class:`CodingError` if a block's codes do not end exactly at its recorded length.
+    The codes are parsed by :func:`nncompress.coding.huffman_parse.decode_codes` in
+    ``O(payload bits)`` numpy work whatever the block layout; the block table is only checked
+    (every block's codes must end exactly at its recorded length). Raises
+    :class:`CodingError` otherwise.
     """
     n, A = stream.n, stream.alphabet_size
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    lengths = stream.lengths.astype(np.int64)
-    L = int(lengths.max())
-    if L == 0:
+    if int(stream.lengths.max()) == 0:
         return np.full(n, A - 1, dtype=np.int64)
-    # canonical tables indexed by length-1: first code, first rank, left-justified limit
-    bl_count = np.bincount(lengths, minlength=L + 1)[1 : L + 1]  # (L,) codes of each length
-    first = np.zeros(L, dtype=np.int64)
-    code = 0
-    for i in range(1, L):
-        code = (code + int(bl_count[i - 1])) << 1
-        first[i] = code
-    rank0 = np.concatenate([[0], np.cumsum(bl_count)[:-1]])  # (L,)
-    lens = np.arange(1, L + 1, dtype=np.int64)
-    limit = (first + bl_count) << (L - lens)  # (L,) nondecreasing
-    shift = L - lens
-    order = np.lexsort((np.arange(A), lengths))
-    sorted_syms = order[lengths[order] > 0]  # symbols in canonical order
-    if n <= _SCALAR_MAX_SYMBOLS:
-        return _decode_scalar(stream, L, limit, shift, rank0, first, sorted_syms)
-    buf = np.frombuffer(stream.payload, dtype=np.uint8).astype(np.int64)
-    buf = np.concatenate([buf, np.zeros(4, dtype=np.int64)])  # room for a 32-bit peek
-    words = (buf[:-3] << 24) | (buf[1:-2] << 16) | (buf[2:-1] << 8) | buf[3:]  # word at byte i
-    # lookup table over the first K = min(L, 16) bits of the window; t_len = 0 marks windows
-    # that start a code longer than K bits (rare), decoded by the canonical search instead
-    K = min(L, 16)
-    win_k = np.arange(1 << K, dtype=np.int64) << (L - K)  # (2**K,) left-aligned to L bits
-    li_k = np.minimum(np.searchsorted(limit, win_k, side="right"), L - 1)
-    t_len = np.where(li_k < K, li_k + 1, 0)  # (2**K,)
-    t_sym = sorted_syms[
-        np.minimum(rank0[li_k] + (win_k >> shift[li_k]) - first[li_k], sorted_syms.size - 1)
-    ].astype(np.int32)
-    mask = (1 << L) - 1
-    B = stream.block_size
-    nb = stream.block_bits.size
-    ends = np.cumsum(stream.block_bits)  # (nb,)
-    pos = ends - stream.block_bits  # (nb,) bit cursor of each block
-    last_count = n - B * (nb - 1)
-    out = np.empty((B, nb), dtype=np.int32)  # row t = symbol t of every block
-    active = nb
-    for t in range(B):
-        if t == last_count:
-            active = nb - 1
-            if active == 0:
-                break
-        p = pos[:active]
-        win = (words[p >> 3] >> ((32 - L) - (p & 7))) & mask  # next L bits of each block
-        wk = win >> (L - K)
-        ln = t_len[wk]
-        row = t_sym[wk]
-        long = np.flatnonzero(ln == 0) if K < L else ()
-        if len(long):
-            wl = win[long]
-            li = np.minimum(np.searchsorted(limit, wl, side="right"), L - 1)  # length - 1
-            row[long] = sorted_syms[rank0[li] + (wl >> shift[li]) - first[li]]
-            ln[long] = li + 1
-        out[t, :active] = row
-        p += ln
-    if not np.array_equal(pos, ends):
-        raise CodingError("huffman stream corrupt: codes do not end at the recorded block ends")
-    flat = out.T.reshape(-1)  # (nb * B,) block after block
-    return (flat[:n] if nb * B != n else flat).astype(np.int64)
+    symbols = decode_codes(stream.payload, stream.payload_bits, n, Tables(stream.lengths))
+    symbols = symbols.astype(np.int64)  # (n,)
+    if stream.block_bits.size > 1:  # the block table must match the codes (as the encoder's)
+        bits = np.add.reduceat(
+            stream.lengths.astype(np.int64)[symbols], np.arange(0, n, stream.block_size)
+        )
+        if not np.array_equal(bits, stream.block_bits):
+            raise CodingError("huffman stream corrupt: codes do not end at the recorded block ends")
+    return symbols

@@ -7,6 +7,7 @@ sensitivity scans and early stopping) and the untouched test split (final report
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ __all__ = [
     "BatchLoader",
     "DataSplits",
     "DATASETS",
+    "check_dataset_options",
+    "dataset_available",
+    "dataset_shape",
     "digits",
     "fashion_mnist",
     "find_fashion_mnist",
@@ -163,6 +167,19 @@ class BatchLoader:
         return out.contiguous()
 
 
+def max_samples() -> int | None:
+    """``$NNCOMPRESS_MAX_SAMPLES``: when set to ``N``, every dataset keeps only the first ``N``
+    training samples and ``N // 4`` held-out and test samples (normalised with the full
+    training statistics), for smoke runs of documented commands (the documentation test runs
+    every README command this way). Unset or empty: the whole dataset."""
+    text = os.environ.get("NNCOMPRESS_MAX_SAMPLES", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 4:
+        raise DataError(f"NNCOMPRESS_MAX_SAMPLES={text!r}: must be an integer >= 4")
+    return int(text)
+
+
 def _finish(
     name: str,
     xtr: np.ndarray,
@@ -174,9 +191,23 @@ def _finish(
     seed: int,
     scale: float,
 ) -> DataSplits:
-    """Scale to [0, 1], carve the held-out split deterministically, normalise by train stats."""
+    """Scale to [0, 1], carve the held-out split deterministically, normalise by train stats.
+
+    Refuses labels outside ``[0, num_classes)``, non-finite pixels and constant images
+    (nothing to learn; the normalisation would divide by zero), naming the split."""
     if not 0 <= val_size < len(ytr):
         raise ValueError(f"val_size={val_size}: must be in [0, {len(ytr)})")
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        y = np.asarray(y)
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            bad = int(y.max()) if int(y.max()) >= num_classes else int(y.min())
+            raise DataError(
+                f"{name}: {split} label {bad} is outside the {num_classes} classes "
+                f"[0, {num_classes - 1}]"
+            )
+        x = np.asarray(x)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise DataError(f"{name}: {split} images hold NaN or infinite values")
     xtr = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32) / scale)
     xte = torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32) / scale)
     ytr = torch.from_numpy(np.asarray(ytr, dtype=np.int64))
@@ -185,10 +216,18 @@ def _finish(
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     mean = float(xtr[train_idx].mean())
     std = float(xtr[train_idx].std())
+    if not std > 1e-6 or not np.isfinite(std):  # float32 rounding leaves ~1e-9 for a constant
+        raise DataError(
+            f"{name}: the training images are constant (pixel std {std:.3g}): nothing to learn"
+        )
 
     def norm(t: torch.Tensor) -> torch.Tensor:
         return (t - mean) / std
 
+    cap = max_samples()
+    if cap is not None:  # a smoke run: the first samples of each split (sizes in describe())
+        train_idx, val_idx = train_idx[:cap], val_idx[: max(1, cap // 4)]
+        xte, yte = xte[: max(1, cap // 4)], yte[: max(1, cap // 4)]
     return DataSplits(
         name=name,
         train=(norm(xtr[train_idx]), ytr[train_idx]),
@@ -207,11 +246,26 @@ def _locate(folder: Path, stem: str) -> Path:
     raise DataError(f"missing IDX file '{folder / stem}[.gz]'")
 
 
+def _read_idx_cached(path: Path) -> np.ndarray:
+    """:func:`read_idx`, remembered per file (path, size, modification time) for the life of the
+    process: a session that loads a dataset several times (the documentation test, a notebook)
+    decompresses the ~30 MB of Fashion-MNIST once. The array is read-only."""
+    st = path.stat()
+    return _read_idx_key(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_idx_key(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    arr = read_idx(Path(path))
+    arr.setflags(write=False)
+    return arr
+
+
 def _load_idx_folder(name: str, folder: Path, val_size: int, seed: int, hint: str) -> DataSplits:
     if not folder.is_dir():
         raise DataError(f"{name}: data folder '{folder}' does not exist; {hint}")
     try:
-        arrays = {k: read_idx(_locate(folder, stem)) for k, stem in _IDX_FILES.items()}
+        arrays = {k: _read_idx_cached(_locate(folder, stem)) for k, stem in _IDX_FILES.items()}
     except DataError as exc:
         raise DataError(f"{name}: {exc}; {hint}") from exc
     for split in ("train", "test"):
@@ -221,6 +275,13 @@ def _load_idx_folder(name: str, folder: Path, val_size: int, seed: int, hint: st
                 f"{name}: {split} images {xi.shape} and labels {yi.shape} do not match "
                 "(expected (N, H, W) and (N,))"
             )
+        if yi.dtype.kind not in "ui":
+            raise DataError(f"{name}: {split} labels are {yi.dtype}, must be integers 0..9")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(
+            f"{name}: train images are {arrays['train_images'].shape[1:]} but test images "
+            f"{arrays['test_images'].shape[1:]}: both splits must have the same image size"
+        )
     xtr = arrays["train_images"][:, None]  # (N, 1, 28, 28)
     xte = arrays["test_images"][:, None]
     return _finish(
@@ -328,8 +389,83 @@ DATASETS = {
 }
 
 
+# ranges of the datasets' keyword options (what a recipe's ``data:`` mapping may give)
+_OPTION_RANGES = {"val_size": (0, 1 << 24), "seed": (0, 2**63 - 1), "n": (8, 1 << 20),
+                  "num_classes": (2, 1000)}  # fmt: skip
+
+
+def check_dataset_options(name: str, options: dict) -> None:
+    """Refuse options dataset ``name`` does not take, or of the wrong type or range (the
+    options of a recipe's ``data:`` mapping), naming the option and what is allowed."""
+    import inspect
+
+    if name not in DATASETS:
+        raise DataError(f"data={name!r}: must be one of {sorted(DATASETS)}")
+    allowed = [p for p in inspect.signature(DATASETS[name]).parameters if p != "data_dir"]
+    unknown = sorted(str(k) for k in options if k not in allowed)
+    if unknown:
+        raise DataError(f"data: unknown option(s) {unknown} for {name!r}; allowed: {allowed}")
+    for k, v in options.items():
+        if k == "shape":
+            ok = (
+                isinstance(v, list | tuple)
+                and 1 <= len(v) <= 4
+                and all(
+                    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 4096 for d in v
+                )
+            )
+            if not ok:
+                raise DataError(f"data.shape={v!r:.60}: must be 1-4 sizes in [1, 4096]")
+            continue
+        lo, hi = _OPTION_RANGES[k]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise DataError(f"data.{k}={v!r:.60}: must be an integer in [{lo}, {hi}]")
+
+
+def dataset_shape(name: str, options: dict | None = None) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, num_classes)`` of dataset ``name`` with ``options``, without loading
+    it (what a model built for it needs)."""
+    import inspect
+
+    if name in ("fashion-mnist", "mnist"):
+        return (1, 28, 28), 10
+    if name == "digits":
+        return (1, 8, 8), 10
+    if name == "synthetic":
+        params = inspect.signature(synthetic).parameters
+        opts = options or {}
+        shape = opts.get("shape", params["shape"].default)
+        return tuple(shape), int(opts.get("num_classes", params["num_classes"].default))
+    raise DataError(f"data={name!r}: must be one of {sorted(DATASETS)}")
+
+
+def dataset_available(name: str, data_dir: str | Path | None = None) -> None:
+    """Check, without loading it, that dataset ``name`` can be loaded: its IDX files exist
+    (fashion-mnist, mnist) or scikit-learn is installed (digits). Raises :class:`DataError`."""
+    if name not in DATASETS:
+        raise DataError(f"data={name!r}: must be one of {sorted(DATASETS)}")
+    if name in ("fashion-mnist", "mnist"):
+        if name == "mnist" and data_dir is None and not os.environ.get("NNCOMPRESS_MNIST"):
+            raise DataError("mnist: no folder given; set data_dir (or NNCOMPRESS_MNIST)")
+        folder = (
+            find_fashion_mnist(data_dir)
+            if name == "fashion-mnist"
+            else Path(data_dir or os.environ["NNCOMPRESS_MNIST"])
+        )
+        if not folder.is_dir():
+            raise DataError(f"{name}: data folder '{folder}' does not exist; {_HOW_TO_GET}")
+        for stem in _IDX_FILES.values():
+            _locate(folder, stem)
+    elif name == "digits":
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise DataError("digits needs scikit-learn: pip install scikit-learn")
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, **kwargs) -> DataSplits:
-    """Load a dataset by name: one of :data:`DATASETS`."""
+    """Load a dataset by name: one of :data:`DATASETS` (options checked first)."""
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r}: must be one of {sorted(DATASETS)}")
+    check_dataset_options(name, kwargs)
     return DATASETS[name](data_dir, **kwargs)

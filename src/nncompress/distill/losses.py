@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.config import ConfigError
+from ..core.errors import ConfigError
+from ..engine.batches import call_inputs, main_output
 
 __all__ = [
     "DistillConfig",
@@ -268,11 +269,11 @@ def distillation_loss(teacher: nn.Module, config: DistillConfig | None = None) -
         teacher.eval()
         try:
             with torch.no_grad():
-                teacher_logits = teacher(inputs)  # (B, K)
+                teacher_logits = main_output(call_inputs(teacher, inputs))  # (B, K)
         finally:
             teacher.train(was_training)
         return kd_loss(
-            outputs,
+            main_output(outputs),
             teacher_logits,
             None if cfg.label_free else targets,
             temperature=cfg.temperature,

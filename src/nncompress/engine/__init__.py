@@ -1,23 +1,27 @@
-"""Training engine: configs, fit/evaluate/finetune loops, callbacks, seeding, checkpoints."""
+"""Training engine: configs, fit/evaluate/finetune loops, callbacks, seeding, checkpoints and
+architecture description.
 
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    load_checkpoint,
-    read_sidecar,
-    save_checkpoint,
-    sidecar_path,
-)
-from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-from .modspec import SpecError, module_from_spec, module_to_spec, strip_parametrizations
+``ConfigError``, ``ProgressEvent``, ``atomic_write``, ``model_device``, ``SpecError``,
+``CheckpointError`` and ``strip_parametrizations`` live in :mod:`nncompress.core` and are
+re-exported here for existing callers.
+"""
+
+from ..core.errors import CheckpointError, ConfigError, SpecError
+from ..core.files import atomic_write
+from ..core.modules import model_device, strip_parametrizations, strip_parametrizations_
+from ..core.progress import ProgressEvent
+from .checkpoint import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path
+from .config import TrainConfig, config_from_dict, config_to_dict
+from .modspec import module_from_spec, module_to_spec
 from .train import (
     Callback,
+    EarlyStopping,
     History,
-    ProgressEvent,
+    L1ThenL2,
+    RestoreBest,
     evaluate,
     finetune,
     fit,
-    model_device,
     seed_everything,
 )
 
@@ -25,8 +29,11 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "ConfigError",
+    "EarlyStopping",
     "History",
+    "L1ThenL2",
     "ProgressEvent",
+    "RestoreBest",
     "SpecError",
     "TrainConfig",
     "atomic_write",
@@ -44,4 +51,5 @@ __all__ = [
     "seed_everything",
     "sidecar_path",
     "strip_parametrizations",
+    "strip_parametrizations_",
 ]

@@ -6,19 +6,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.errors import ConfigError
+from ..core.validate import check as _check
+from ..core.validate import check_field_types
+
 __all__ = ["ConfigError", "TrainConfig", "config_from_dict", "config_to_dict"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+MAX_EPOCHS = 100_000
+MAX_LR = 100.0
+MAX_BATCH = 1 << 20
 SCHEDULES = ("constant", "cosine", "step", "onecycle")
-
-
-class ConfigError(ValueError):
-    """A configuration field has a value that is not allowed."""
-
-
-def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field}={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,12 @@ class TrainConfig:
     restore_best: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
-        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        # types first (epochs: 1.5, epochs: true, lr: .inf), then ranges; every message names
+        # the field, the value and what is allowed
+        check_field_types(self)
+        _check(self.epochs <= MAX_EPOCHS, "epochs", self.epochs, f"must be in [0, {MAX_EPOCHS}]")
+        _check(self.epochs >= 0, "epochs", self.epochs, f"must be in [0, {MAX_EPOCHS}]")
+        _check(0 < self.lr <= MAX_LR, "lr", self.lr, f"must be in (0, {MAX_LR}]")
         _check(
             self.optimizer in OPTIMIZERS,
             "optimizer",
@@ -65,9 +67,14 @@ class TrainConfig:
         )
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {SCHEDULES}")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.l1 >= 0, "l1", self.l1, "must be >= 0")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(0 <= self.weight_decay <= 1, "weight_decay", self.weight_decay, "must be in [0, 1]")
+        _check(0 <= self.l1 <= 1, "l1", self.l1, "must be in [0, 1]")
+        _check(
+            1 <= self.batch_size <= MAX_BATCH,
+            "batch_size",
+            self.batch_size,
+            f"must be in [1, {MAX_BATCH}]",
+        )
         _check(
             self.grad_clip is None or self.grad_clip > 0,
             "grad_clip",
@@ -80,15 +87,23 @@ class TrainConfig:
             self.label_smoothing,
             "must be in [0, 1)",
         )
-        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _check(self.step_size >= 1, "step_size", self.step_size, "must be >= 1")
-        _check(self.early_stopping >= 0, "early_stopping", self.early_stopping, "must be >= 0")
         _check(
-            isinstance(self.restore_best, bool),
-            "restore_best",
-            self.restore_best,
-            "must be true or false",
+            0 <= self.warmup_epochs <= MAX_EPOCHS,
+            "warmup_epochs",
+            self.warmup_epochs,
+            f"must be in [0, {MAX_EPOCHS}]",
         )
+        _check(self.step_size >= 1, "step_size", self.step_size, "must be an integer >= 1")
+        _check(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
+        _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
+        _check(
+            self.early_stopping >= 0,
+            "early_stopping",
+            self.early_stopping,
+            "must be an integer >= 0",
+        )
+        v = self.regularization_switch_epoch
+        _check(v is None or v >= 0, "regularization_switch_epoch", v, "must be >= 0 or null")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -3,27 +3,42 @@
 Compression techniques plug in through :class:`Callback` (after backward, after the optimizer
 step, at epoch end) and through ``loss_fn`` (distillation). Library code never prints; pass a
 ``progress`` callable to receive :class:`ProgressEvent` objects (the CLI draws bars from them).
+
+Batches may be ``(x, y)`` tuples, tensors or dicts of keyword arguments (Hugging Face,
+``model(**batch)``; see :mod:`nncompress.engine.batches`). Nothing assumes classification
+except the classification metrics: accuracy is reported only when the output is ``(B, K)``
+scores and the target ``(B,)`` labels; a model that computes its own loss (a Hugging Face
+output with ``loss``, given ``labels`` in the batch) is trained on that loss by default.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import TrainingError
+from ..core.modules import model_device
+from ..core.progress import Progress, ProgressEvent, progress_task
+from .batches import LABEL_KEYS, main_output, split_batch, to_device
 from .config import TrainConfig
 
 __all__ = [
     "Callback",
+    "EarlyStopping",
     "History",
+    "L1ThenL2",
+    "RestoreBest",
     "ProgressEvent",
     "evaluate",
     "finetune",
@@ -35,18 +50,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Callable[["ProgressEvent"], None]
-
-
-@dataclass
-class ProgressEvent:
-    """What a long loop reports: ``kind`` in {'start', 'advance', 'end'}, ``task`` its name."""
-
-    kind: str
-    task: str
-    total: int | None = None
-    completed: int = 0
-    info: dict = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -56,19 +59,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for an empty model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 class Callback:
-    """Hooks into :func:`fit`. Override what you need; every hook gets the model."""
+    """Hooks into :func:`fit`. Override what you need; every hook gets the model.
+
+    ``on_loss`` may add terms to the training loss (it returns the new loss); setting
+    ``stop_training = True`` in ``on_epoch_end`` ends training after that epoch.
+    """
+
+    stop_training: bool = False
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_epoch_begin(self, model: nn.Module, epoch: int) -> None: ...
+    def on_loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
     def on_after_backward(self, model: nn.Module, step: int) -> None: ...
     def on_step_end(self, model: nn.Module, step: int) -> None: ...
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None: ...
@@ -133,7 +137,65 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) ->
 
 def _default_loss(cfg: TrainConfig) -> LossFn:
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return lambda out, y, x: ce(out, y)
+
+    def loss(out, y, x):
+        own = _own_loss(out)
+        if own is not None:
+            return own
+        if y is None:
+            raise ValueError(
+                "the batches carry no targets and the model returns no loss: pass loss_fn= "
+                "(e.g. a distillation loss) or batches with targets"
+            )
+        return ce(main_output(out), y)
+
+    return loss
+
+
+def _own_loss(out) -> torch.Tensor | None:
+    """The loss a model computed itself (Hugging Face outputs given ``labels``), if any."""
+    if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
+        return out["loss"]
+    return None
+
+
+def _takes_labels(model: nn.Module, key: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _prepare(batch, device, model: nn.Module):
+    """``(model inputs, targets, (args, call kwargs))`` of a batch on ``device``; a dict batch
+    keeps its labels in the call when the model's forward takes them (a Hugging Face model
+    then computes its own loss)."""
+    args, kwargs, y = split_batch(batch)
+    args, kwargs = to_device(args, device), to_device(kwargs, device)
+    y = to_device(y, device)
+    inputs = kwargs if not args else (args[0] if len(args) == 1 and not kwargs else args)
+    call = dict(kwargs)
+    if isinstance(batch, dict):
+        for k in LABEL_KEYS:
+            if k in batch and _takes_labels(model, k):
+                call[k] = to_device(batch[k], device)
+    return inputs, y, (args, call)
+
+
+def _is_classification(out: torch.Tensor, y) -> bool:
+    return (
+        isinstance(y, torch.Tensor)
+        and out.dim() == 2
+        and y.dim() == 1
+        and len(y) == len(out)
+        and not y.is_floating_point()
+    )
+
+
+def _val_score(val: dict) -> float:
+    """Held-out score to maximise: accuracy, or minus the loss when there is none."""
+    return val["accuracy"] if "accuracy" in val else -val["loss"]
 
 
 @torch.no_grad()
@@ -146,33 +208,211 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy (in %) and mean cross-entropy of ``model`` over ``loader``.
 
-    The model's ``training`` flag is restored afterwards.
+    For outputs that are not ``(B, K)`` scores with ``(B,)`` labels, ``loss`` is the mean of the
+    loss the model computes itself (Hugging Face outputs with ``labels`` in the batch) and
+    ``accuracy`` is absent. The model's ``training`` flag is restored afterwards.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, classified = 0, 0, 0.0, True
     n = len(loader) if hasattr(loader, "__len__") else None
-    if progress:
-        progress(ProgressEvent("start", "evaluate", total=n))
-    try:
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-            if progress:
-                progress(ProgressEvent("advance", "evaluate", total=n, completed=i + 1))
-    finally:
-        model.train(was_training)
-        if progress:
-            progress(ProgressEvent("end", "evaluate"))
+    with progress_task(progress, "evaluate", n) as task:
+        try:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                _, y, (args, call) = _prepare(batch, device, model)
+                raw = model(*args, **call)
+                out = main_output(raw)
+                if _is_classification(out, y):
+                    loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                    correct += int((out.argmax(1) == y).sum())
+                    total += len(y)
+                elif _own_loss(raw) is not None:
+                    classified = False
+                    loss_sum += float(_own_loss(raw)) * len(out)
+                    total += len(out)
+                else:
+                    raise ValueError(
+                        f"evaluate: output {tuple(out.shape)} with targets "
+                        f"{None if y is None else tuple(y.shape)} is not classification and "
+                        "the model returns no loss; use fidelity metrics instead"
+                    )
+                task.advance(i + 1)
+        finally:
+            model.train(was_training)
     if total == 0:
         raise ValueError("evaluate: the loader yielded no samples")
+    if not classified:
+        return {"loss": loss_sum / total, "samples": total}
     return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total}
+
+
+class L1ThenL2(Callback):
+    """L1 penalty ``loss + l1 * sum |W|`` on the weights (2+ dims), switched to L2 (weight
+    decay) at ``switch_epoch`` (Han 2015's L1-then-L2; ``None``: L1 throughout)."""
+
+    def __init__(self, l1: float, weight_decay: float, switch_epoch: int | None) -> None:
+        self.l1, self.weight_decay, self.switch_epoch = l1, weight_decay, switch_epoch
+        self.active = l1 > 0
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def on_epoch_begin(self, model: nn.Module, epoch: int) -> None:
+        if self.switch_epoch is not None and epoch == self.switch_epoch:
+            self.active = False  # L1 then L2 (Han 2015)
+            self.optimizer.param_groups[0]["weight_decay"] = self.weight_decay
+
+    def on_loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return loss
+        return loss + self.l1 * sum(p.abs().sum() for p in _weight_params(model))
+
+
+class EarlyStopping(Callback):
+    """Stop after ``patience`` epochs without a lower held-out loss; at the end, put back the
+    weights of the best epoch (unless ``restore`` is false) and record it as
+    ``history.best_epoch``."""
+
+    def __init__(self, patience: int, history: History, restore: bool = True) -> None:
+        self.patience, self.history, self.restore = patience, history, restore
+        self.best_loss, self.best_state, self.bad_epochs = math.inf, None, 0
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None:
+        if metrics["val_loss"] < self.best_loss:
+            self.best_loss, self.bad_epochs = metrics["val_loss"], 0
+            self.history.best_epoch = epoch + 1
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= self.patience:
+                log.info("early stopping after epoch %d", epoch + 1)
+                self.stop_training = True
+
+    def on_train_end(self, model: nn.Module) -> None:
+        if self.restore and self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+class RestoreBest(Callback):
+    """Evaluate the held-out split before training and after every epoch; at the end, restore
+    the weights with the best held-out accuracy (the starting weights included, so training
+    never ends worse on held-out data than it began); minus the held-out loss for models
+    without a classification output."""
+
+    def __init__(self, val_loader: Iterable, history: History) -> None:
+        self.val_loader, self.history = val_loader, history
+        self.best: tuple[float, dict, int] | None = None  # (accuracy, weights, epoch)
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        val = evaluate(model, self.val_loader)
+        self.history.start_val_accuracy = val.get("accuracy")
+        self.best = (_val_score(val), copy.deepcopy(model.state_dict()), 0)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict) -> None:
+        score = metrics["val_accuracy"] if "val_accuracy" in metrics else -metrics["val_loss"]
+        if score > self.best[0]:
+            self.best = (score, copy.deepcopy(model.state_dict()), epoch + 1)
+
+    def on_train_end(self, model: nn.Module) -> None:
+        model.load_state_dict(self.best[1])
+        self.history.best_epoch = self.best[2]
+
+
+def _builtin_callbacks(cfg: TrainConfig, val_loader: Iterable | None, history: History):
+    """The callbacks a :class:`TrainConfig` asks for (regularisation, early stopping,
+    restore-best), in the order they must run after the user's."""
+    out: list[Callback] = []
+    if cfg.l1 > 0 or cfg.regularization_switch_epoch is not None:
+        out.append(L1ThenL2(cfg.l1, cfg.weight_decay, cfg.regularization_switch_epoch))
+    if cfg.early_stopping:
+        out.append(EarlyStopping(cfg.early_stopping, history, restore=not cfg.restore_best))
+    if cfg.restore_best:
+        out.append(RestoreBest(val_loader, history))
+    return out
+
+
+def _freeze_others(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list:
+    """Turn off ``requires_grad`` of the trainable parameters not in ``params``; returns them."""
+    if params is None:
+        return []
+    trainable = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+@dataclass
+class _Loop:
+    """What every step of :func:`fit` needs."""
+
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    callbacks: list[Callback]
+    loss_fn: LossFn
+    device: torch.device
+    total_steps: int
+    task: Any
+    train_mode: bool = True
+
+
+def _train_epoch(
+    model: nn.Module, loader: Iterable, loop: _Loop, epoch: int, step: int
+) -> tuple[dict, int]:
+    """One pass over ``loader``; returns the epoch's training metrics and the next step."""
+    cfg, optimizer, callbacks = loop.cfg, loop.optimizer, loop.callbacks
+    steps_per_epoch = len(loader)
+    model.train(loop.train_mode)
+    loss_sum, correct, seen, classified = 0.0, 0, 0, True
+    for batch in loader:
+        factor = _lr_factor(cfg, step, loop.total_steps, steps_per_epoch)
+        for g, lr in zip(optimizer.param_groups, loop.base_lrs, strict=True):
+            g["lr"] = lr * factor
+        x, y, (args, call) = _prepare(batch, loop.device, model)
+        raw = model(*args, **call)
+        loss = loop.loss_fn(raw, y, x)
+        # a model with several outputs (early exits) lists them; the last is the final one
+        out = main_output(raw[-1] if isinstance(raw, (list, tuple)) else raw).detach()
+        for cb in callbacks:
+            loss = cb.on_loss(model, loss)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                f"(lr={optimizer.param_groups[0]['lr']:.4g}): training diverged, nothing is "
+                "saved; lower the learning rate (or check the data)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for cb in callbacks:
+            cb.on_after_backward(model, step)
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for cb in callbacks:
+            cb.on_step_end(model, step)
+        step += 1
+        n_b = len(out)
+        loss_sum += value * n_b
+        if classified and _is_classification(out, y):
+            correct += int((out.argmax(1) == y).sum())
+        else:
+            classified = False  # accuracy only for (B, K) scores with (B,) labels
+        seen += n_b
+        info = {"epoch": epoch + 1, "loss": loss_sum / seen}
+        if classified:
+            info["acc"] = 100.0 * correct / seen
+        loop.task.advance(step, **info)
+    metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen)}
+    if classified:
+        metrics["train_accuracy"] = 100.0 * correct / max(1, seen)
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics, step
 
 
 def fit(
@@ -185,14 +425,24 @@ def fit(
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
     params: Iterable[torch.Tensor] | None = None,
+    train_mode: bool = True,
 ) -> History:
     """Train ``model`` in place and return its :class:`History`.
 
+    The config's L1-then-L2 regularisation, early stopping and restore-best run as the
+    callbacks :class:`L1ThenL2`, :class:`EarlyStopping` and :class:`RestoreBest`, after the
+    caller's ``callbacks``.
+
     Parameters
     ----------
-    loss_fn : ``loss_fn(outputs, targets, inputs) -> loss``; cross-entropy by default.
-        Distillation passes a loss that also runs the teacher on ``inputs``.
+    loss_fn : ``loss_fn(outputs, targets, inputs) -> loss``; by default the loss the model
+        computes itself (Hugging Face outputs given ``labels``), else cross-entropy of the
+        main output. ``inputs`` is what the model was called with (a tensor, a tuple of
+        positional tensors or a dict of keyword arguments; see
+        :func:`nncompress.engine.batches.call_inputs`); distillation runs the teacher on it.
     params : parameters to optimise (default: all trainable parameters of ``model``).
+    train_mode : False keeps the model in eval mode while training (dropout off, BatchNorm
+        statistics frozen), e.g. to distill a transformer's hidden states.
     """
     cfg = config or TrainConfig()
     if cfg.early_stopping and val_loader is None:
@@ -207,111 +457,46 @@ def fit(
     seed_everything(cfg.seed)
     device = model_device(model)
     loss_fn = loss_fn or _default_loss(cfg)
-    if params is not None:
-        params = list(params)
-        trainable = {id(p) for p in params}
-        frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-    else:
-        frozen = []
-    l1_on = cfg.l1 > 0
-    l2 = cfg.weight_decay if (cfg.regularization_switch_epoch is None or not l1_on) else 0.0
+    frozen = _freeze_others(model, params)
+    # L1 then L2: no weight decay while the L1 penalty is on
+    l2 = 0.0 if (cfg.l1 > 0 and cfg.regularization_switch_epoch is not None) else cfg.weight_decay
     optimizer = _make_optimizer(model, cfg, l2)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = len(train_loader)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     history, step = History(), 0
-    best_loss, best_state, bad_epochs = math.inf, None, 0
-    if cfg.restore_best:  # (accuracy, weights, epoch) of the best held-out accuracy so far
-        history.start_val_accuracy = evaluate(model, val_loader)["accuracy"]
-        best_acc = (history.start_val_accuracy, copy.deepcopy(model.state_dict()), 0)
+    builtins = _builtin_callbacks(cfg, val_loader, history)
+    callbacks = [*callbacks, *builtins]
     start = time.perf_counter()
     for cb in callbacks:
         cb.on_train_begin(model, optimizer)
-    if progress:
-        progress(ProgressEvent("start", "train", total=total_steps))
-    try:
-        for epoch in range(cfg.epochs):
-            if (
-                cfg.regularization_switch_epoch is not None
-                and epoch == cfg.regularization_switch_epoch
-            ):
-                l1_on = False  # L1 then L2 (Han 2015)
-                optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
-            model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in train_loader:
-                factor = _lr_factor(cfg, step, total_steps, steps_per_epoch)
-                for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                    g["lr"] = lr * factor
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss = loss_fn(out, y, x)
-                if l1_on:
-                    loss = loss + cfg.l1 * sum(p.abs().sum() for p in _weight_params(model))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+    with progress_task(progress, "train", total_steps) as task:
+        loop = _Loop(
+            cfg, optimizer, base_lrs, callbacks, loss_fn, device, total_steps, task, train_mode
+        )
+        try:
+            for epoch in range(cfg.epochs):
                 for cb in callbacks:
-                    cb.on_after_backward(model, step)
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                    cb.on_epoch_begin(model, epoch)
+                metrics, step = _train_epoch(model, train_loader, loop, epoch, step)
+                if val_loader is not None:
+                    val = evaluate(model, val_loader)
+                    metrics["val_loss"] = val["loss"]
+                    if "accuracy" in val:
+                        metrics["val_accuracy"] = val["accuracy"]
+                history.epochs.append(metrics)
+                log.info("epoch %d: %s", epoch + 1, metrics)
+                shown = {k: v for k, v in metrics.items() if k != "epoch"}
+                task.advance(step, epoch=epoch + 1, epochs=cfg.epochs, epoch_done=True, **shown)
                 for cb in callbacks:
-                    cb.on_step_end(model, step)
-                step += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((out.detach().argmax(1) == y).sum())
-                seen += len(y)
-                if progress:
-                    progress(
-                        ProgressEvent(
-                            "advance",
-                            "train",
-                            total=total_steps,
-                            completed=step,
-                            info={
-                                "epoch": epoch + 1,
-                                "loss": loss_sum / seen,
-                                "acc": 100.0 * correct / seen,
-                            },
-                        )
-                    )
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(1, seen),
-                "train_accuracy": 100.0 * correct / max(1, seen),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            if val_loader is not None:
-                val = evaluate(model, val_loader)
-                metrics.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-            history.epochs.append(metrics)
-            log.info("epoch %d: %s", epoch + 1, metrics)
-            for cb in callbacks:
-                cb.on_epoch_end(model, epoch, metrics)
-            if cfg.restore_best and metrics["val_accuracy"] > best_acc[0]:
-                best_acc = (metrics["val_accuracy"], copy.deepcopy(model.state_dict()), epoch + 1)
-            if cfg.early_stopping and val_loader is not None:
-                if metrics["val_loss"] < best_loss:
-                    best_loss, bad_epochs, history.best_epoch = metrics["val_loss"], 0, epoch + 1
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.early_stopping:
-                        log.info("early stopping after epoch %d", epoch + 1)
-                        break
-        if cfg.restore_best:
-            model.load_state_dict(best_acc[1])
-            history.best_epoch = best_acc[2]
-        elif best_state is not None:
-            model.load_state_dict(best_state)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        if progress:
-            progress(ProgressEvent("end", "train"))
-    for cb in callbacks:
+                    cb.on_epoch_end(model, epoch, metrics)
+                if any(cb.stop_training for cb in callbacks):
+                    break
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    # the built-in callbacks (restoring the best weights) end first, then the caller's
+    for cb in [*builtins, *callbacks[: len(callbacks) - len(builtins)]]:
         cb.on_train_end(model)
     history.wall_time_s = time.perf_counter() - start
     return history

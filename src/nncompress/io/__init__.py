@@ -2,9 +2,15 @@
 with codebooks, relative-index sparse positions and entropy-coded streams; decode it back
 bit-exactly; itemise its size. See docs/format.md for the byte-level specification."""
 
-from .checkpoint import checkpoint_metadata, decode_to_checkpoint
+from .checkpoint import (
+    ArchitectureMissing,
+    checkpoint_metadata,
+    decode_to_checkpoint,
+    load_model_file,
+)
 from .config import EncodeConfig
 from .container import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ELEMENTS,
     decode_bytes,
     decode_file,
@@ -12,6 +18,7 @@ from .container import (
     inspect_bytes,
     inspect_file,
     load_compressed,
+    pq_block_hints,
     round_for_storage_,
     save_compressed,
 )
@@ -19,6 +26,8 @@ from .errors import FormatError
 from .report import EncodeReport, StreamReport, TensorReport
 
 __all__ = [
+    "ArchitectureMissing",
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ELEMENTS",
     "EncodeConfig",
     "EncodeReport",
@@ -33,6 +42,8 @@ __all__ = [
     "inspect_bytes",
     "inspect_file",
     "load_compressed",
+    "load_model_file",
+    "pq_block_hints",
     "round_for_storage_",
     "save_compressed",
 ]

@@ -7,25 +7,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..coding.sparse import MAX_INDEX_BITS
-from ..engine.config import ConfigError
+from ..core.errors import ConfigError
+from ..core.validate import check as _check
+from ..core.validate import is_int as _is_int
+from .pq_scheme import DEFAULT_BLOCK_SIZES, PQ_MAX_D
 
 __all__ = ["CODECS", "EncodeConfig", "SCHEMES"]
 
-CODECS = ("huffman", "ans", "raw")
-SCHEMES = ("auto", "dense", "codebook")
+CODECS = ("huffman", "ans", "raw", "context")
+SCHEMES = ("auto", "dense", "codebook", "pq", "sparse")
 ORDERS = ("auto", "C", "F")
-LAYOUTS = ("auto", "sparse", "dense")
+LAYOUTS = ("auto", "sparse", "dense", "context")
 DTYPES = ("fp32", "fp16")
 MAX_CODEBOOK_BITS = 16
-
-
-def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}={value!r}: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -36,7 +30,9 @@ class EncodeConfig:
     ----------
     codec : entropy coder of the weight-code and relative-index streams: 'huffman'
         (canonical Huffman, Deep Compression), 'ans' (constriction's ANS, closer to the
-        entropy) or 'raw' (fixed-width, the paper's "P+Q" storage).
+        entropy), 'raw' (fixed-width, the paper's "P+Q" storage) or 'context' (codebook
+        weights of 2+ dimensions may also use the 'context' layout, chosen by size; every
+        other stream is ANS-coded; format 1.4).
     codec_fallback : store a stream fixed-width instead when that is smaller than its coded
         form (tiny layers, where the code table costs more than it saves).
     index_bits_conv, index_bits_fc : relative-index bits b for conv weights (ndim >= 3) and
@@ -49,7 +45,9 @@ class EncodeConfig:
     scheme : per-tensor overrides of the storage scheme: 'auto' (smallest wins), 'dense',
         'codebook' (error if the tensor has more than 2**max_codebook_bits distinct values).
     layout : positions of codebook tensors: 'auto' (smallest wins), 'sparse' (relative
-        indices + a code per nonzero) or 'dense' (a code per element, zero being a code).
+        indices + a code per nonzero), 'dense' (a code per element, zero being a code) or
+        'context' (weights of 2+ dimensions: significance map and codes coded together with
+        density-class contexts, :mod:`nncompress.coding.context`; format 1.4).
     order : flattening order of sparse layers: 'auto' (smallest wins), 'C' (row-major over the
         weight as stored, CSR-like) or 'F' (column-major, CSC-like).
     codebook_dtype : 'fp32' stores codebooks exactly in the tensor's dtype; 'fp16' rounds them
@@ -58,6 +56,12 @@ class EncodeConfig:
         float16 (integer buffers are always exact).
     max_codebook_bits : a floating tensor with at most 2**max_codebook_bits distinct nonzero
         values may be stored as a codebook plus codes.
+    pq_block_sizes : subvector sizes ``d`` tried for the 'pq' scheme (product quantization:
+        a codebook of distinct ``d``-value subvectors plus a code per subvector) on every
+        float tensor of 2+ dims; the block size of a product-quantized layer of the model
+        being encoded is always tried. Empty: only those.
+    pq_block_size : per-tensor ``d`` (a tensor name, or a module name: then its tensors of 2+
+        dims): forces the 'pq' scheme with that block size.
     """
 
     codec: str = "huffman"
@@ -72,6 +76,8 @@ class EncodeConfig:
     codebook_dtype: str = "fp32"
     dense_dtype: str = "fp32"
     max_codebook_bits: int = 8
+    pq_block_sizes: tuple[int, ...] = DEFAULT_BLOCK_SIZES
+    pq_block_size: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.codec in CODECS, "codec", self.codec, f"must be one of {CODECS}")
@@ -111,6 +117,23 @@ class EncodeConfig:
             f"must be an integer in [1, {MAX_CODEBOOK_BITS}]",
         )
 
+        d_rule = f"must be an integer in [1, {PQ_MAX_D}]"
+        _check(
+            isinstance(self.pq_block_sizes, (tuple, list)),
+            "pq_block_sizes",
+            self.pq_block_sizes,
+            "must be a list of block sizes",
+        )
+        object.__setattr__(self, "pq_block_sizes", tuple(self.pq_block_sizes))
+        for v in self.pq_block_sizes:
+            _check(_is_int(v) and 1 <= v <= PQ_MAX_D, "pq_block_sizes entry", v, d_rule)
+        _check(
+            isinstance(self.pq_block_size, dict), "pq_block_size", self.pq_block_size, "a mapping"
+        )
+        for k, v in self.pq_block_size.items():
+            _check(isinstance(k, str) and k != "", "pq_block_size key", k, "must be a name")
+            _check(_is_int(v) and 1 <= v <= PQ_MAX_D, f"pq_block_size['{k}']", v, d_rule)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -141,7 +164,7 @@ def match_override(overrides: dict[str, Any], name: str) -> Any | None:
 
 def check_overrides(config: EncodeConfig, names: list[str]) -> None:
     """Every override key must match at least one tensor (else ConfigError naming it)."""
-    for fname in ("index_bits", "scheme"):
+    for fname in ("index_bits", "scheme", "pq_block_size"):
         for key in getattr(config, fname):
             if not any(n == key or n.startswith(key + ".") for n in names):
                 raise ConfigError(

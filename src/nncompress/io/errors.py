@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
+from ..core.errors import FormatError
+
 __all__ = ["FormatError"]
-
-
-class FormatError(ValueError):
-    """A ``.ncz`` file is damaged or not an nncompress file (bad magic, version, CRC, lengths,
-    shapes or streams). Raised instead of any other exception while decoding."""

@@ -55,12 +55,14 @@ class TensorReport:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    scheme: str  # 'dense' or 'codebook'
-    layout: str | None  # codebook tensors: 'sparse' (relative index) or 'dense' (a code each)
+    scheme: str  # 'dense', 'codebook', 'pq', 'affine' (group-wise codes), 'alias' or 'sparse'
+    layout: str | None  # codebook tensors: 'sparse' (relative index), 'dense' (a code each)
+    # or 'context' (context-coded map + codes: index_bits_coded = classes, map and tables);
+    # 'sparse' tensors: 'sparse'
     numel: int
     nonzeros: int
     total_bytes: int
-    dense_store: str | None = None  # dense tensors: 'raw' or 'float16'
+    dense_store: str | None = None  # dense: 'raw' / 'float16'; sparse: values' dtype
     codebook_size: int = 0
     codebook_dtype: str | None = None
     codebook_bits: int = 0
@@ -73,9 +75,14 @@ class TensorReport:
     index_bits_coded: int = 0  # actual bits of the relative-index stream
     dense_bits: int = 0
     streams: tuple[StreamReport, ...] = field(default=())
+    block_size: int = 0  # pq: values per subvector d (one code per subvector)
 
     @property
     def original_bits(self) -> int:
+        """Dense bits of the tensor; 0 for an alias (a copy of another tensor counts once, so
+        a model's compression ratio is never inflated by its tied weights)."""
+        if self.scheme == "alias":
+            return 0
         return self.numel * _DTYPE_BITS.get(self.dtype, 32)
 
     @property
@@ -92,8 +99,14 @@ class TensorReport:
     def compression(self) -> float:
         return self.original_bits / (8 * self.total_bytes) if self.total_bytes else 0.0
 
+    @property
+    def bits_per_weight(self) -> float:
+        """All the tensor's bytes (codebook, codes, frames) per element: for a pq tensor
+        ``log2(k)/d`` (less when entropy-coded) plus the codebook's share."""
+        return 8 * self.total_bytes / self.numel if self.numel else 0.0
+
     def _per_nz(self, bits: int) -> float:
-        n = self.nonzeros if self.layout == "sparse" else self.numel
+        n = self.nonzeros if self.layout in ("sparse", "context") else self.numel
         return bits / n if n else 0.0
 
     @property
@@ -121,6 +134,7 @@ class TensorReport:
             "table_bits",
             "kept",
             "compression",
+            "bits_per_weight",
             "weight_bits_per_code_pq",
             "weight_bits_per_code",
             "index_bits_per_nz_pq",
@@ -141,6 +155,13 @@ _DTYPE_BITS = {
     "int8": 8,
     "uint8": 8,
     "bool": 8,
+    "uint16": 16,
+    "uint32": 32,
+    "uint64": 64,
+    "complex64": 64,
+    "complex128": 128,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
 }
 
 
@@ -190,9 +211,12 @@ class EncodeReport:
     def rows(self) -> tuple[list[str], list[list[Any]]]:
         """Headers and rows of the per-tensor table (as ``nncompress inspect`` prints it).
 
-        'w P+Q' / 'w H': weight-code bits per code, fixed ceil(log2 k) / as coded; 'b': index
-        bits; 'fill': filler entries; 'i P+Q' / 'i H': index bits per nonzero, fixed b (fillers
-        included) / as coded; 'x': compression of the tensor vs its dense size.
+        'w P+Q' / 'w H': weight-code bits per code, fixed ceil(log2 k) / as coded (pq: code
+        bits per weight, i.e. per code / d; sparse: bits per nonzero value, 32 or 16 fixed / as
+        coded); 'd': pq block size; 'b': index bits; 'fill':
+        filler entries; 'i P+Q' / 'i H': index bits per nonzero, fixed b (fillers included) / as
+        coded; 'bits/w': all the tensor's bits per element (pq: codes plus the codebook's
+        share); 'x': compression of the tensor vs its dense size.
         """
         headers = [
             "name",
@@ -201,19 +225,26 @@ class EncodeReport:
             "k",
             "w P+Q",
             "w H",
+            "d",
             "b",
             "fill",
             "i P+Q",
             "i H",
             "bytes",
+            "bits/w",
             "x",
         ]
         rows = []
         for t in self.tensors:
+            coded = t.scheme in ("codebook", "affine", "pq", "sparse")  # sparse: value bits
             if t.scheme == "dense":
                 scheme = "dense" if t.dense_store == "raw" else "dense16"
+            elif t.scheme in ("pq", "affine", "alias"):
+                scheme = t.scheme
+            elif t.scheme == "sparse":  # float values at relative-index positions
+                scheme = "sparse16" if t.dense_store == "float16" else "sparse32"
             else:
-                scheme = "sparse" if t.layout == "sparse" else "codes"
+                scheme = {"sparse": "sparse", "context": "context"}.get(t.layout or "", "codes")
             sparse = t.layout == "sparse"
             rows.append(
                 [
@@ -221,13 +252,15 @@ class EncodeReport:
                     scheme,
                     round(100 * t.kept, 2),
                     t.codebook_size or "",
-                    round(t.weight_bits_per_code_pq, 2) if t.scheme == "codebook" else "",
-                    round(t.weight_bits_per_code, 2) if t.scheme == "codebook" else "",
+                    round(t.weight_bits_per_code_pq, 2) if coded else "",
+                    round(t.weight_bits_per_code, 2) if coded else "",
+                    t.block_size or "",
                     t.index_bits if sparse else "",
                     t.fillers if sparse else "",
                     round(t.index_bits_per_nz_pq, 2) if sparse else "",
                     round(t.index_bits_per_nz, 2) if sparse else "",
                     t.total_bytes,
+                    round(t.bits_per_weight, 3),
                     round(t.compression, 2),
                 ]
             )

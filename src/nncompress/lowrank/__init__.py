@@ -5,14 +5,15 @@ Layer 1, tensor functions: :func:`truncated_svd`, :func:`tucker2`, :func:`cp_dec
 :func:`separable_conv`, :func:`tucker2_conv`, :func:`cp_conv`, :func:`tt_linear`,
 :func:`tt_conv` (:class:`TTLinear`, :class:`TTConv2d`); model transform: :func:`decompose_`
 with :class:`DecomposeConfig`; data-aware refit of the decomposed layers on real activations:
-:func:`refit_`.
+:func:`refit_`; data-aware (whitened, SVD-LLM) SVD of Linear / HF Conv1D layers:
+:func:`decompose_whitened_`.
 """
 
 from .cp import cp_conv, cp_decompose
 from .rank import EVBMFResult, evbmf, rank_for_energy
 from .refit import RefitResult, refit_
 from .separable import separable_conv
-from .svd import svd_linear, truncated_svd
+from .svd import svd_conv1x1, svd_linear, truncated_svd
 from .transform import (
     METHODS,
     DecomposeConfig,
@@ -22,8 +23,13 @@ from .transform import (
 )
 from .tt import TTConv2d, TTLinear, factorize, tt_conv, tt_linear
 from .tucker import tucker2, tucker2_conv, tucker2_vbmf_ranks
+from .whiten import LayerWhitenedSVD, WhitenedSVDConfig, decompose_whitened_, whitened_svd
 
 __all__ = [
+    "LayerWhitenedSVD",
+    "WhitenedSVDConfig",
+    "decompose_whitened_",
+    "whitened_svd",
     "METHODS",
     "DecomposeConfig",
     "DecomposeReport",
@@ -40,6 +46,7 @@ __all__ = [
     "rank_for_energy",
     "refit_",
     "separable_conv",
+    "svd_conv1x1",
     "svd_linear",
     "truncated_svd",
     "tt_conv",

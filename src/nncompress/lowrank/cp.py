@@ -20,6 +20,8 @@ import torch
 from tensorly.decomposition import parafac
 from torch import nn
 
+from .separable import require_plain_conv
+
 __all__ = ["cp_conv", "cp_cost", "cp_decompose"]
 
 
@@ -83,11 +85,7 @@ def cp_conv(conv: nn.Conv2d, rank: int, *, n_iter_max: int = 100, seed: int = 0)
 
     Requires ``groups == 1``, numeric padding and ``padding_mode='zeros'``.
     """
-    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            "cp_conv: needs groups=1, numeric padding and padding_mode='zeros'; got "
-            f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-        )
+    require_plain_conv(conv, "cp_conv")
     w = conv.weight.detach()  # (N, C, kh, kw)
     n, c, kh, kw = w.shape
     lam, (a_out, a_in, a_h, a_w) = cp_decompose(w, rank, n_iter_max=n_iter_max, seed=seed)

@@ -29,14 +29,18 @@ written here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.train import ProgressEvent
+from ..core.convs import is_conv_subclass
+from ..core.modules import model_device
+from ..core.progress import Progress, progress_task
+from ..engine.batches import run_model, take_batches, to_device
 
 __all__ = ["RefitResult", "refit_"]
 
@@ -73,6 +77,7 @@ def _solvable(mod: nn.Module) -> bool:
         return True
     return (
         isinstance(mod, nn.Conv2d)
+        and not is_conv_subclass(mod)  # its forward pads beyond what F.unfold would
         and mod.groups == 1
         and mod.padding_mode == "zeros"
         and not isinstance(mod.padding, str)
@@ -100,10 +105,8 @@ def _targets(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, y.shape[1])
 
 
-def _capture(
-    model: nn.Module, module: nn.Module, x: torch.Tensor, want: str
-) -> torch.Tensor | None:
-    """Run ``model(x)`` until ``module`` is reached and return its input or output."""
+def _capture(model: nn.Module, module: nn.Module, x: Any, want: str) -> torch.Tensor | None:
+    """Run ``model`` on batch ``x`` until ``module`` is reached; return its input or output."""
     got: list[torch.Tensor] = []
 
     def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -112,7 +115,7 @@ def _capture(
 
     h = module.register_forward_hook(hook)
     try:
-        model(x)
+        run_model(model, x)
     except _Stop:
         pass
     finally:
@@ -128,7 +131,7 @@ def refit_(
     *,
     batches: int = 8,
     ridge: float = 1e-4,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[RefitResult]:
     """Refit the last factors of each decomposed block to the original layer's response.
 
@@ -137,8 +140,9 @@ def refit_(
     model : the decomposed network, changed in place (its ``training`` flag is restored).
     reference : the network before decomposition (not changed); ``reference.get_submodule(n)``
         must be the original layer of each block ``n``.
-    loader : calibration batches ``(x, y)`` (labels unused), e.g. training images without
-        augmentation; the first ``batches`` are used.
+    loader : calibration batches: ``(x, y)`` tuples (labels unused), tensors or dicts of
+        keyword arguments (``model(**batch)``), e.g. training images without augmentation;
+        the first ``batches`` are used.
     names : the decomposed blocks to refit, e.g. ``report.decomposed`` from
         :func:`~nncompress.lowrank.decompose_`; refitted in the model's forward order. Blocks
         whose last factor is not a Linear or an ungrouped zero-padded Conv2d (TT) are skipped.
@@ -165,50 +169,23 @@ def refit_(
             raise ValueError(f"names: '{n}' is not a submodule of the reference model")
     order = {n: i for i, n in enumerate(modules)}
     todo = [n for n in sorted(set(names), key=order.__getitem__) if _last_factor(modules[n])]
-    data: list[torch.Tensor] = []
-    for x, *_ in loader:
-        data.append(x)
-        if len(data) >= batches:
-            break
-    if not data:
-        raise ValueError("loader: no calibration batches")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    data = take_batches(loader, batches, "loader")
+    device = model_device(model)
     was_training, ref_training = model.training, reference.training
     model.eval()
     reference.eval()
     results: list[RefitResult] = []
-    if progress:
-        progress(ProgressEvent("start", "refit", total=len(todo)))
-    try:
-        with torch.no_grad():
-            for i, name in enumerate(todo):
-                results.append(
-                    _refit_one(
-                        model,
-                        reference,
-                        modules[name],
-                        ref_modules[name],
-                        name,
-                        data,
-                        device,
-                        ridge,
-                    )
+    with progress_task(progress, "refit", len(todo)) as task, torch.no_grad():
+        try:
+            for name in todo:
+                r = _refit_one(
+                    model, reference, modules[name], ref_modules[name], name, data, device, ridge
                 )
-                if progress:
-                    progress(
-                        ProgressEvent(
-                            "advance",
-                            "refit",
-                            total=len(todo),
-                            completed=i + 1,
-                            info={"layer": name},
-                        )
-                    )
-    finally:
-        model.train(was_training)
-        reference.train(ref_training)
-        if progress:
-            progress(ProgressEvent("end", "refit"))
+                results.append(r)
+                task.advance(layer=name)
+        finally:
+            model.train(was_training)
+            reference.train(ref_training)
     return results
 
 
@@ -263,7 +240,7 @@ def _refit_one(
     zs: list[torch.Tensor] = []  # inputs of the refitted part, from the decomposed model
     ys: list[torch.Tensor] = []  # the original layer's responses
     for x in data:
-        x = x.to(device)
+        x = to_device(x, device)
         y = _capture(reference, original, x, "output")
         z = _capture(model, chain[0], x, "input")
         if y is None or z is None:

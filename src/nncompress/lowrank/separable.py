@@ -28,6 +28,16 @@ __all__ = [
 ]
 
 
+def require_plain_conv(conv: nn.Conv2d, who: str) -> None:
+    """Factorisations that split a kernel into spatial pieces need an ungrouped convolution
+    with numeric zero padding (the pieces pad separately)."""
+    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(
+            f"{who}: needs groups=1, numeric padding and padding_mode='zeros'; got "
+            f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+        )
+
+
 def separable_matrix(w: torch.Tensor) -> torch.Tensor:
     """The ``(C*k_h) x (N*k_w)`` matrix ``M[(c,i),(n,j)] = W[n,c,i,j]`` of Tai et al."""
     n, c, kh, kw = w.shape
@@ -62,11 +72,7 @@ def separable_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     Requires ``groups == 1``, numeric padding and ``padding_mode='zeros'``. At
     ``rank = separable_full_rank(conv)`` the output equals the original to float rounding.
     """
-    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            "separable_conv: needs groups=1, numeric padding and padding_mode='zeros'; got "
-            f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-        )
+    require_plain_conv(conv, "separable_conv")
     w = conv.weight.detach()  # (N, C, kh, kw)
     n, c, kh, kw = w.shape
     a, b = truncated_svd(separable_matrix(w).t(), rank)  # (r, C*kh), (N*kw, r)

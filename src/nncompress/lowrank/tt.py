@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from tensorly.decomposition import tensor_train_matrix
 from torch import nn
 
+from ..engine.modspec import register_module
+
 __all__ = [
     "TTConv2d",
     "TTLinear",
@@ -106,6 +108,7 @@ def tt_cost(
     return params, positions * macs
 
 
+@register_module
 class TTLinear(nn.Module):
     """Linear layer whose weight is a TT-matrix; ``forward(x)`` for ``x (..., prod(in_modes))``.
 
@@ -247,6 +250,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+@register_module
 class TTConv2d(nn.Module):
     """Conv2d whose ``(k_h k_w C) -> N`` kernel matrix is a :class:`TTLinear` over image patches.
 

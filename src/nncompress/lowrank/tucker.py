@@ -18,6 +18,7 @@ import torch
 from tensorly.decomposition import partial_tucker
 from torch import nn
 
+from ..core.convs import is_conv_subclass, resized_conv
 from .rank import evbmf, rank_for_energy
 
 __all__ = [
@@ -106,6 +107,17 @@ def tucker2_conv(conv: nn.Conv2d, ranks: tuple[int, int]) -> nn.Sequential:
     r_out, r_in = ranks
     core, u_out, u_in = tucker2(w, (r_out, r_in))
     first = nn.Conv2d(c, r_in, 1, bias=False)
+    if is_conv_subclass(conv):
+        # the core keeps the subclass and the padding its forward applies; the first factor
+        # has no bias, so zero padding commutes with it
+        middle = resized_conv(conv, core, None)
+        last = nn.Conv2d(r_out, n, 1, bias=conv.bias is not None)
+        with torch.no_grad():
+            first.weight.copy_(u_in.t().reshape(r_in, c, 1, 1))  # (R_in, C, 1, 1)
+            last.weight.copy_(u_out.reshape(n, r_out, 1, 1))  # (N, R_out, 1, 1)
+            if conv.bias is not None:
+                last.bias.copy_(conv.bias.detach())
+        return nn.Sequential(first, middle, last).to(device=w.device, dtype=w.dtype)
     middle = nn.Conv2d(
         r_in,
         r_out,

@@ -1,6 +1,7 @@
 """Pruning: connection (unstructured) magnitude pruning after Han et al. 2015 with one-shot,
 iterative and AGP schedules, sensitivity analysis and dead-neuron removal; filter pruning
-(Li et al. 2017) with a dependency graph and physical thinning."""
+(Li et al. 2017) with a dependency graph and physical thinning; activation-aware (Wanda) and
+N:M (2:4) pruning of Linear / HF Conv1D layers."""
 
 from .dead import find_dead_neurons, neuron_edges, remove_dead_neurons_
 from .graph import ChannelGroup, DependencyGraph, GraphError, LayerCut, build_dependency_graph
@@ -16,6 +17,7 @@ from .magnitude import (
     masks_from_zeros_,
     prunable_layers,
     prune_,
+    pruning_coverage,
     pruning_masks,
     remove_pruning_,
     threshold_mask,
@@ -26,9 +28,11 @@ from .schedule import (
     DropoutAdjuster,
     adjusted_dropout,
     agp_prune,
+    agp_prune_,
     agp_sparsity,
     iteration_config,
     iterative_prune,
+    iterative_prune_,
 )
 from .sensitivity import (
     SensitivityResult,
@@ -48,6 +52,7 @@ from .structured import (
     prune_filters_,
 )
 from .thin import ThinReport, remove_channels_, thin_module
+from .wanda import LayerWanda, WandaConfig, nm_mask, prune_wanda_, wanda_scores
 
 __all__ = [
     "ChannelGroup",
@@ -65,6 +70,11 @@ __all__ = [
     "ThinReport",
     "remove_channels_",
     "thin_module",
+    "LayerWanda",
+    "WandaConfig",
+    "nm_mask",
+    "prune_wanda_",
+    "wanda_scores",
     "AGPCallback",
     "AGPConfig",
     "DropoutAdjuster",
@@ -73,17 +83,20 @@ __all__ = [
     "PruningMask",
     "adjusted_dropout",
     "agp_prune",
+    "agp_prune_",
     "agp_sparsity",
     "apply_mask_",
     "folded_copy",
     "global_masks",
     "iteration_config",
     "iterative_prune",
+    "iterative_prune_",
     "magnitude_mask",
     "magnitude_threshold",
     "masks_from_zeros_",
     "prunable_layers",
     "prune_",
+    "pruning_coverage",
     "pruning_masks",
     "remove_pruning_",
     "SensitivityResult",

@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
-from .magnitude import folded_copy, masks_from_zeros_, pruning_masks, remove_pruning_
+from ..core.errors import NncompressError
+from ..core.fx import op_kind, op_name, trace
+from ..core.modules import folded_copy
+from .magnitude import masks_from_zeros_, pruning_masks, remove_pruning_
 from .thin import remove_channels_
 
 __all__ = ["DeadNeuronError", "Edge", "find_dead_neurons", "neuron_edges", "remove_dead_neurons_"]
@@ -45,24 +46,11 @@ __all__ = ["DeadNeuronError", "Edge", "find_dead_neurons", "neuron_edges", "remo
 log = logging.getLogger(__name__)
 
 _LAYER = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_PASS_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Dropout,
-    nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.Flatten,
-)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
-_PASS_FUNCS = {F.dropout, torch.flatten, F.max_pool2d, F.avg_pool2d, operator.getitem}
-_PASS_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
+# op kinds (nncompress.core.fx.op_kind) a neuron passes through unchanged, channel by channel
+_PASS_KINDS = ("dropout", "identity", "maxpool", "avgpool", "flatten", "reshape")
 
 
-class DeadNeuronError(RuntimeError):
+class DeadNeuronError(NncompressError, RuntimeError):
     """Removing the detected neurons changed the model's output (should never happen)."""
 
 
@@ -79,14 +67,31 @@ class Edge:
     ops: list[str] = field(default_factory=list)
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    plain = folded_copy(model)
-    return torch.fx.symbolic_trace(plain)
+def _step(edge: Edge, cur: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Record the channel-wise op ``cur`` on ``edge``; ``False`` if the chain cannot pass it."""
+    kind = op_kind(cur, mods)
+    m = mods.get(cur.target) if cur.op == "call_module" else None
+    if kind in ("relu", "relu6"):
+        edge.act = kind if edge.act == "none" else "mixed"
+    elif kind == "batchnorm" and cur.op == "call_module":
+        if edge.batchnorm is not None:
+            return False
+        edge.batchnorm = cur.target
+        edge.foldable = False
+    elif kind in _PASS_KINDS:
+        if kind in ("flatten", "reshape"):
+            edge.flatten = True
+        if kind == "avgpool" and (m is None or m.padding not in (0, (0, 0))):
+            edge.foldable = False  # a padded average sees zeros, not the constant
+    else:
+        return False
+    edge.ops.append(type(m).__name__ if m is not None else op_name(cur).rpartition(".")[2])
+    return True
 
 
 def neuron_edges(model: nn.Module) -> dict[str, Edge]:
     """``{producer_name: Edge}`` for every simple producer -> consumer chain in ``model``."""
-    gm = _trace(model)
+    gm = trace(folded_copy(model))
     mods = dict(gm.named_modules())
     edges: dict[str, Edge] = {}
     for node in gm.graph.nodes:
@@ -103,43 +108,7 @@ def neuron_edges(model: nn.Module) -> dict[str, Edge]:
             if cur.op == "call_module" and isinstance(mods.get(cur.target), _LAYER):
                 edge.producer = cur.target
                 break
-            m = mods.get(cur.target) if cur.op == "call_module" else None
-            if m is not None and isinstance(m, _PASS_MODULES):
-                if isinstance(m, nn.ReLU):
-                    edge.act = "relu" if edge.act == "none" else "mixed"
-                elif isinstance(m, nn.ReLU6):
-                    edge.act = "relu6" if edge.act == "none" else "mixed"
-                elif isinstance(m, nn.Flatten):
-                    edge.flatten = True
-                elif isinstance(m, nn.AvgPool1d | nn.AvgPool2d) and m.padding not in (0, (0, 0)):
-                    edge.foldable = False
-                edge.ops.append(type(m).__name__)
-            elif m is not None and isinstance(m, _BN):
-                if edge.batchnorm is not None:
-                    ok = False
-                    break
-                edge.batchnorm = cur.target
-                edge.foldable = False
-                edge.ops.append(type(m).__name__)
-            elif cur.op == "call_function" and cur.target in _RELU_FUNCS:
-                edge.act = "relu" if edge.act == "none" else "mixed"
-                edge.ops.append("relu")
-            elif cur.op == "call_function" and cur.target in _PASS_FUNCS:
-                if cur.target is operator.getitem:
-                    ok = False
-                    break
-                if cur.target is torch.flatten:
-                    edge.flatten = True
-                if cur.target is F.avg_pool2d:
-                    edge.foldable = False
-                edge.ops.append(getattr(cur.target, "__name__", str(cur.target)))
-            elif cur.op == "call_method" and cur.target in _PASS_METHODS:
-                if cur.target in ("flatten", "view", "reshape"):
-                    edge.flatten = True
-                if cur.target == "relu":
-                    edge.act = "relu" if edge.act == "none" else "mixed"
-                edge.ops.append(cur.target)
-            else:
+            if not _step(edge, cur, mods):
                 ok = False
                 break
             nxt = [a for a in cur.args if isinstance(a, torch.fx.Node)]

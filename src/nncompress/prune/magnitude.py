@@ -19,10 +19,9 @@ zeros. Pruning a pruned layer again only grows its mask (new mask AND old mask).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +29,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..engine.config import ConfigError
-from ..engine.modspec import folded_copy, own_parametrized_class_
-from ..engine.train import ProgressEvent
+from ..core.coverage import CoverageReport, coverage_report
+from ..core.errors import ConfigError
+from ..core.modules import folded_copy, own_parametrized_class_
+from ..core.policy import Policy
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector, Selectable
+from ..core.validate import config_error
 
 __all__ = [
     "LayerPruning",
@@ -46,6 +49,7 @@ __all__ = [
     "masks_from_zeros_",
     "prunable_layers",
     "prune_",
+    "pruning_coverage",
     "pruning_masks",
     "remove_pruning_",
     "threshold_mask",
@@ -53,8 +57,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Filter = Callable[[str, nn.Module], bool]
-Progress = Callable[[ProgressEvent], None]
+# weight layers a coverage report accounts for (pruned or not)
+_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+#: what ``filter=`` accepts (a LayerSelector, a predicate, names/globs): kept for old imports
+Filter = Selectable
 
 #: module types pruned by default (names, so configs stay JSON-able)
 DEFAULT_INCLUDE = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -104,8 +111,7 @@ def threshold_mask(w: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def _check_sparsity(s: float, where: str = "") -> None:
     if not (isinstance(s, int | float) and 0.0 <= s < 1.0):
-        loc = f" for layer '{where}'" if where else ""
-        raise ConfigError(f"sparsity={s!r}{loc}: must be in [0, 1)")
+        raise config_error("sparsity", s, "must be in [0, 1)", where)
 
 
 def magnitude_mask(
@@ -326,6 +332,11 @@ class MagnitudeConfig:
                 f"include={list(self.include)!r}: unknown types {bad}; allowed: {sorted(_TYPES)}"
             )
 
+    @property
+    def default_rule(self) -> tuple[str, float]:
+        """The rule of layers without an override: ``('q', q)`` or ``('sparsity', s)``."""
+        return ("q", self.q) if self.q is not None else ("sparsity", self.sparsity)
+
     def layer_rule(self, name: str) -> tuple[str, float] | None:
         """``('q', x)`` or ``('sparsity', x)`` for an overridden layer, else ``None``."""
         if name not in self.per_layer:
@@ -342,8 +353,21 @@ class MagnitudeConfig:
         if kind == "sparsity":
             _check_sparsity(val, name)
         elif not (isinstance(val, int | float) and math.isfinite(val) and val >= 0):
-            raise ConfigError(f"q={val!r} for layer '{name}': must be a finite number >= 0")
+            raise config_error("q", val, "must be a finite number >= 0", name)
         return kind, float(val)
+
+    @property
+    def selector(self) -> LayerSelector:
+        """The layers this config prunes (``include`` types, minus ``exclude`` names)."""
+        return layer_selector(self.include, self.exclude)
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> MagnitudeConfig:
+        """One sparsity per layer a :class:`~nncompress.core.Policy` names (a searched policy)."""
+        if not policy.sparsity:
+            raise ConfigError("policy.sparsity is empty: this policy prunes no connections")
+        per = {k: {"sparsity": v} for k, v in policy.sparsity.items()}
+        return cls(sparsity=0.0, per_layer=per)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -382,29 +406,26 @@ class LayerPruning:
         }
 
 
+def layer_selector(
+    include: Iterable[str] = DEFAULT_INCLUDE,
+    exclude: Iterable[str] = (),
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
+) -> LayerSelector:
+    """The :class:`~nncompress.core.LayerSelector` of the prunable types ``include``, minus the
+    ``exclude`` names/globs, and ``filter``."""
+    return LayerSelector(types=tuple(_TYPES[t] for t in include), exclude=tuple(exclude)) & filter
+
+
 def prunable_layers(
     model: nn.Module,
     include: Iterable[str] = DEFAULT_INCLUDE,
     exclude: Iterable[str] = (),
-    filter: Filter | None = None,  # noqa: A002 - torchao-style keyword
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
 ) -> dict[str, nn.Module]:
     """Modules whose ``weight`` would be pruned: type in ``include``, name not matching any
-    ``exclude`` pattern, and ``filter(name, module)`` true."""
-    types = tuple(_TYPES[t] for t in include)
-    exclude = tuple(exclude)
-    out = {}
-    for name, m in model.named_modules():
-        base = parametrize.type_before_parametrizations(m)
-        if not (isinstance(m, types) or issubclass(base, types)):
-            continue
-        if not hasattr(m, "weight") or getattr(m, "weight", None) is None:
-            continue
-        if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-            continue
-        if filter is not None and not filter(name, m):
-            continue
-        out[name] = m
-    return out
+    ``exclude`` pattern, and selected by ``filter`` (see :class:`~nncompress.core.LayerSelector`)."""
+    chosen = layer_selector(include, exclude, filter).select(model)
+    return {n: m for n, m in chosen.items() if getattr(m, "weight", None) is not None}
 
 
 def _smallest_kept(w: torch.Tensor, mask: torch.Tensor) -> float:
@@ -412,20 +433,62 @@ def _smallest_kept(w: torch.Tensor, mask: torch.Tensor) -> float:
     return float(kept.min()) if kept.numel() else math.inf
 
 
+def _prune_layer(
+    m: nn.Module, name: str, rule: tuple[str, float], old: torch.Tensor | None
+) -> LayerPruning:
+    """Prune one layer by its own rule: ``('q', q)`` or ``('sparsity', s)``."""
+    kind, val = rule
+    w = m.weight  # effective (already masked) weight
+    if kind == "q":
+        t = magnitude_threshold(w, val, old)
+        mask = threshold_mask(w, t)
+        if old is not None:
+            mask &= old
+    else:
+        mask = magnitude_mask(w, val, old)
+        t = _smallest_kept(w, mask)
+    apply_mask_(m, mask)
+    return LayerPruning(name, w.numel(), int(mask.sum()), t, f"{kind}={val:g}")
+
+
+def _prune_global(
+    layers: dict[str, nn.Module],
+    names: list[str],
+    sparsity: float,
+    old_masks: dict[str, torch.Tensor],
+    report: dict[str, LayerPruning],
+) -> None:
+    """Prune ``names`` together: one magnitude ranking over all their weights."""
+    weights = {n: layers[n].weight for n in names}
+    masks = global_masks(weights, sparsity, {n: old_masks[n] for n in names if n in old_masks})
+    cut = min((_smallest_kept(weights[n], masks[n]) for n in names), default=0.0)
+    for n in names:
+        apply_mask_(layers[n], masks[n])
+        report[n] = LayerPruning(
+            n, weights[n].numel(), int(masks[n].sum()), cut, f"global sparsity={sparsity:g}"
+        )
+
+
 def prune_(
     model: nn.Module,
-    config: MagnitudeConfig,
+    config: MagnitudeConfig | Policy,
     *,
-    filter: Filter | None = None,  # noqa: A002 - torchao-style keyword
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
 ) -> dict[str, LayerPruning]:
     """Prune ``model`` in place by weight magnitude (Han 2015) and return a per-layer report.
+
+    ``config`` may also be a :class:`~nncompress.core.Policy` (e.g. from a policy search): its
+    per-layer sparsities are applied to the layers it names, the others are left alone.
 
     Each selected layer gets (or tightens) a :class:`PruningMask`. In q mode the threshold is
     ``q * std`` of the layer's surviving weights (:func:`magnitude_threshold`); in sparsity mode
     exactly ``round(s * n)`` weights of the layer (or of all layers, ``scope='global'``) are
     pruned, counting those already pruned.
     """
+    if isinstance(config, Policy):
+        config = MagnitudeConfig.from_policy(config)
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     layers = prunable_layers(model, config.include, config.exclude, filter)
     unknown = sorted(set(config.per_layer) - set(layers))
     if unknown:
@@ -440,48 +503,19 @@ def prune_(
     report: dict[str, LayerPruning] = {}
     old_masks = pruning_masks(model)
     global_names = []
-    if progress:
-        progress(ProgressEvent("start", "prune", total=len(layers)))
-    for i, (name, m) in enumerate(layers.items()):
-        rule = config.layer_rule(name)
-        if rule is None and config.scope == "global":
-            global_names.append(name)
-            continue
-        if rule is None:
-            rule = ("q", config.q) if config.q is not None else ("sparsity", config.sparsity)
-        kind, val = rule
-        w = m.weight  # effective (already masked) weight
-        old = old_masks.get(name)
-        if kind == "q":
-            t = magnitude_threshold(w, val, old)
-            mask = threshold_mask(w, t)
-            if old is not None:
-                mask &= old
-        else:
-            mask = magnitude_mask(w, val, old)
-            t = _smallest_kept(w, mask)
-        apply_mask_(m, mask)
-        report[name] = LayerPruning(name, w.numel(), int(mask.sum()), t, f"{kind}={val:g}")
-        if progress:
-            progress(ProgressEvent("advance", "prune", total=len(layers), completed=i + 1))
-    if global_names:
-        weights = {n: layers[n].weight for n in global_names}
-        masks = global_masks(
-            weights, config.sparsity, {n: old_masks[n] for n in global_names if n in old_masks}
-        )
-        cut = min((_smallest_kept(weights[n], masks[n]) for n in global_names), default=0.0)
-        for n in global_names:
-            apply_mask_(layers[n], masks[n])
-            report[n] = LayerPruning(
-                n,
-                weights[n].numel(),
-                int(masks[n].sum()),
-                cut,
-                f"global sparsity={config.sparsity:g}",
-            )
-    if progress:
-        progress(ProgressEvent("end", "prune"))
-    report = {n: report[n] for n in layers}
+    with progress_task(progress, "prune", len(layers)) as task:
+        for i, (name, m) in enumerate(layers.items()):
+            rule = config.layer_rule(name)
+            if rule is None and config.scope == "global":
+                global_names.append(name)
+                continue
+            report[name] = _prune_layer(m, name, rule or config.default_rule, old_masks.get(name))
+            task.advance(i + 1)
+        if global_names:
+            _prune_global(layers, global_names, config.sparsity, old_masks, report)
+    report = PruneReport({n: report[n] for n in layers})
+    report.coverage = _prune_coverage(model, config, layers, report)
+    report.coverage.warn()
     log.info(
         "pruned %d layers: %s",
         len(report),
@@ -490,11 +524,57 @@ def prune_(
     return report
 
 
+def pruning_coverage(model: nn.Module) -> CoverageReport:
+    """The weight layers carrying a pruning mask with zeros (changed) and the others (skipped:
+    not pruned), e.g. after :func:`~nncompress.prune.iterative_prune_` or AGP."""
+    masks = pruning_masks(model)
+    changed = {
+        n: f"{100 * (1 - float(m.float().mean())):.1f}% pruned"
+        for n, m in masks.items()
+        if bool((m == 0).any())
+    }
+    skipped = {
+        n: "not pruned (not selected, or no weight below its threshold)"
+        for n, m in model.named_modules()
+        if n and isinstance(m, _WEIGHT_LAYERS) and n not in changed
+    }
+    return coverage_report("prune", model, changed, skipped)
+
+
+class PruneReport(dict):
+    """``{layer: LayerPruning}`` as :func:`prune_` always returned, plus ``coverage``: the
+    layers pruned and the weight layers left alone with the reason."""
+
+    coverage: CoverageReport | None = None
+
+
+def _prune_coverage(
+    model: nn.Module,
+    config: MagnitudeConfig,
+    layers: Mapping[str, nn.Module],
+    report: Mapping[str, LayerPruning],
+) -> CoverageReport:
+    changed = {n: f"{100 * (1 - r.kept_fraction):.1f}% pruned" for n, r in report.items()}
+    skipped = {}
+    for name, m in model.named_modules():
+        if name in layers or not name or not isinstance(m, _WEIGHT_LAYERS):
+            continue
+        skipped[name] = (
+            f"not selected (include={list(config.include)}, exclude={list(config.exclude)}, "
+            "or the layer filter)"
+        )
+    for n, r in report.items():
+        if r.kept == r.params:
+            changed.pop(n)
+            skipped[n] = "selected, but no weight fell below its threshold"
+    return coverage_report("prune", model, changed, skipped)
+
+
 def masks_from_zeros_(
     model: nn.Module,
     include: Iterable[str] = DEFAULT_INCLUDE,
     exclude: Iterable[str] = (),
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
 ) -> dict[str, int]:
     """Re-create masks from exact zeros (e.g. after loading a pruned checkpoint, or when a
     recipe resumes): every selected layer with at least one zero weight gets ``mask = w != 0``.

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import Callback, LossFn, ProgressEvent, evaluate, finetune
+from ..core.errors import ConfigError
+from ..core.progress import Progress
+from ..core.select import Selectable
+from ..engine.config import TrainConfig
+from ..engine.train import Callback, LossFn, evaluate, finetune
 from .magnitude import (
     DEFAULT_INCLUDE,
-    Filter,
     LayerPruning,
     MagnitudeConfig,
     prunable_layers,
@@ -36,13 +38,14 @@ __all__ = [
     "DropoutAdjuster",
     "adjusted_dropout",
     "agp_prune",
+    "agp_prune_",
     "agp_sparsity",
     "iterative_prune",
+    "iterative_prune_",
     "iteration_config",
 ]
 
 log = logging.getLogger(__name__)
-Progress = Callable[[ProgressEvent], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class IterationReport:
         }
 
 
-def iterative_prune(
+def iterative_prune_(
     model: nn.Module,
     config: MagnitudeConfig,
     train_loader: Iterable,
@@ -202,7 +205,7 @@ def iterative_prune(
     lr_scale: float = 0.1,
     val_loader: Iterable | None = None,
     adjust_dropout: bool = True,
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
     callbacks: Sequence[Callback] = (),
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
@@ -291,7 +294,7 @@ class AGPConfig:
     initial_sparsity : ``s_i`` at ``start_step``.
     start_step : ``t0`` (optimizer steps, counted from 0 within the training run).
     end_step : ``t0 + n * dt``, the step at which ``s_f`` is reached exactly; ``None`` = the
-        last step of the run (set by :func:`agp_prune`).
+        last step of the run (set by :func:`agp_prune_`).
     frequency : ``dt``, steps between mask updates (the end step is always an update).
     scope, per_layer (final sparsity by layer name), include, exclude : as in
         :class:`MagnitudeConfig`.
@@ -364,7 +367,7 @@ class AGPCallback(Callback):
     def __init__(
         self,
         config: AGPConfig,
-        filter: Filter | None = None,  # noqa: A002
+        filter: Selectable = None,  # noqa: A002
         dropout: DropoutAdjuster | None = None,
     ) -> None:
         if config.end_step is None:
@@ -396,7 +399,7 @@ class AGPCallback(Callback):
             self._update(model, step)
 
 
-def agp_prune(
+def agp_prune_(
     model: nn.Module,
     config: AGPConfig,
     train_loader: Iterable,
@@ -405,7 +408,7 @@ def agp_prune(
     lr_scale: float = 0.1,
     val_loader: Iterable | None = None,
     adjust_dropout: bool = True,
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
 ) -> tuple[AGPCallback, list[dict]]:
@@ -453,3 +456,13 @@ def agp_prune(
         if adjuster is not None:
             adjuster.restore()
     return cb, hist.epochs
+
+
+def iterative_prune(*args: Any, **kwargs: Any) -> list[IterationReport]:
+    """Deprecated name of :func:`iterative_prune_` (it changes the model in place)."""
+    return iterative_prune_(*args, **kwargs)
+
+
+def agp_prune(*args: Any, **kwargs: Any) -> tuple[AGPCallback, list[dict]]:
+    """Deprecated name of :func:`agp_prune_` (it changes the model in place)."""
+    return agp_prune_(*args, **kwargs)

@@ -10,7 +10,6 @@ the tolerance that reaches an overall sparsity target.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,17 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.checkpoint import atomic_write
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent, evaluate
-from .magnitude import (
-    DEFAULT_INCLUDE,
-    Filter,
-    _check_sparsity,
-    folded_copy,
-    magnitude_mask,
-    prunable_layers,
-)
+from ..core.errors import ConfigError
+from ..core.files import atomic_write, atomic_write_json
+from ..core.modules import folded_copy
+from ..core.progress import Progress, progress_task
+from ..core.select import Selectable
+from ..engine.train import evaluate
+from .magnitude import DEFAULT_INCLUDE, _check_sparsity, magnitude_mask, prunable_layers
 
 __all__ = [
     "DEFAULT_SPARSITIES",
@@ -44,7 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Progress = Callable[[ProgressEvent], None]
 
 #: default grid 0.1, 0.2, ..., 0.9, 0.95
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -103,7 +97,7 @@ def sensitivity_analysis(
     *,
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = (),
-    filter: Filter | None = None,  # noqa: A002
+    filter: Selectable = None,  # noqa: A002
     max_batches: int | None = None,
     progress: Progress | None = None,
 ) -> SensitivityResult:
@@ -121,11 +115,9 @@ def sensitivity_analysis(
             f"no prunable layer matched include={list(include)} exclude={list(exclude)}"
         )
     total = len(layers) * len(grid) + 1
-    if progress:
-        progress(ProgressEvent("start", "sensitivity", total=total))
-    try:
+    with progress_task(progress, "sensitivity", total) as task:
         base = evaluate(work, val_loader, max_batches=max_batches)
-        done = 1
+        task.completed = 1
         curves: dict[str, list[float]] = {}
         for name, m in layers.items():
             original = m.weight.detach().clone()  # (layer weight shape)
@@ -135,23 +127,10 @@ def sensitivity_analysis(
                 mask = magnitude_mask(original, s, nonzero)
                 m.weight.copy_(original * mask)
                 accs.append(evaluate(work, val_loader, max_batches=max_batches)["accuracy"])
-                done += 1
-                if progress:
-                    progress(
-                        ProgressEvent(
-                            "advance",
-                            "sensitivity",
-                            total=total,
-                            completed=done,
-                            info={"layer": name, "sparsity": s},
-                        )
-                    )
+                task.advance(layer=name, sparsity=s)
             m.weight.copy_(original)
             curves[name] = accs
             log.info("sensitivity %s: %s", name, dict(zip(grid, accs, strict=True)))
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "sensitivity"))
     return SensitivityResult(
         sparsities=grid,
         curves=curves,
@@ -182,6 +161,67 @@ def thresholds_from_sensitivity(
             best = s
         out[name] = best
     return out
+
+
+def _loss_curves(result: SensitivityResult, names: list[str]) -> dict[str, list[float]]:
+    """Accuracy loss of every layer at every grid point, made non-increasing in accuracy (a
+    running minimum)."""
+    loss: dict[str, list[float]] = {}
+    for n in names:
+        run, acc_min = [], result.baseline
+        for a in result.curves[n]:
+            acc_min = min(acc_min, a)
+            run.append(result.baseline - acc_min)
+        loss[n] = run
+    return loss
+
+
+def _greedy_moves(
+    result: SensitivityResult,
+    loss: dict[str, list[float]],
+    pos: dict[str, int],
+    per: dict[str, float],
+    enough: Callable[[dict[str, float]], bool],
+) -> None:
+    """Move layers up the grid, smallest loss per weight removed first, until ``enough(per)``;
+    then step layers back down while it still holds, largest loss saved per weight given back
+    first (the last move may overshoot). Updates ``pos`` and ``per`` in place."""
+    names, grid = list(result.curves), result.sparsities
+    while not enough(per):
+        best: tuple[float, float, str, int] | None = None
+        for n in names:
+            cur_loss = loss[n][pos[n]] if pos[n] >= 0 else 0.0
+            cur_s = per[n]
+            for j in range(pos[n] + 1, len(grid)):
+                gain = (grid[j] - cur_s) * result.params[n]
+                if gain <= 0:
+                    continue
+                ratio = max(0.0, loss[n][j] - cur_loss) / gain
+                key = (ratio, -gain, n, j)
+                if best is None or key < best:
+                    best = key
+        if best is None:  # pragma: no cover - excluded by the reachability check
+            break
+        _, _, n, j = best
+        pos[n], per[n] = j, grid[j]
+    while True:
+        undo: tuple[float, str, int] | None = None
+        for n in names:
+            if pos[n] < 0:
+                continue
+            j = pos[n] - 1
+            trial = {**per, n: grid[j] if j >= 0 else 0.0}
+            if not enough(trial):
+                continue
+            saved = loss[n][pos[n]] - (loss[n][j] if j >= 0 else 0.0)
+            back = (per[n] - trial[n]) * result.params[n]
+            key = (-saved / back, n, j)
+            if undo is None or key < undo:
+                undo = key
+        if undo is None:
+            break
+        _, n, j = undo
+        pos[n], per[n] = j, grid[j] if j >= 0 else 0.0
 
 
 def sparsities_for_budget(
@@ -238,53 +278,11 @@ def sparsities_for_budget(
             f"target_sparsity={target_sparsity}: no tolerated drop in {drops[-1]} points reaches "
             "it with method='uniform'"
         )
-    # greedy: drop[n][j] = accuracy loss at grid point j (non-increasing accuracy assumed)
-    loss: dict[str, list[float]] = {}
-    for n in names:
-        run, acc_min = [], result.baseline
-        for a in result.curves[n]:
-            acc_min = min(acc_min, a)
-            run.append(result.baseline - acc_min)
-        loss[n] = run
+    # greedy: loss[n][j] = accuracy loss at grid point j (non-increasing accuracy assumed)
+    loss = _loss_curves(result, names)
     pos = {n: -1 for n in names}  # -1 = unpruned
     per = {n: 0.0 for n in names}
-    while reached(per) < target_sparsity - 1e-12:
-        best: tuple[float, float, str, int] | None = None
-        for n in names:
-            cur_loss = loss[n][pos[n]] if pos[n] >= 0 else 0.0
-            cur_s = per[n]
-            for j in range(pos[n] + 1, len(grid)):
-                gain = (grid[j] - cur_s) * result.params[n]
-                if gain <= 0:
-                    continue
-                ratio = max(0.0, loss[n][j] - cur_loss) / gain
-                key = (ratio, -gain, n, j)
-                if best is None or key < best:
-                    best = key
-        if best is None:  # pragma: no cover - excluded by the reachability check
-            break
-        _, _, n, j = best
-        pos[n], per[n] = j, grid[j]
-    # the last move may overshoot: step layers back down while the target still holds, the
-    # largest loss saved per weight given back first
-    while True:
-        undo: tuple[float, str, int] | None = None
-        for n in names:
-            if pos[n] < 0:
-                continue
-            j = pos[n] - 1
-            trial = {**per, n: grid[j] if j >= 0 else 0.0}
-            if reached(trial) < target_sparsity - 1e-12:
-                continue
-            saved = loss[n][pos[n]] - (loss[n][j] if j >= 0 else 0.0)
-            back = (per[n] - trial[n]) * result.params[n]
-            key = (-saved / back, n, j)
-            if undo is None or key < undo:
-                undo = key
-        if undo is None:
-            break
-        _, n, j = undo
-        pos[n], per[n] = j, grid[j] if j >= 0 else 0.0
+    _greedy_moves(result, loss, pos, per, lambda p: reached(p) >= target_sparsity - 1e-12)
     predicted = sum(loss[n][pos[n]] for n in names if pos[n] >= 0)
     return predicted, per
 
@@ -319,7 +317,6 @@ def write_sensitivity(
     """Write ``sensitivity.json`` and ``sensitivity.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
     js = out_dir / "sensitivity.json"
-    blob = json.dumps(result.to_dict(), indent=2, sort_keys=True)
-    atomic_write(js, lambda tmp: tmp.write_text(blob))
+    atomic_write_json(js, result.to_dict(), indent=2, sort_keys=True)
     png = plot_sensitivity(result, out_dir / "sensitivity.png", title)
     return {"json": js, "png": png}

@@ -28,11 +28,11 @@ network; the paper's "prune once and retrain").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import fnmatch
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent
+from ..core.convs import describe_conv
+from ..core.coverage import CoverageReport, LayerOutcome
+from ..core.errors import ConfigError
+from ..core.policy import Policy
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector
+from ..core.validate import check as _check
 from .graph import ChannelGroup, DependencyGraph, LayerCut, build_dependency_graph
 from .thin import apply_cuts_
 
@@ -73,11 +78,6 @@ def filter_norms(weight: torch.Tensor, p: int = 1) -> torch.Tensor:
         raise ValueError(f"p={p}: must be 1 or 2")
     flat = weight.detach().reshape(weight.shape[0], -1)  # (C_out, C_in*k_h*k_w)
     return flat.abs().sum(1) if p == 1 else flat.pow(2).sum(1).sqrt()  # (C_out,)
-
-
-def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,23 @@ class FilterPruneConfig:
             _check(isinstance(pat, str), "exclude", pat, "must be fnmatch patterns (strings)")
         _check(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
 
+    @property
+    def selector(self) -> LayerSelector:
+        """The producers this config may prune (a group is skipped when any producer is
+        excluded)."""
+        return LayerSelector(exclude=self.exclude)
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> FilterPruneConfig:
+        """``per_layer`` ratios (and criterion, min_channels) of a :class:`~nncompress.core.Policy`."""
+        if not policy.filter:
+            raise ConfigError("policy.filter is empty: this policy prunes no filters")
+        return cls(
+            per_layer=dict(policy.filter),
+            criterion=policy.criterion,
+            min_channels=policy.min_channels,
+        )
+
     def replace(self, **changes: Any) -> FilterPruneConfig:
         return dataclasses.replace(self, **changes)
 
@@ -204,13 +221,51 @@ class FilterPruneReport:
     layers: list[dict] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)
     plan: dict[str, list[int]] = field(default_factory=dict)
+    coverage: CoverageReport | None = None
 
     @property
     def macs_kept(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "macs_kept": self.macs_kept}
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "coverage"
+        }
+        out = copy.deepcopy(out)
+        out["coverage"] = self.coverage.to_dict() if self.coverage else None
+        return {**out, "macs_kept": self.macs_kept}
+
+
+def _filter_coverage(
+    model_before: dict[str, tuple[str, int]],
+    params_total: int,
+    graph: DependencyGraph,
+    thinned: list[str],
+    config: FilterPruneConfig,
+) -> CoverageReport:
+    """Layers thinned, and the Conv/Linear producers left whole with the reason."""
+    changed = {n: "channels removed" for n in thinned}
+    skipped: dict[str, str] = {}
+    sel = config.selector
+    for g in graph.groups:
+        fixed = sorted({r for r in g.reasons if r})
+        for p in g.producers:
+            if p in changed or p in skipped:
+                continue
+            if g.num_prunable == 0:
+                skipped[p] = "its channels cannot be removed: " + "; ".join(fixed[:2])
+            elif not all(sel(q, None) for q in g.producers):
+                skipped[p] = f"excluded (exclude={list(config.exclude)})"
+            else:
+                skipped[p] = "none of its group's channels were chosen"
+    rows = []
+    for status, entries in (("changed", changed), ("skipped", skipped)):
+        for name, detail in entries.items():
+            t, n = model_before.get(name, ("?", 0))
+            rows.append(LayerOutcome(name, t, n, status, detail))
+    order = {name: i for i, name in enumerate(model_before)}
+    rows.sort(key=lambda x: order.get(x.name, len(order)))
+    return CoverageReport("prune-filters", rows, params_total)
 
 
 def group_scores(
@@ -243,8 +298,9 @@ def group_scores(
     return out
 
 
-def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(p, pat) for p in group.producers for pat in patterns)
+def _excluded(group: ChannelGroup, selector: LayerSelector) -> bool:
+    """A group is left alone when the selector rejects any of its producers."""
+    return not all(selector.matches_name(p) for p in group.producers)
 
 
 def _n_remove(group: ChannelGroup, ratio: float, min_channels: int) -> int:
@@ -260,7 +316,7 @@ def _choose(
     per_group: dict[int, float] | None,
 ) -> dict[int, list[int]]:
     removed: dict[int, list[int]] = {}
-    active = [g for g in graph.groups if g.num_prunable and not _excluded(g, config.exclude)]
+    active = [g for g in graph.groups if g.num_prunable and not _excluded(g, config.selector)]
     if config.scope == "layer" or per_group is not None:
         for g in active:
             r = per_group.get(g.index) if per_group is not None else ratio
@@ -313,7 +369,7 @@ def plan_filters(
     example_input: torch.Tensor,
     *,
     graph: DependencyGraph | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> FilterPlan:
     """Choose the channels to remove (nothing is changed). See :func:`prune_filters_`."""
     graph = graph or build_dependency_graph(model, example_input)
@@ -359,19 +415,15 @@ def plan_filters(
             f"(keeping min_channels={config.min_channels}, exclude={list(config.exclude)}) "
             f"keeps {best.macs_after / macs_before:.3f} of the MACs"
         )
-    if progress:
-        progress(ProgressEvent("start", "macs-bisection", total=_BISECT_STEPS))
-    for step in range(_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        trial = evaluate(mid)
-        if trial.macs_after <= target:
-            hi, best = mid, trial
-        else:
-            lo = mid
-        if progress:
-            progress(ProgressEvent("advance", "macs-bisection", _BISECT_STEPS, step + 1))
-    if progress:
-        progress(ProgressEvent("end", "macs-bisection"))
+    with progress_task(progress, "macs-bisection", _BISECT_STEPS) as task:
+        for _ in range(_BISECT_STEPS):
+            mid = 0.5 * (lo + hi)
+            trial = evaluate(mid)
+            if trial.macs_after <= target:
+                hi, best = mid, trial
+            else:
+                lo = mid
+            task.advance()
     log.info(
         "macs_budget=%.3f: ratio %.4f keeps %.4f of the MACs",
         config.macs_budget,
@@ -383,17 +435,18 @@ def plan_filters(
 
 def prune_filters_(
     model: nn.Module,
-    config: FilterPruneConfig,
+    config: FilterPruneConfig | Policy,
     example_input: torch.Tensor,
     *,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> FilterPruneReport:
     """Score filters, choose the channels to remove and thin ``model`` in place.
 
     Parameters
     ----------
     model : a trained model (any architecture :mod:`nncompress.prune.graph` can trace).
-    config : :class:`FilterPruneConfig`.
+    config : :class:`FilterPruneConfig`, or a :class:`~nncompress.core.Policy` (its per-layer
+        filter ratios, e.g. from a policy search).
     example_input : one batch of inputs, used to trace shapes and count MACs.
     progress : receives :class:`~nncompress.engine.ProgressEvent` during the MAC bisection.
 
@@ -402,10 +455,21 @@ def prune_filters_(
     FilterPruneReport : params and MACs before/after, per layer and in total, and the plan.
         Retrain afterwards (:func:`nncompress.engine.finetune`).
     """
+    if isinstance(config, Policy):
+        config = FilterPruneConfig.from_policy(config)
     graph = build_dependency_graph(model, example_input)
     chosen = plan_filters(model, config, example_input, graph=graph, progress=progress)
     macs_before = graph.macs()
     macs_after = graph.macs(chosen.cuts)
+    before = {
+        n: (
+            describe_conv(m) if isinstance(m, nn.Conv1d | nn.Conv2d) else type(m).__name__,
+            sum(p.numel() for p in m.parameters()),
+        )  # fmt: skip
+        for n, m in model.named_modules()
+        if n
+    }
+    params_total = sum(p.numel() for p in model.parameters())
     thin = apply_cuts_(model, chosen.cuts, graph)
     layers = []
     for row in thin.layers:
@@ -433,6 +497,10 @@ def prune_filters_(
         groups=groups,
         plan=chosen.plan,
     )
+    report.coverage = _filter_coverage(
+        before, params_total, graph, [row["name"] for row in thin.layers], config
+    )
+    report.coverage.warn()
     log.info(
         "filter pruning (%s, %s): MACs %d -> %d (%.1f%% kept), params %d -> %d",
         config.criterion,

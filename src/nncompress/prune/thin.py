@@ -5,7 +5,7 @@ feature map, and the kernels that read that feature map in the next layer. Here 
 :class:`~nncompress.prune.graph.DependencyGraph` expands a plan (output channels of a few
 Conv/Linear layers) to every coupled module (BatchNorm, depthwise convs, residual partners,
 concatenation consumers, flatten -> Linear features), and every touched module is replaced by
-an ordinary ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` holding the
+an ordinary ``nn.Conv2d`` (a copy of a conv subclass that pads in its ``forward``) / ``nn.Linear`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` holding the
 kept slices of its weights, biases and running statistics::
 
     W'_conv = W[keep_out][:, keep_in]          # (C_out', C_in', kh, kw)
@@ -27,6 +27,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.convs import is_conv_subclass, resized_conv
+from ..core.modules import plain_type as _plain_type
+from ..core.modules import set_submodule
 from .graph import DependencyGraph, GraphError, LayerCut, build_dependency_graph
 
 __all__ = ["ThinReport", "remove_channels_", "thin_module"]
@@ -86,13 +89,6 @@ def _param(new: torch.Tensor | None, old: nn.Parameter | None) -> nn.Parameter |
     return nn.Parameter(_like(new.detach().clone(), old), requires_grad=old.requires_grad)
 
 
-def _plain_type(module: nn.Module) -> type[nn.Module]:
-    """The module's class without torch's injected ``Parametrized<Cls>`` wrapper."""
-    if parametrize.is_parametrized(module):
-        return parametrize.type_before_parametrizations(module)
-    return type(module)
-
-
 def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
     """A new, smaller module holding the kept slices of ``module`` (which is left untouched).
 
@@ -118,6 +114,14 @@ def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
                     raise GraphError(
                         f"cannot remove input channels of grouped conv (groups={groups})"
                     )
+            if is_conv_subclass(module):
+                # keep the subclass (and the padding its forward applies)
+                wk = _take(w, 0, ko)  # (C_out', C_in/groups, *k)
+                if not depthwise:
+                    wk = _take(wk, 1, ki)  # (C_out', C_in', *k)
+                new = resized_conv(module, _like(wk, w), _take(module.bias, 0, ko), groups=groups)
+                new.train(module.training)
+                return new
             new = _plain_type(module)(
                 n_in,
                 n_out,
@@ -178,12 +182,6 @@ def thin_module(module: nn.Module, cut: LayerCut) -> nn.Module:
     return new
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _numel(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -216,7 +214,7 @@ def apply_cuts_(
             "params_before": _numel(old),
             "params_after": _numel(new),
         }
-        _set_module(model, name, new)
+        set_submodule(model, name, new)
         report.layers.append(row)
     report.params_after = _numel(model)
     return report

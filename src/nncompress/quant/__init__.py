@@ -1,5 +1,10 @@
-"""Quantization: trained weight sharing (k-means), linear integer quantization."""
+"""Quantization: trained weight sharing (k-means, activation-weighted k-means), linear integer
+quantization, product quantization (Stock et al.), weight-only low-bit quantization without
+tracing (RTN, GPTQ, mixed precision under a size budget)."""
 
+from .awkmeans import AwareKMeansConfig, share_weights_aware_, weighted_kmeans_1d
+from .gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from .groupwise import QuantizedWeight, group_qparams, rtn_quantize
 from .kmeans import (
     KMeansConfig,
     KMeansQuantizer,
@@ -19,7 +24,9 @@ from .linear import (
     WeightFakeQuant,
     calibrate,
     convert,
+    convert_,
     fold_batchnorm,
+    fold_batchnorm_,
     layer_precisions,
     prepare,
     prepare_qat,
@@ -27,6 +34,7 @@ from .linear import (
     quantize_qat,
     quantized_float_model,
 )
+from .mixed import MixedPrecisionConfig, MixedPrecisionPlan, plan_mixed_precision, quantize_mixed_
 from .observers import (
     HistogramObserver,
     KLObserver,
@@ -38,6 +46,23 @@ from .observers import (
     percentile_threshold,
 )
 from .onnx_export import ExportError, evaluate_onnx, export_onnx, onnx_metadata, onnx_stats
+from .pq import (
+    PQFit,
+    PQWeight,
+    ProductQuantizer,
+    block_grams,
+    k_for_budget,
+    layer_rows,
+    output_error,
+    pq_bits,
+    pq_em,
+    pq_em_grams,
+    reconstruct,
+    subvectors,
+)
+from .pq_config import PQConfig, PQLayerReport, PQReport
+from .pq_finetune import refresh_batchnorm_
+from .pq_transform import pq_from_values_, pq_layers, pq_plan, pq_quantize_
 from .primitives import (
     QParams,
     affine_qparams,
@@ -48,8 +73,36 @@ from .primitives import (
     quantize_affine,
     unpack_int4,
 )
+from .weight_only import (
+    AffineWeight,
+    LayerQuantReport,
+    WeightOnlyConfig,
+    WeightOnlyReport,
+    quantize_weights_,
+    quantized_layers,
+)
 
 __all__ = [
+    # weight-only low-bit quantization (groupwise, gptq, weight_only) and aware k-means
+    "AffineWeight",
+    "AwareKMeansConfig",
+    "HessianAccumulator",
+    "LayerQuantReport",
+    "MixedPrecisionConfig",
+    "MixedPrecisionPlan",
+    "plan_mixed_precision",
+    "quantize_mixed_",
+    "QuantizedWeight",
+    "WeightOnlyConfig",
+    "WeightOnlyReport",
+    "gptq_quantize",
+    "group_qparams",
+    "layer_output_error",
+    "quantize_weights_",
+    "quantized_layers",
+    "rtn_quantize",
+    "share_weights_aware_",
+    "weighted_kmeans_1d",
     # linear integer quantization (primitives, observers, linear, onnx_export)
     "ActivationQuantizer",
     "PTQConfig",
@@ -57,7 +110,9 @@ __all__ = [
     "WeightFakeQuant",
     "calibrate",
     "convert",
+    "convert_",
     "fold_batchnorm",
+    "fold_batchnorm_",
     "layer_precisions",
     "prepare",
     "prepare_qat",
@@ -95,4 +150,25 @@ __all__ = [
     "share_weights_",
     "shared_layers",
     "sharing_compression_rate",
+    # product quantization (pq, pq_config, pq_finetune, pq_transform)
+    "PQConfig",
+    "PQFit",
+    "PQLayerReport",
+    "PQReport",
+    "PQWeight",
+    "ProductQuantizer",
+    "block_grams",
+    "k_for_budget",
+    "layer_rows",
+    "output_error",
+    "pq_bits",
+    "pq_em",
+    "pq_em_grams",
+    "pq_from_values_",
+    "pq_layers",
+    "pq_plan",
+    "pq_quantize_",
+    "reconstruct",
+    "refresh_batchnorm_",
+    "subvectors",
 ]

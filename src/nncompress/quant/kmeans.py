@@ -20,9 +20,9 @@ Three API layers:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +31,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..engine.config import ConfigError
-from ..engine.train import ProgressEvent
+from ..core.coverage import CoverageReport, coverage_report
+from ..core.errors import ConfigError
+from ..core.policy import Policy
+from ..core.progress import Progress, progress_task
+from ..core.select import LayerSelector, Selectable
+from ..core.validate import check as _check
 
 __all__ = [
     "INITS",
@@ -52,10 +56,13 @@ log = logging.getLogger(__name__)
 
 INITS = ("linear", "density", "forgy")
 CENTROID_GRADS = ("mean", "sum")
-MAX_BITS = 8
+MAX_BITS = 16
+REBUILD_MAX_VALUES = 2**8  # share_from_values_: layers with at most this many distinct values
 
-LayerFilter = Callable[[str, nn.Module], bool]
-Progress = Callable[[ProgressEvent], None]
+#: what ``filter=`` accepts (a LayerSelector, a predicate, names/globs): kept for old imports
+LayerFilter = Selectable
+#: the layer types weight sharing applies to
+SHAREABLE = LayerSelector(fn=lambda name, m: _shareable(m))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,11 +310,6 @@ def sharing_compression_rate(n: int, k: int, weight_bits: int = 32) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _check(cond: bool, field_: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_}={value!r}: {allowed}")
-
-
 def _valid_bits(b: Any) -> bool:
     return isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS
 
@@ -317,12 +319,16 @@ class KMeansConfig:
     """How to share weights: bits per layer type, per-layer overrides, k-means settings.
 
     Defaults follow Deep Compression: 8 bits (256 shared values) for conv layers, 5 bits (32)
-    for fully connected layers; ``per_layer`` maps a module name (``'fc1'``) to its bits.
+    for fully connected layers (Linear and Hugging Face Conv1D); ``bits_embedding`` for
+    ``nn.Embedding`` tables. ``per_layer`` maps a module name (``'fc1'``) or an fnmatch pattern
+    (``'encoder.*.query'``) to its bits: an exact name wins, then the first matching pattern.
+    Bits go up to 16 (65,536 shared values).
     """
 
     bits_conv: int = 8
     bits_fc: int = 5
     per_layer: dict[str, int] = field(default_factory=dict)
+    bits_embedding: int = 8
     init: str = "linear"
     max_iter: int = 300
     seed: int = 0
@@ -333,6 +339,12 @@ class KMeansConfig:
             _valid_bits(self.bits_conv), "bits_conv", self.bits_conv, f"must be in [1, {MAX_BITS}]"
         )
         _check(_valid_bits(self.bits_fc), "bits_fc", self.bits_fc, f"must be in [1, {MAX_BITS}]")
+        _check(
+            _valid_bits(self.bits_embedding),
+            "bits_embedding",
+            self.bits_embedding,
+            f"must be in [1, {MAX_BITS}]",
+        )
         _check(isinstance(self.per_layer, dict), "per_layer", self.per_layer, "must be a mapping")
         for name, b in self.per_layer.items():
             _check(
@@ -356,10 +368,23 @@ class KMeansConfig:
             "must be an integer >= 1",
         )
 
+    @classmethod
+    def from_policy(cls, policy: Policy) -> KMeansConfig:
+        """``per_layer`` bits of a :class:`~nncompress.core.Policy` (a searched policy)."""
+        if not policy.bits:
+            raise ConfigError("policy.bits is empty: this policy shares no weights")
+        return cls(per_layer=dict(policy.bits))
+
     def bits_for(self, name: str, module: nn.Module) -> int:
         if name in self.per_layer:
             return self.per_layer[name]
-        return self.bits_conv if isinstance(module, nn.modules.conv._ConvNd) else self.bits_fc
+        for pattern, b in self.per_layer.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return b
+        base = _type_before(module)
+        if issubclass(base, nn.Embedding):
+            return self.bits_embedding
+        return self.bits_conv if issubclass(base, nn.modules.conv._ConvNd) else self.bits_fc
 
 
 class SharedWeight(nn.Module):
@@ -408,6 +433,11 @@ class SharedWeight(nn.Module):
     def k(self) -> int:
         return int(self.codebook.numel())
 
+    def storage_hint(self) -> dict[str, Any]:
+        """For :func:`nncompress.io.save_compressed`: at most ``k`` distinct values, so the
+        codebook scheme applies even above its default 256-value limit."""
+        return {"scheme": "codebook", "k": self.k}
+
 
 @dataclass
 class LayerShareReport:
@@ -425,30 +455,29 @@ class LayerShareReport:
 @dataclass
 class ShareReport:
     layers: list[LayerShareReport] = field(default_factory=list)
+    coverage: CoverageReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": [vars(r) for r in self.layers]}
+        out: dict[str, Any] = {"layers": [vars(r) for r in self.layers]}
+        if self.coverage is not None:
+            out["coverage"] = self.coverage.to_dict()
+        return out
 
 
-def _default_filter(name: str, module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+def _shareable(m: nn.Module) -> bool:
+    """Linear, Conv, Embedding, or a Hugging Face Conv1D (recognised without importing it)."""
+    base = _type_before(m)
+    if issubclass(base, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)):
+        return True
+    return base.__name__ == "Conv1D" and hasattr(m, "nf")
 
 
 def _type_before(m: nn.Module) -> type:
     return parametrize.type_before_parametrizations(m)
 
 
-def _candidates(model: nn.Module, filter: LayerFilter | None) -> list[tuple[str, nn.Module]]:
-    filt = filter or _default_filter
-    out = []
-    for name, m in model.named_modules():
-        base = _type_before(m)
-        if not issubclass(base, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
-        if not filt(name, m):
-            continue
-        out.append((name, m))
-    return out
+def _candidates(model: nn.Module, filter: Selectable) -> list[tuple[str, nn.Module]]:
+    return list((SHAREABLE & filter).select(model).items())
 
 
 def shared_layers(model: nn.Module) -> dict[str, SharedWeight]:
@@ -478,11 +507,46 @@ def _install(
     return p
 
 
+def _share_layer(
+    name: str, m: nn.Module, cfg: KMeansConfig, bits: int
+) -> tuple[LayerShareReport, SharedWeight]:
+    """Cluster one layer's surviving weights and install its :class:`SharedWeight`."""
+    with torch.no_grad():
+        w = m.weight.detach()  # effective weight (after any pruning mask)
+    mask = w != 0  # the mask wins: zeros are pruned, not a cluster
+    survivors = w[mask]  # (nnz,)
+    k = 2**bits
+    if survivors.numel() == 0:
+        codebook = torch.zeros(k, dtype=w.dtype)
+        indices = torch.zeros_like(w, dtype=torch.int64)
+        inertia = 0.0
+    else:
+        q = KMeansQuantizer(bits, cfg.init, cfg.max_iter, random_state=cfg.seed)
+        q.fit(survivors)
+        codebook = q.codebook_
+        indices = torch.zeros(w.shape, dtype=torch.int64)
+        indices[mask.cpu()] = q.labels_
+        inertia = q.inertia_
+    p = _install(m, codebook, indices, mask, cfg.centroid_grad)
+    nnz = int(mask.sum())
+    log.info("shared %s: %d weights -> %d values (%d bits)", name, nnz, k, bits)
+    report = LayerShareReport(
+        name=name,
+        n_weights=w.numel(),
+        n_nonzero=nnz,
+        bits=bits,
+        k=k,
+        inertia=inertia,
+        compression_rate=sharing_compression_rate(max(nnz, 1), k),
+    )
+    return report, p
+
+
 def share_weights_(
     model: nn.Module,
-    config: KMeansConfig | None = None,
+    config: KMeansConfig | Policy | None = None,
     *,
-    filter: LayerFilter | None = None,
+    filter: Selectable = None,  # noqa: A002 - torchao-style keyword
     progress: Progress | None = None,
 ) -> ShareReport:
     """Replace the weights of each selected layer by shared values, in place.
@@ -496,74 +560,115 @@ def share_weights_(
 
     Parameters
     ----------
-    filter : ``filter(name, module) -> bool`` chooses layers (default: every Linear/Conv).
+    config : :class:`KMeansConfig`, or a :class:`~nncompress.core.Policy` (its per-layer bits,
+        e.g. from a policy search; only the layers it names are shared).
+    filter : which layers (a :class:`~nncompress.core.LayerSelector`, a predicate
+        ``(name, module) -> bool`` or names/globs), among the Linear, Conv, Embedding and
+        Hugging Face Conv1D layers (default: all). Layers sharing one weight (tied) share one
+        codebook.
     """
+    if isinstance(config, Policy):
+        config = KMeansConfig.from_policy(config)
+        filter = LayerSelector(names=sorted(config.per_layer)) & filter
     cfg = config or KMeansConfig()
     layers = _candidates(model, filter)
     names = {n for n, _ in layers}
-    unknown = sorted(set(cfg.per_layer) - names)
+    unknown = sorted(
+        k
+        for k in cfg.per_layer
+        if k not in names and not any(fnmatch.fnmatchcase(n, k) for n in names)
+    )
     if unknown:
         raise ConfigError(
-            f"per_layer names {unknown} are not shareable layers of the model; "
-            f"allowed: {sorted(names)}"
+            f"per_layer names {unknown} are not shareable layers of the model (nor patterns "
+            f"matching one); allowed: {sorted(names)}"
         )
+    tied = _tied_with(layers)
+    by_name = dict(layers)
+    tied_bits: dict[str, int] = {}
+    for name, others in tied.items():
+        if others:
+            tied_bits[name] = _tied_group_bits(cfg, [name, *others], by_name)
     already = shared_layers(model)
+    tied_done: dict[str, str] = {}
     report = ShareReport()
-    if progress:
-        progress(ProgressEvent("start", "share", total=len(layers)))
-    try:
+    with progress_task(progress, "share", len(layers)) as task:
         for i, (name, m) in enumerate(layers):
             if name in already:
                 log.info("layer %s is already shared: skipped", name)
                 continue
-            bits = cfg.bits_for(name, m)
-            with torch.no_grad():
-                w = m.weight.detach()  # effective weight (after any pruning mask)
-            mask = w != 0  # the mask wins: zeros are pruned, not a cluster
-            survivors = w[mask]  # (nnz,)
-            k = 2**bits
-            if survivors.numel() == 0:
-                codebook = torch.zeros(k, dtype=w.dtype)
-                indices = torch.zeros_like(w, dtype=torch.int64)
-                inertia = 0.0
-            else:
-                q = KMeansQuantizer(bits, cfg.init, cfg.max_iter, random_state=cfg.seed)
-                q.fit(survivors)
-                codebook = q.codebook_
-                indices = torch.zeros(w.shape, dtype=torch.int64)
-                indices[mask.cpu()] = q.labels_
-                inertia = q.inertia_
-            _install(m, codebook, indices, mask, cfg.centroid_grad)
-            nnz = int(mask.sum())
-            report.layers.append(
-                LayerShareReport(
-                    name=name,
-                    n_weights=w.numel(),
-                    n_nonzero=nnz,
-                    bits=bits,
-                    k=k,
-                    inertia=inertia,
-                    compression_rate=sharing_compression_rate(max(nnz, 1), k),
-                )
-            )
-            log.info("shared %s: %d weights -> %d values (%d bits)", name, nnz, k, bits)
-            if progress:
-                progress(
-                    ProgressEvent(
-                        "advance", "share", total=len(layers), completed=i + 1, info={"layer": name}
-                    )
-                )
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "share"))
+            twin = next((o for o in tied.get(name, []) if o in already), None)
+            if twin is not None:  # tied to a layer shared a moment ago: same parametrization
+                _install_same(m, already[twin])
+                already[name] = already[twin]
+                tied_done[name] = twin
+                log.info("layer %s is tied to %s: shares its codebook", name, twin)
+                continue
+            bits = tied_bits.get(name) or cfg.bits_for(name, m)
+            rep, already[name] = _share_layer(name, m, cfg, bits)
+            report.layers.append(rep)
+            task.advance(i + 1, layer=name)
+    changed = {r.name: f"{r.bits} bits" for r in report.layers}
+    changed.update({n: f"tied to {t}" for n, t in tied_done.items()})
+    skipped = {
+        n: "not selected by the layer filter"
+        for n, m in model.named_modules()
+        if n and _shareable(m) and n not in names
+    }
+    skipped.update({n: "already shared" for n in names if n not in changed})
+    report.coverage = coverage_report("share", model, changed, skipped)
+    report.coverage.warn()
     return report
+
+
+def _tied_with(layers: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """For each layer whose weight tensor another selected layer also holds (a tied embedding
+    and LM head), the names of those other layers."""
+    by_id: dict[int, list[str]] = {}
+    for name, m in layers:
+        w = (
+            m.parametrizations["weight"].original
+            if parametrize.is_parametrized(m, "weight")
+            else m.weight
+        )
+        by_id.setdefault(id(w), []).append(name)
+    return {n: [o for o in group if o != n] for group in by_id.values() for n in group}
+
+
+def _tied_group_bits(cfg: KMeansConfig, names: list[str], modules: dict) -> int:
+    """Bits of layers sharing one weight: their explicit per_layer bits (which must agree),
+    else ``bits_embedding`` when one of them is an embedding, else the first one's default."""
+    explicit = set()
+    for n in names:
+        if n in cfg.per_layer:
+            explicit.add(cfg.per_layer[n])
+        else:
+            hit = next((b for p, b in cfg.per_layer.items() if fnmatch.fnmatchcase(n, p)), None)
+            if hit is not None:
+                explicit.add(hit)
+    if len(explicit) > 1:
+        raise ConfigError(
+            f"layers {names} share one weight (tied) but per_layer gives them different bits "
+            f"{sorted(explicit)}; give them the same bits"
+        )
+    if explicit:
+        return explicit.pop()
+    if any(issubclass(_type_before(modules[n]), nn.Embedding) for n in names):
+        return cfg.bits_embedding
+    return cfg.bits_for(names[0], modules[names[0]])
+
+
+def _install_same(module: nn.Module, p: SharedWeight) -> None:
+    """Register an existing :class:`SharedWeight` on ``module`` too (tied weights stay tied)."""
+    parametrize.register_parametrization(module, "weight", p)
+    module.parametrizations["weight"].original.requires_grad_(False)
 
 
 def share_from_values_(
     model: nn.Module,
     *,
-    max_values: int = 2**MAX_BITS,
-    filter: LayerFilter | None = None,
+    max_values: int = REBUILD_MAX_VALUES,
+    filter: Selectable = None,  # noqa: A002
     centroid_grad: str = "mean",
 ) -> list[str]:
     """Rebuild the shared-weight parametrization from weights that take few distinct values.

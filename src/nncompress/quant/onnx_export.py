@@ -1,46 +1,73 @@
 """Integer deployment through ONNX: export a quantized model in QDQ form and run it with ORT.
 
-Why the graph is built here with ``onnx.helper`` from the ``torch.fx`` graph instead of
-``torch.onnx.export``: torch 2.13's exporter defaults to the dynamo path (which needs the extra
-``onnxscript`` package) and neither path knows our fake-quant modules; writing the nodes
-ourselves puts every QuantizeLinear/DequantizeLinear exactly where the PyTorch simulation
-quantizes, stores weights as real int8 / packed int4 initializers, and keeps the supported set
-explicit (Conv, Linear, ReLU, pooling, Add, Flatten, BatchNorm). Anything else raises an error
-naming the module or function.
+The graph comes from ``torch.onnx.export`` (the TorchScript exporter, which needs no extra
+package), so every operator torch and onnxruntime support exports: zero padding, ReLU6 (``Clip``),
+SiLU (``Sigmoid`` + ``Mul``), Hardswish, squeeze-and-excitation gates, residual additions,
+``nn.Conv2d`` subclasses that pad in their own ``forward``, and so on. Nothing is whitelisted.
 
-Format (ONNX opset 21, "QDQ"): a quantized layer reads ``DequantizeLinear(int8 weight, per-channel
-scale)`` and ``DequantizeLinear(int32 bias, scale = s_in * s_w)``, its input comes from a
-``DequantizeLinear`` and its output (after a fused ReLU) goes to a ``QuantizeLinear``. ONNX
-Runtime recognises these patterns and runs QLinearConv / QGemm / QLinearAdd /
-QLinearGlobalAveragePool integer kernels (int8 x int8 accumulated in int32); ReLU disappears into
-the output quantization (its zero point equals ``qmin``). INT4 weights are stored as opset-21
-``INT4`` tensors (two per byte, so the file is ~8x smaller than fp32); ONNX Runtime has no int4
-convolution/GEMM kernel for this pattern, so those layers dequantize their weights to float at
-session start and run in float (the benefit is size, not speed) - see docs/quantization.md.
+How the quantized model becomes a QDQ file (ONNX opset 21):
+
+1. An export copy of the fake-quantized ``GraphModule`` replaces every
+   :class:`~.fakequant.ActivationQuantizer` by ``torch.fake_quantize_per_tensor_affine`` with its
+   frozen scale and zero point, and every weight by its dequantized value ``scale * q`` behind
+   ``torch.fake_quantize_per_channel_affine`` (or per tensor); the exporter writes both as
+   ``QuantizeLinear`` -> ``DequantizeLinear`` pairs at exactly the places the PyTorch
+   simulation quantizes.
+2. A pass over the ONNX graph folds every ``QuantizeLinear`` of a constant weight into an
+   integer initializer (``INT8``, or ``INT4`` packed two per byte for 4-bit layers) read by the
+   ``DequantizeLinear``, and turns the float bias of a Conv / Gemm whose input and weight are
+   dequantized into an ``INT32`` initializer with scale ``s_in * s_w`` (zero point 0) - the
+   pattern onnxruntime fuses into ``QLinearConv`` / ``QGemm``. The file then holds no float
+   weights.
+
+onnxruntime (CPU) fuses the QDQ patterns into integer kernels (``QLinearConv`` for regular and
+depthwise convolutions, ``QGemm``, ``QLinearAdd``, ``QLinearMul``, ``QLinearGlobalAveragePool``,
+``QLinearSigmoid``) and drops a ``Relu`` / ``Clip`` (ReLU, ReLU6) before a ``QuantizeLinear``
+whose range it contains; anything else runs in float between a ``DequantizeLinear`` and a
+``QuantizeLinear``. INT4 layers have no integer kernel (see :mod:`.onnx_run`).
+
+Why not onnxruntime's own ``quantize_static`` on the exported float graph: it calibrates its
+own ranges, so the file would not be the model the PyTorch simulation (and QAT) optimised;
+``benchmarks/mobile.py`` measures both on MobileNetV2 (accuracy and latency) and
+docs/quantization.md gives the numbers.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
-import operator
-import time
-from collections.abc import Iterable, Mapping
+import types
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F  # noqa: N812
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..engine.checkpoint import atomic_write
-from ..engine.modspec import strip_parametrizations
-from .linear import ActivationQuantizer, WeightFakeQuant, fold_batchnorm
-from .primitives import QParams, pack_int4, quantize_affine
+from ..core.convs import ConvForm, conv_form, is_conv_leaf, is_conv_subclass
+from ..core.errors import NncompressError
+from ..core.files import atomic_write
+from ..core.fx import TraceError
+from ..core.modules import set_submodule, strip_parametrizations_
+from .fakequant import ActivationQuantizer, WeightFakeQuant
+from .fold import fold_batchnorm_
+from .onnx_run import _int4_only as _int4_only  # re-exported (running the exported files)
+from .onnx_run import (
+    evaluate_onnx,
+    make_session,
+    measure_onnx_latency,
+    onnx_metadata,
+    onnx_stats,
+)
+from .primitives import pack_int4, qrange, quantize_affine
 
 __all__ = [
     "OPSET",
@@ -55,91 +82,47 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 OPSET = 21
-_ONNX_DTYPE = {
-    "int8": TensorProto.INT8,
-    "uint8": TensorProto.UINT8,
-    "int4": TensorProto.INT4,
-    "uint4": TensorProto.UINT4,
-}
-_NP_DTYPE = {"int8": np.int8, "uint8": np.uint8}
+_EXPORT_OPSET = 20  # the TorchScript exporter's newest
 
 
-class ExportError(ValueError):
-    """The model contains an operation the ONNX exporter does not support."""
+class ExportError(NncompressError, ValueError):
+    """The model cannot be exported to ONNX (the message names the operation or module)."""
 
 
-class _Builder:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.names: set[str] = set()
-        # tensor name -> (scale name, zero-point name, QParams) for DequantizeLinear outputs
-        self.qinfo: dict[str, tuple[str, str, QParams]] = {}
-        # DequantizeLinear output -> its QuantizeLinear output; which ones have a consumer
-        self.dq_src: dict[str, str] = {}
-        self.used: set[str] = set()
+# --------------------------------------------------------------------------------------------
+# the export copy: quantizers as torch's fake-quantize ops (exported as QuantizeLinear /
+# DequantizeLinear)
+# --------------------------------------------------------------------------------------------
 
-    def use(self, x: str) -> str:
-        """Name of ``x`` for one more consumer: every consumer of a quantized tensor gets its own
-        DequantizeLinear (onnxruntime fuses a DQ into one QLinear* node only)."""
-        if x not in self.dq_src:
-            return x
-        if x not in self.used:
-            self.used.add(x)
-            return x
-        s, z, qp = self.qinfo[x]
-        dq = self.node("DequantizeLinear", [self.dq_src[x], s, z], f"{x}_dup")
-        self.qinfo[dq] = (s, z, qp)
-        self.dq_src[dq] = self.dq_src[x]
-        self.used.add(dq)
-        return dq
 
-    def fresh(self, base: str) -> str:
-        base = base.replace(".", "_") or "t"
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+class _ActQDQ(nn.Module):
+    """A frozen activation quantizer as ``torch.fake_quantize_per_tensor_affine``."""
 
-    def init(self, base: str, array: np.ndarray) -> str:
-        name = self.fresh(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
 
-    def init_int4(self, base: str, q: torch.Tensor, dtype: str) -> str:
-        name = self.fresh(base)
-        packed = pack_int4(q).numpy().tobytes()
-        self.inits.append(
-            helper.make_tensor(name, _ONNX_DTYPE[dtype], list(q.shape), packed, raw=True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale, self.zero_point, self.qmin, self.qmax
         )
-        return name
 
-    def node(self, op: str, inputs: list[str], base: str, **attrs: Any) -> str:
-        out = self.fresh(base)
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
 
-    def qdq(self, x: str, qp: QParams, base: str) -> str:
-        """Quantize ``x`` with ``qp`` and dequantize it again (an integer tensor in between)."""
-        s = self.init(f"{base}_scale", qp.scale.numpy().astype(np.float32))
-        z = self.init(f"{base}_zp", qp.zero_point.numpy().astype(_NP_DTYPE[qp.dtype]))
-        q = self.node("QuantizeLinear", [x, s, z], f"{base}_q")
-        dq = self.node("DequantizeLinear", [q, s, z], f"{base}_dq")
-        self.qinfo[dq] = (s, z, qp)
-        self.dq_src[dq] = q
-        return dq
+class _WeightQDQ(nn.Module):
+    """Parametrization ``w -> fake_quantize(w)`` with fixed symmetric scales: ``w`` already
+    holds ``scale * q``, so the exported QuantizeLinear recovers ``q`` exactly."""
 
-    def requant(self, src: str, out: str, base: str) -> str:
-        """Re-attach ``src``'s quantization to ``out`` (grid-preserving ops: pool, flatten)."""
-        if src not in self.qinfo:
-            return out
-        s, z, qp = self.qinfo[src]
-        q = self.node("QuantizeLinear", [out, s, z], f"{base}_q")
-        dq = self.node("DequantizeLinear", [q, s, z], f"{base}_dq")
-        self.qinfo[dq] = (s, z, qp)
-        self.dq_src[dq] = q
-        return dq
+    def __init__(self, scale: torch.Tensor, per_channel: bool) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float().reshape(-1).clone())
+        self.per_channel = per_channel
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # the exporter accepts the (-128, 127) range only; int8 and int4 grids lie inside it
+        if self.per_channel:
+            zp = torch.zeros(self.scale.shape, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(w, self.scale, zp, 0, -128, 127)
+        return torch.fake_quantize_per_tensor_affine(w, float(self.scale[0]), 0, -128, 127)
 
 
 def _weight_quant(mod: nn.Module) -> WeightFakeQuant | None:
@@ -150,164 +133,412 @@ def _weight_quant(mod: nn.Module) -> WeightFakeQuant | None:
     return None
 
 
-def _layer_weight(b: _Builder, mod: nn.Module, name: str, x: str) -> tuple[str, str | None]:
-    """Emit the weight (and bias) of a Conv/Linear; returns their tensor names."""
-    wq = _weight_quant(mod)
-    bias = mod.bias.detach().float() if mod.bias is not None else None
-    if wq is None:
-        w = mod.weight.detach().float()
-        wname = b.init(f"{name}_weight", w.numpy())
-        bname = b.init(f"{name}_bias", bias.numpy()) if bias is not None else None
-        return wname, bname
-    raw = mod.parametrizations.weight.original.detach().float()
-    w = wq._masked(raw)  # (C_out, ...)
-    qp = wq.qparams(raw)
-    q = quantize_affine(
-        w, qp.scale, qp.zero_point, qp.dtype, axis=qp.axis, reduce_range=qp.reduce_range
-    )  # (C_out, ...)
-    if qp.bits == 4:
-        qname = b.init_int4(f"{name}_weight_q", q, qp.dtype)
-    else:
-        qname = b.init(f"{name}_weight_q", q.numpy())
-    sname = b.init(f"{name}_weight_scale", qp.scale.numpy().astype(np.float32))
-    zname = b.init(f"{name}_weight_zp", np.zeros(qp.scale.shape, np.int8))
-    if qp.bits == 4:  # zero point must have the weight's element type
-        b.inits.pop()
-        b.inits.append(
-            helper.make_tensor(
-                zname,
-                _ONNX_DTYPE[qp.dtype],
-                list(qp.scale.shape),
-                pack_int4(torch.zeros(qp.scale.shape, dtype=torch.int8)).numpy().tobytes(),
-                raw=True,
-            )
+@torch.no_grad()
+def _export_copy(gm: nn.Module) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of a quantized model with torch fake-quantize ops in place of our quantizers;
+    returns it and ``{weight parameter name: bits}`` of the quantized weights."""
+    out = copy.deepcopy(gm).eval()
+    bits: dict[str, int] = {}
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, ActivationQuantizer):
+            if mod.mode != "quantize":
+                raise ExportError(
+                    f"module '{name}': activation quantizer not converted; call convert_() first"
+                )
+            qp = mod.qparams()
+            qmin, qmax = qrange(qp.dtype)
+            set_submodule(out, name, _ActQDQ(float(qp.scale), int(qp.zero_point), qmin, qmax))
+            continue
+        wq = _weight_quant(mod)
+        if wq is None:
+            continue
+        raw = mod.parametrizations.weight.original.detach().float()
+        w = wq._masked(raw)  # (C_out, ...)
+        qp = wq.qparams(raw)
+        q = quantize_affine(
+            w, qp.scale, qp.zero_point, qp.dtype, axis=qp.axis, reduce_range=qp.reduce_range
+        )  # (C_out, ...) integers
+        scale = qp.scale.float()
+        shape = (-1,) + (1,) * (q.dim() - 1) if qp.axis is not None else ()
+        deq = q.float() * scale.reshape(shape)  # (C_out, ...) = scale * q exactly
+        strip_parametrizations_(mod)
+        mod.weight = nn.Parameter(deq, requires_grad=False)
+        parametrize.register_parametrization(
+            mod, "weight", _WeightQDQ(scale, qp.axis is not None), unsafe=True
         )
-    axis = {"axis": 0} if qp.axis is not None else {}
-    wname = b.node("DequantizeLinear", [qname, sname, zname], f"{name}_weight", **axis)
-    bname = None
-    if bias is not None:
-        if x in b.qinfo:
-            # int32 bias with scale s_in * s_w (zero point 0), the pattern ORT fuses
-            s_in = b.qinfo[x][2].scale
-            bscale = (s_in * qp.scale).float()  # (C_out,) or ()
-            qb = torch.round(bias / bscale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
-            qbn = b.init(f"{name}_bias_q", qb.numpy())
-            bsn = b.init(f"{name}_bias_scale", bscale.numpy().astype(np.float32))
-            bzn = b.init(f"{name}_bias_zp", np.zeros(bscale.shape, np.int32))
-            bname = b.node("DequantizeLinear", [qbn, bsn, bzn], f"{name}_bias", **axis)
-        else:
-            bname = b.init(f"{name}_bias", bias.numpy())
-    return wname, bname
+        bits[f"{name}.parametrizations.weight.original"] = qp.bits
+    return out, bits
 
 
-def _pair(v: Any) -> list[int]:
-    return list(v) if isinstance(v, tuple | list) else [int(v), int(v)]
-
-
-def _module_node(b: _Builder, mod: nn.Module, name: str, x: str) -> str:
-    if isinstance(mod, nn.Conv2d):
-        if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-            raise ExportError(
-                f"module '{name}': Conv2d padding={mod.padding!r}, padding_mode="
-                f"{mod.padding_mode!r} not supported (need integer padding, 'zeros')"
-            )
-        w, bias = _layer_weight(b, mod, name, x)
-        ph, pw = mod.padding
-        inputs = [x, w] + ([bias] if bias else [])
-        return b.node(
-            "Conv",
-            inputs,
-            name,
-            kernel_shape=list(mod.kernel_size),
-            strides=list(mod.stride),
-            pads=[ph, pw, ph, pw],
-            dilations=list(mod.dilation),
-            group=mod.groups,
-        )
-    if isinstance(mod, nn.Linear):
-        w, bias = _layer_weight(b, mod, name, x)
-        inputs = [x, w] + ([bias] if bias else [])
-        return b.node("Gemm", inputs, name, transB=1)
-    if isinstance(mod, ActivationQuantizer):
-        if mod.mode != "quantize":
-            raise ExportError(f"module '{name}': quantizer not converted; call convert() first")
-        return b.qdq(x, mod.qparams(), name)
-    if isinstance(mod, nn.ReLU):
-        return b.requant(x, b.node("Relu", [x], name), name)
-    if isinstance(mod, nn.MaxPool2d):
-        if mod.return_indices:
-            raise ExportError(f"module '{name}': MaxPool2d(return_indices=True) not supported")
-        ph, pw = _pair(mod.padding)
-        out = b.node(
-            "MaxPool",
-            [x],
-            name,
-            kernel_shape=_pair(mod.kernel_size),
-            strides=_pair(mod.stride or mod.kernel_size),
-            pads=[ph, pw, ph, pw],
-            dilations=_pair(mod.dilation),
-            ceil_mode=int(mod.ceil_mode),
-        )
-        return b.requant(x, out, name)
-    if isinstance(mod, nn.AvgPool2d):
-        ph, pw = _pair(mod.padding)
-        return b.node(
-            "AveragePool",
-            [x],
-            name,
-            kernel_shape=_pair(mod.kernel_size),
-            strides=_pair(mod.stride or mod.kernel_size),
-            pads=[ph, pw, ph, pw],
-            ceil_mode=int(mod.ceil_mode),
-            count_include_pad=int(mod.count_include_pad),
-        )
-    if isinstance(mod, nn.AdaptiveAvgPool2d):
-        if _pair(mod.output_size) != [1, 1]:
-            raise ExportError(
-                f"module '{name}': AdaptiveAvgPool2d(output_size={mod.output_size}) not "
-                "supported (only 1, i.e. global average pooling)"
-            )
-        return b.node("GlobalAveragePool", [x], name)
-    if isinstance(mod, nn.Flatten):
-        if mod.end_dim != -1:
-            raise ExportError(f"module '{name}': Flatten(end_dim={mod.end_dim}) not supported")
-        return b.requant(x, b.node("Flatten", [x], name, axis=mod.start_dim), name)
-    if isinstance(mod, nn.BatchNorm2d):
-        arrays = [
-            mod.weight if mod.affine else torch.ones(mod.num_features),
-            mod.bias if mod.affine else torch.zeros(mod.num_features),
-            mod.running_mean,
-            mod.running_var,
-        ]
-        names = [
-            b.init(f"{name}_{k}", t.detach().float().numpy())
-            for k, t in zip(("scale", "bias", "mean", "var"), arrays, strict=True)
-        ]
-        return b.node("BatchNormalization", [x, *names], name, epsilon=mod.eps)
-    raise ExportError(
-        f"module '{name}' of type {type(mod).__name__} is not supported by the ONNX exporter "
-        "(supported: Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Flatten, "
-        "BatchNorm2d, Dropout, Identity)"
-    )
-
-
-def _arg(node: fx.Node, i: int, key: str, default: Any) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(key, default)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
-        return model
-    model = copy.deepcopy(model).eval()
-    fold_batchnorm(model)
-    strip_parametrizations(model)
+def _float_copy(model: nn.Module) -> nn.Module:
+    out = copy.deepcopy(model).eval()
     try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:
-        raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
-    return gm
+        fold_batchnorm_(out)  # onnxruntime fuses BatchNorm too; folding keeps the file smaller
+    except (TraceError, ValueError):
+        strip_parametrizations_(out)
+    return out
+
+
+def _padded_forward(pad: tuple[int, ...], padding: tuple[int, ...]):
+    def forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if any(pad):
+            x = F.pad(x, list(pad))  # constant amounts: one Pad node the Conv absorbs
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    return forward
+
+
+@torch.no_grad()
+def _freeze_conv_padding_(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Give every recognised conv subclass (padding computed in its ``forward``) a forward with
+    its padding for ``input_shape`` as constants, so the exporter writes ``Pad`` with constant
+    amounts (folded into the ``Conv`` by :func:`_fold_pads`) instead of shape arithmetic."""
+    subs = {
+        id(m): m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and is_conv_subclass(m) and is_conv_leaf(m)
+    }
+    if not subs:
+        return 0
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(mod: nn.Module, args: tuple) -> None:
+        shapes.setdefault(id(mod), tuple(args[0].shape))
+
+    hooks = [m.register_forward_pre_hook(record) for m in subs.values()]
+    try:
+        model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    done = 0
+    for key, m in subs.items():
+        if key not in shapes:
+            continue
+        form = conv_form(m, tuple(shapes[key][1:]))
+        if isinstance(form, ConvForm):
+            m.forward = types.MethodType(_padded_forward(form.pad, form.padding), m)
+            done += 1
+    return done
+
+
+# --------------------------------------------------------------------------------------------
+# the ONNX pass: integer initializers for quantized weights, int32 biases
+# --------------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """Lookups over an ONNX graph: constants (initializers and Constant nodes), producers and
+    consumers of every tensor."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.g = model.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.consts: dict[str, np.ndarray] = {}
+        for n in self.g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.names = {*self.inits, *self.producer, *(i.name for i in self.g.input)}
+
+    def value(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        return self.consts.get(name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def add_init(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+    def add_int4(self, base: str, q: np.ndarray) -> str:
+        name = self.fresh(base)
+        packed = pack_int4(torch.from_numpy(q.astype(np.int8))).numpy().tobytes()
+        t = helper.make_tensor(name, TensorProto.INT4, list(q.shape), packed, raw=True)
+        self.g.initializer.append(t)
+        self.inits[name] = t
+        return name
+
+
+def _attr(node: onnx.NodeProto, key: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == key:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _layer_of(param: str) -> str:
+    for suffix in (".parametrizations.weight.original", ".weight"):
+        if param.endswith(suffix):
+            return param[: -len(suffix)]
+    return param
+
+
+def _integer_weights(model: onnx.ModelProto, bits: Mapping[str, int]) -> int:
+    """Fold ``QuantizeLinear(constant float weight)`` into integer initializers; returns how
+    many weights were folded."""
+    G = _Graph(model)  # noqa: N806
+    remove: list[onnx.NodeProto] = []
+    done = 0
+    for q in list(G.g.node):
+        if q.op_type != "QuantizeLinear" or q.input[0] not in G.inits:
+            continue
+        w = G.value(q.input[0])
+        scale, zp = G.value(q.input[1]), G.value(q.input[2]) if len(q.input) > 2 else None
+        dqs = G.consumers.get(q.output[0], [])
+        if w is None or w.dtype != np.float32 or w.ndim < 2 or scale is None or zp is None:
+            continue
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        axis = _attr(q, "axis", 1) % w.ndim
+        shape = [1] * w.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        qv = np.rint(w / scale.reshape(shape)).astype(np.int64) + zp.astype(np.int64).reshape(shape)
+        qv = np.clip(qv, -128, 127)  # (C_out, ...)
+        nbits = bits.get(q.input[0]) or (4 if np.abs(qv).max() <= 7 else 8)
+        base = _layer_of(q.input[0]).replace(".", "_") + "_weight"
+        if nbits == 4:
+            qname = G.add_int4(f"{base}_q", qv)
+            zname = G.add_int4(f"{base}_zp", np.zeros(scale.shape, np.int8))
+        else:
+            qname = G.add_init(f"{base}_q", qv.astype(np.int8))
+            zname = None
+        for d in dqs:
+            d.input[0] = qname
+            if zname is not None:
+                d.input[2] = zname
+        remove.append(q)
+        done += 1
+    for n in remove:
+        G.g.node.remove(n)
+    _drop_unused(model)
+    return done
+
+
+def _dq_scale(G: _Graph, name: str) -> tuple[np.ndarray, onnx.NodeProto] | None:  # noqa: N803
+    """Scale of the DequantizeLinear producing ``name`` (``None`` if it is not one)."""
+    n = G.producer.get(name)
+    if n is None or n.op_type != "DequantizeLinear":
+        return None
+    s = G.value(n.input[1])
+    return (s, n) if s is not None else None
+
+
+def _integer_biases(model: onnx.ModelProto) -> int:
+    """Float biases of Conv / Gemm nodes with dequantized inputs and integer weights become
+    ``INT32`` initializers behind a DequantizeLinear with scale ``s_in * s_w``."""
+    G = _Graph(model)  # noqa: N806
+    done = 0
+    for n in list(G.g.node):
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in G.inits:
+            continue
+        if n.op_type == "Gemm" and (_attr(n, "transB", 0) != 1 or _attr(n, "transA", 0) != 0):
+            continue
+        x, w = _dq_scale(G, n.input[0]), _dq_scale(G, n.input[1])
+        bias = G.value(n.input[2])
+        if x is None or w is None or bias is None or bias.ndim != 1 or x[0].size != 1:
+            continue
+        if G.inits.get(w[1].input[0]) is None:  # weight must be a stored integer tensor
+            continue
+        bscale = (x[0].reshape(()) * w[0]).astype(np.float32)  # (C_out,) or ()
+        qb = np.clip(np.rint(bias / bscale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = n.input[2].replace(".", "_")
+        qn = G.add_init(f"{base}_q", qb)
+        sn = G.add_init(f"{base}_scale", bscale)
+        zn = G.add_init(f"{base}_zp", np.zeros(bscale.shape, np.int32))
+        out = G.fresh(f"{base}_dq")
+        attrs = {"axis": 0} if bscale.ndim else {}
+        dq = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=out, **attrs)
+        idx = list(G.g.node).index(n)
+        G.g.node.insert(idx, dq)
+        n.input[2] = out
+        done += 1
+    _drop_unused(model)
+    return done
+
+
+# ops that map a quantized grid onto itself (the simulation's grid-keeping op kinds)
+_GRID_OPS = ("MaxPool", "Flatten", "Reshape", "Relu", "Identity", "Dropout", "Squeeze",
+             "Unsqueeze", "Transpose")  # fmt: skip
+
+
+def _propagate_qdq(model: onnx.ModelProto) -> int:
+    """Re-quantize the output of grid-keeping ops (max-pool, flatten, ...) whose input is
+    dequantized, with the same scale and zero point: exact, and every integer layer then reads
+    a DequantizeLinear directly (the pattern onnxruntime fuses; what its own QDQ propagation
+    would insert). Returns how many pairs were added."""
+    G = _Graph(model)  # noqa: N806
+    added = 0
+    nodes = list(G.g.node)
+    for n in nodes:
+        if n.op_type not in _GRID_OPS or not n.input:
+            continue
+        src = G.producer.get(n.input[0])
+        if src is None or src.op_type != "DequantizeLinear" or len(src.input) < 3:
+            continue
+        users = G.consumers.get(n.output[0], [])
+        if not users or all(u.op_type == "QuantizeLinear" for u in users):
+            continue
+        s, z = src.input[1], src.input[2]
+        if G.value(s) is None or G.value(s).size != 1:  # per-tensor activations only
+            continue
+        base = n.output[0]
+        qn, dqn = G.fresh(f"{base}_q"), G.fresh(f"{base}_dq")
+        q = helper.make_node("QuantizeLinear", [base, s, z], [qn], name=qn)
+        dq = helper.make_node("DequantizeLinear", [qn, s, z], [dqn], name=dqn)
+        for u in users:
+            for i, name in enumerate(u.input):
+                if name == base:
+                    u.input[i] = dqn
+        idx = list(G.g.node).index(n)
+        G.g.node.insert(idx + 1, dq)
+        G.g.node.insert(idx + 1, q)
+        G.producer[dqn] = dq
+        G.producer[qn] = q
+        G.consumers[base] = [q]
+        G.consumers[dqn] = users
+        added += 1
+    return added
+
+
+_ARITH_OPS = ("ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Gather",
+              "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div", "Neg", "Range")  # fmt: skip
+
+
+def _fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate the small integer arithmetic the TorchScript exporter leaves on constants (the
+    ``pads`` input of ``F.pad``) with onnx's reference evaluator, and store the results as
+    initializers; returns how many nodes were folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    G = _Graph(model)  # noqa: N806
+    known: dict[str, np.ndarray] = {}
+
+    def const(name: str) -> np.ndarray | None:
+        return known[name] if name in known else G.value(name)
+
+    done = 0
+    for n in list(G.g.node):
+        if n.op_type not in _ARITH_OPS or any(
+            a.type == onnx.AttributeProto.GRAPH for a in n.attribute
+        ):
+            continue
+        vals = [const(i) if i else None for i in n.input]
+        if any(v is None for v, i in zip(vals, n.input, strict=True) if i):
+            continue
+        if any(v is not None and v.size > 4096 for v in vals):
+            continue
+        inputs = [i for i in n.input if i]
+        ins = [
+            helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for i, v in zip(n.input, vals, strict=True)
+            if i
+        ]
+        outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in n.output]
+        g = helper.make_graph([n], "fold", ins, outs)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", _EXPORT_OPSET)])
+        try:
+            res = ReferenceEvaluator(m).run(None, {i: const(i) for i in inputs})
+        except Exception:  # noqa: BLE001 - not foldable: leave the node
+            continue
+        for o, r in zip(n.output, res, strict=True):
+            known[o] = np.asarray(r)
+        G.g.node.remove(n)
+        done += 1
+    for o, v in known.items():
+        G.g.initializer.append(numpy_helper.from_array(v, o))
+    _drop_unused(model)
+    return done
+
+
+def _fold_pads(model: onnx.ModelProto) -> int:
+    """Merge ``Pad`` (constant zeros on the spatial dims, constant amounts) into the ``Conv``
+    nodes reading it (ONNX Conv takes asymmetric ``pads``): the Conv then reads the
+    DequantizeLinear directly and onnxruntime fuses it into ``QLinearConv``. Returns how many
+    Pad nodes were folded."""
+    G = _Graph(model)  # noqa: N806
+    done = 0
+    for n in list(G.g.node):
+        if n.op_type != "Pad" or _attr(n, "mode", b"constant") not in (b"constant", "constant"):
+            continue
+        pads = G.value(n.input[1]) if len(n.input) > 1 else None
+        value = G.value(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(())
+        users = G.consumers.get(n.output[0], [])
+        if pads is None or value is None or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+            continue
+        if len(n.input) > 3 and n.input[3]:  # explicit axes
+            continue
+        pads = [int(v) for v in np.asarray(pads).reshape(-1)]
+        rank = len(pads) // 2
+        if rank < 3 or any(pads[:2]) or any(pads[rank : rank + 2]) or min(pads) < 0:
+            continue
+        if not users or any(u.op_type != "Conv" or u.input[0] != n.output[0] for u in users):
+            continue
+        if any(_attr(u, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for u in users):
+            continue
+        begin, end = pads[2:rank], pads[rank + 2 :]
+        for u in users:
+            old = list(_attr(u, "pads", [0] * (2 * (rank - 2))))
+            new = [a + b for a, b in zip(old, begin + end, strict=True)]
+            for a in list(u.attribute):
+                if a.name == "pads":
+                    u.attribute.remove(a)
+            u.attribute.append(helper.make_attribute("pads", new))
+            u.input[0] = n.input[0]
+        G.g.node.remove(n)
+        done += 1
+    return done
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _torch_export(model: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    x = torch.zeros(1, *input_shape)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated in favour of the dynamo one, which needs
+            # the onnxscript package; it writes opset 20, which we relabel 21 (below)
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (x,),
+                buf,
+                dynamo=False,
+                opset_version=_EXPORT_OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                do_constant_folding=True,
+            )
+    except Exception as exc:  # the exporter raises many types; name the failure
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+    proto = onnx.load_from_string(buf.getvalue())
+    # opset 21 only widens the types of the ops the exporter writes (INT4 for QuantizeLinear /
+    # DequantizeLinear, Reshape, Flatten, ...); their semantics are those of opset 20
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = OPSET
+    return proto
 
 
 def export_onnx(
@@ -320,332 +551,50 @@ def export_onnx(
     """Write ``model`` as an ONNX (opset 21) file with a dynamic batch dimension.
 
     ``model`` is either a model from :func:`~nncompress.quant.linear.quantize_ptq` /
-    :func:`~nncompress.quant.linear.convert` (written in QDQ form with integer initializers) or any
-    float model built from the supported layers (BatchNorm folded into the convolutions, written
-    in fp32). ``input_shape`` excludes the batch, e.g. ``(1, 28, 28)``. ``metadata`` (values
-    JSON-encoded unless strings) goes into the model's ``metadata_props`` - store the dataset
-    name and normalisation there so ``nncompress eval model.onnx`` can find its data.
+    :func:`~nncompress.quant.linear.quantize_qat` (written in QDQ form with integer
+    initializers, see the module docstring) or any float model ``torch.onnx.export`` can
+    export (BatchNorm folded into the convolutions when the model traces with ``torch.fx``,
+    written in fp32). ``input_shape`` excludes the batch, e.g. ``(1, 28, 28)``. ``metadata``
+    (values JSON-encoded unless strings) goes into the model's ``metadata_props`` - store the
+    dataset name and normalisation there so ``nncompress eval model.onnx`` can find its data.
+    Raises :class:`ExportError` naming the operation the exporter could not write.
     """
     path = Path(path)
     if path.suffix != ".onnx":
         raise ExportError(f"path='{path}': an ONNX file must end in .onnx")
-    gm = _trace(model)
-    mods = dict(gm.named_modules())
-    with torch.no_grad():
-        was = gm.training
-        gm.eval()
-        out_shape = [int(d) for d in gm(torch.zeros(1, *input_shape)).shape[1:]]
-        gm.train(was)
-    b = _Builder()
-    env: dict[fx.Node, Any] = {}
-    inputs, outputs = [], []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if inputs:
-                raise ExportError("export_onnx supports models with a single input")
-            name = b.fresh("input")
-            inputs.append(
-                helper.make_tensor_value_info(
-                    name, TensorProto.FLOAT, ["batch", *[int(d) for d in input_shape]]
-                )
-            )
-            env[node] = name
-        elif _relu_absorbed(node, mods):
-            # Relu followed by QuantizeLinear with zero_point == qmin: the quantizer's clamp
-            # already maps negatives to 0, so the Relu is dropped (lets ORT fuse Add/Conv + Q)
-            env[node] = env[node.args[0]]
-        elif node.op == "call_module":
-            mod = mods[node.target]
-            x = env[node.args[0]]
-            if isinstance(mod, nn.Identity | nn.Dropout):
-                env[node] = x
-                continue
-            env[node] = _module_node(b, mod, node.target, b.use(x))
-        elif node.op == "call_function" or node.op == "call_method":
-            env[node] = _function_node(b, node, env)
-        elif node.op == "output":
-            res = node.args[0]
-            if not isinstance(res, fx.Node):
-                raise ExportError("export_onnx supports models with a single tensor output")
-            out = b.node("Identity", [b.use(env[res])], "logits")
-            outputs.append(
-                helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", *out_shape])
-            )
-        elif node.op == "get_attr":
-            raise ExportError(f"graph attribute '{node.target}' is not supported")
-    graph = helper.make_graph(b.nodes, "nncompress", inputs, outputs, b.inits)
-    model_proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="nncompress",
+    quantized = isinstance(model, fx.GraphModule) and any(
+        isinstance(m, ActivationQuantizer | WeightFakeQuant) for m in model.modules()
     )
-    model_proto.ir_version = 10
+    if quantized:
+        exportable, bits = _export_copy(model)
+    else:
+        exportable, bits = _float_copy(model), {}
+    _freeze_conv_padding_(exportable, tuple(input_shape))
+    proto = _torch_export(exportable, tuple(input_shape))
+    _fold_constants(proto)
+    _fold_pads(proto)
+    n_w = _integer_weights(proto, bits) if quantized else 0
+    if quantized:
+        _propagate_qdq(proto)
+    n_b = _integer_biases(proto) if quantized else 0
+    if len(proto.graph.input) != 1:
+        raise ExportError("export_onnx supports models with a single tensor input")
+    proto.producer_name = "nncompress"
     meta = {
         k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True))
         for k, v in (metadata or {}).items()
     }
     meta.setdefault("input_shape", json.dumps([int(d) for d in input_shape]))
-    helper.set_model_props(model_proto, meta)
-    onnx.checker.check_model(model_proto)
-    blob = model_proto.SerializeToString()
+    helper.set_model_props(proto, meta)
+    onnx.checker.check_model(proto)
+    blob = proto.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(blob))
-    log.info("wrote %s (%d bytes, %d nodes)", path, len(blob), len(b.nodes))
+    log.info(
+        "wrote %s (%d bytes, %d nodes, %d integer weights, %d int32 biases)",
+        path,
+        len(blob),
+        len(proto.graph.node),
+        n_w,
+        n_b,
+    )
     return path
-
-
-def _relu_absorbed(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
-    """A ReLU whose only user is a converted quantizer with ``zero_point == qmin``."""
-    is_relu = (
-        (node.op == "call_module" and isinstance(mods.get(node.target), nn.ReLU))
-        or (node.op == "call_function" and node.target in (torch.relu, nn.functional.relu))
-        or (node.op == "call_method" and node.target == "relu")
-    )
-    if not is_relu or len(node.users) != 1:
-        return False
-    user = next(iter(node.users))
-    q = mods.get(user.target) if user.op == "call_module" else None
-    if not isinstance(q, ActivationQuantizer) or q.mode != "quantize":
-        return False
-    qp = q.qparams()
-    return int(qp.zero_point) == qp.qmin
-
-
-def _function_node(b: _Builder, node: fx.Node, env: dict) -> Any:
-    t = node.target
-    args = node.args
-    if node.op == "call_method" and t == "size":
-        return None  # only used by view/reshape(x.size(0), -1)
-    if t in (torch.flatten, "flatten"):
-        start = _arg(node, 1, "start_dim", 0)
-        end = _arg(node, 2, "end_dim", -1)
-        if end != -1:
-            raise ExportError(f"{node.name}: flatten(end_dim={end}) not supported")
-        x = b.use(env[args[0]])
-        return b.requant(x, b.node("Flatten", [x], node.name, axis=start), node.name)
-    if t in ("view", "reshape") or t is torch.reshape:
-        shape = list(args[1:]) if t in ("view", "reshape") else list(args[1])
-        if len(shape) == 1 and isinstance(shape[0], tuple | list):
-            shape = list(shape[0])
-        if len(shape) == 2 and shape[1] == -1:
-            x = b.use(env[args[0]])
-            return b.requant(x, b.node("Flatten", [x], node.name, axis=1), node.name)
-        raise ExportError(f"{node.name}: {t} to shape {shape} not supported (only (N, -1))")
-    if t in (torch.relu, nn.functional.relu, "relu"):
-        x = b.use(env[args[0]])
-        return b.requant(x, b.node("Relu", [x], node.name), node.name)
-    if t in (operator.add, torch.add, operator.iadd, "add", "__add__"):
-        if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
-            raise ExportError(f"{node.name}: add is supported between two tensors only")
-        return b.node("Add", [b.use(env[args[0]]), b.use(env[args[1]])], node.name)
-    if t in ("contiguous",):
-        return env[args[0]]
-    if t is nn.functional.dropout:
-        return env[args[0]]
-    raise ExportError(
-        f"{node.name}: function/method {getattr(t, '__name__', t)!r} is not supported by the "
-        "ONNX exporter (supported: flatten, view/reshape to (N, -1), relu, add)"
-    )
-
-
-# --------------------------------------------------------------------------- running
-
-
-def _int4_only(path: str | Path) -> bool:
-    """True when the file's quantized weights are all 4-bit (no 8-bit weight initializers)."""
-    m = onnx.load(str(path), load_external_data=False)
-    dq_inputs = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
-    kinds = {t.data_type for t in m.graph.initializer if t.name in dq_inputs and len(t.dims) > 1}
-    four = {TensorProto.INT4, TensorProto.UINT4}
-    return bool(kinds & four) and not (kinds - four)
-
-
-def make_session(path: str | Path, threads: int = 1, *, fold_int4: bool | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (inter-op: 1), all graph
-    optimisations on (they are what turn QDQ patterns into integer kernels).
-
-    ``fold_int4`` (default: automatic, when every quantized weight is 4-bit): turn off
-    onnxruntime's QDQ fusion so that it constant-folds the int4 weights into float once at
-    session start. onnxruntime has no int4 convolution/GEMM kernel for these patterns, and with
-    fusion on it would dequantize the weights on every run.
-    """
-    import onnxruntime as ort
-
-    if threads < 1:
-        raise ValueError(f"threads={threads}: must be >= 1")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if fold_int4 is None:
-        fold_int4 = _int4_only(path)
-    if fold_int4:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``metadata_props`` of an ONNX file, JSON values decoded."""
-    m = onnx.load(str(path), load_external_data=False)
-    out: dict[str, Any] = {}
-    for p in m.metadata_props:
-        try:
-            out[p.key] = json.loads(p.value)
-        except json.JSONDecodeError:
-            out[p.key] = p.value
-    return out
-
-
-def evaluate_onnx(
-    path_or_session: Any,
-    loader: Iterable,
-    *,
-    threads: int = 1,
-    progress: Any = None,
-) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of an ONNX model over ``(x, y)`` batches."""
-    from ..engine.train import ProgressEvent
-
-    sess = (
-        make_session(path_or_session, threads)
-        if isinstance(path_or_session, str | Path)
-        else path_or_session
-    )
-    in_name = sess.get_inputs()[0].name
-    correct, total, loss_sum = 0, 0, 0.0
-    n = len(loader) if hasattr(loader, "__len__") else None
-    if progress:
-        progress(ProgressEvent("start", "evaluate (onnxruntime)", total=n))
-    try:
-        for i, (x, y) in enumerate(loader):
-            logits = sess.run(None, {in_name: x.numpy().astype(np.float32)})[0]
-            out = torch.from_numpy(logits)
-            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-            if progress:
-                progress(
-                    ProgressEvent("advance", "evaluate (onnxruntime)", total=n, completed=i + 1)
-                )
-    finally:
-        if progress:
-            progress(ProgressEvent("end", "evaluate (onnxruntime)"))
-    if total == 0:
-        raise ValueError("evaluate_onnx: the loader yielded no samples")
-    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total, "samples": total}
-
-
-def measure_onnx_latency(
-    sess: Any,
-    input_shape: tuple[int, ...],
-    batch: int,
-    *,
-    repeats: int = 50,
-    warmup: int = 5,
-    seed: int = 0,
-) -> float:
-    """Median wall time (ms) of one ``sess.run`` on a random batch; warm-up runs excluded."""
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
-
-
-_ELEM_BITS = {
-    TensorProto.FLOAT: 32,
-    TensorProto.INT8: 8,
-    TensorProto.UINT8: 8,
-    TensorProto.INT32: 32,
-    TensorProto.INT64: 64,
-    TensorProto.FLOAT16: 16,
-    TensorProto.INT4: 4,
-    TensorProto.UINT4: 4,
-}
-
-
-def _graph_macs(model: onnx.ModelProto) -> int | None:
-    """MACs per sample of Conv/Gemm/MatMul nodes, from shapes inferred at batch 1."""
-    m = copy.deepcopy(model)
-    for inp in m.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_value:
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = 1
-    try:
-        m = onnx.shape_inference.infer_shapes(m)
-    except Exception:  # shape inference is best effort
-        return None
-    shapes = {}
-    for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value for d in dims]
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    # weights reached through DequantizeLinear keep their initializer's shape
-    for n in m.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in shapes:
-            shapes.setdefault(n.output[0], shapes[n.input[0]])
-    total = 0
-    for n in m.graph.node:
-        if n.op_type in ("Conv", "QLinearConv", "ConvInteger"):
-            w = shapes.get(n.input[1] if n.op_type != "QLinearConv" else n.input[3])
-            out = shapes.get(n.output[0])
-            if not w or not out or 0 in out:
-                return None
-            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))
-        elif n.op_type in ("Gemm", "MatMul"):
-            w = shapes.get(n.input[1])
-            if not w:
-                return None
-            total += int(np.prod(w))
-    return total
-
-
-def onnx_stats(
-    path: str | Path,
-    *,
-    batches: tuple[int, ...] = (1, 64),
-    repeats: int = 50,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """File bytes, initializer dtypes/bytes, graph MACs and measured onnxruntime latency."""
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    inits = []
-    by_dtype: dict[str, int] = {}
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        bits = _ELEM_BITS.get(t.data_type)
-        nbytes = len(t.raw_data) if t.raw_data else (n * bits + 7) // 8 if bits else 0
-        dt = TensorProto.DataType.Name(t.data_type).lower()
-        inits.append({"name": t.name, "dtype": dt, "shape": list(t.dims), "bytes": nbytes})
-        by_dtype[dt] = by_dtype.get(dt, 0) + nbytes
-    meta = onnx_metadata(path)
-    shape = tuple(meta.get("input_shape") or ())
-    latency = {}
-    if shape and batches:
-        sess = make_session(path, threads)
-        for bsz in batches:
-            latency[f"batch_{bsz}"] = measure_onnx_latency(sess, shape, bsz, repeats=repeats)
-    ops: dict[str, int] = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {
-        "file": str(path),
-        "file_bytes": path.stat().st_size,
-        "initializer_bytes": sum(by_dtype.values()),
-        "bytes_by_dtype": by_dtype,
-        "initializers": inits,
-        "ops": ops,
-        "macs": _graph_macs(model),
-        "input_shape": list(shape),
-        "latency_ms": latency,
-        "threads": threads,
-        "metadata": meta,
-    }

@@ -22,20 +22,23 @@ targets, ``temperature``, ``alpha``) when ``distill`` is true, else with plain c
 from __future__ import annotations
 
 import copy
-import dataclasses
+import itertools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..core.errors import ConfigError
+from ..core.progress import Progress
+from ..core.select import LayerSelector
+from ..core.validate import check, is_int
 from ..data import DataSplits
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import ProgressEvent, finetune
+from ..distill import DistillConfig, distillation_loss
+from ..engine.config import TrainConfig
 from ..lowrank.refit import refit_
 from ..lowrank.transform import DecomposeConfig, DecomposeReport, decompose_
-from .base import StageContext
+from .base import RetrainKeys, RetrainSpec, StageConfig, StageContext, stage_config
 
 __all__ = [
     "DecomposeStageConfig",
@@ -45,80 +48,90 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_STAGE_KEYS = (
-    "layers",
-    "refit_batches",
-    "finetune_epochs",
-    "lr_scale",
-    "distill",
-    "temperature",
-    "alpha",
+
+def _retrain_spec(values: dict[str, Any]) -> RetrainSpec:
+    """``distill: true`` with ``temperature`` and ``alpha`` (this stage's spelling)."""
+    if not isinstance(values["distill"], bool):
+        raise ConfigError(f"distill={values['distill']!r}: must be true or false")
+    kd = None
+    if values["distill"]:  # validate the distillation settings now, not after decomposing
+        kd = DistillConfig(temperature=values["temperature"], alpha=values["alpha"])
+    return RetrainSpec(epochs=values["finetune_epochs"], lr_scale=values["lr_scale"], distill=kd)
+
+
+@stage_config(
+    DecomposeConfig,
+    retrain=RetrainKeys(
+        {"finetune_epochs": 0, "lr_scale": 0.1, "distill": True, "temperature": 4.0, "alpha": 0.9},
+        epochs_key="finetune_epochs",
+        build=_retrain_spec,
+    ),
 )
-
-
-@dataclass(frozen=True)
-class DecomposeStageConfig:
+class DecomposeStageConfig(StageConfig):
     """The ``decompose`` stage: a :class:`DecomposeConfig` plus layer selection and retraining.
 
     Attributes
     ----------
-    decompose : the method and rank rule.
-    layers : layer names or fnmatch patterns to consider (``None``: all the method supports).
+    method, rank, energy, ... : the :class:`~nncompress.lowrank.DecomposeConfig` (method and
+        rank rule).
+    finetune_epochs, lr_scale, distill, temperature, alpha : the
+        :class:`~nncompress.stages.base.RetrainSpec`: epochs of fine-tuning after
+        decomposition (0: none) at ``lr_scale`` times the recipe's rate (default 1/10), by
+        distillation from the pre-decomposition model (Hinton 2015 temperature and
+        soft-target weight) when ``distill`` is true.
+    layers : layer names or fnmatch patterns to consider (``None``: all the method supports,
+        except the classifier when ``keep_classifier``).
+    keep_classifier : with ``layers`` unset, leave the layer that produces the model's output
+        whole (the last Linear/Conv2d run by a forward pass): its few parameters cost little
+        and every class depends on them (a 10-way LeNet output layer at rank 4 cost 18 points
+        before fine-tuning, issue 13).
     refit_batches : batches of training images for the data-aware refit of each decomposed
         block's last factors (:func:`~nncompress.lowrank.refit_`; 0: keep the weight-space
-        factors).
-    finetune_epochs : epochs of fine-tuning after decomposition (0: none).
-    lr_scale : learning rate of the fine-tuning relative to the recipe's (default 1/10).
-    distill : fine-tune by distillation from the pre-decomposition model.
-    temperature, alpha : distillation temperature and soft-target weight (Hinton 2015).
+        factors); they also give the 'response' budget allocation its input statistics.
     """
 
-    decompose: DecomposeConfig
     layers: tuple[str, ...] | None = None
+    keep_classifier: bool = True
     refit_batches: int = 16
-    finetune_epochs: int = 0
-    lr_scale: float = 0.1
-    distill: bool = True
-    temperature: float = 4.0
-    alpha: float = 0.9
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.decompose, DecomposeConfig):
-            raise ConfigError(f"decompose={self.decompose!r}: must be a DecomposeConfig")
+    def _check_options(self) -> None:
         if self.layers is not None:
             if isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers):
                 raise ConfigError(f"layers={self.layers!r}: must be a list of names or patterns")
             object.__setattr__(self, "layers", tuple(self.layers))
-        if (
-            not isinstance(self.refit_batches, int)
-            or isinstance(self.refit_batches, bool)
-            or self.refit_batches < 0
-        ):
-            raise ConfigError(f"refit_batches={self.refit_batches!r}: must be an integer >= 0")
-        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
-            raise ConfigError(f"finetune_epochs={self.finetune_epochs!r}: must be an integer >= 0")
-        if not isinstance(self.lr_scale, int | float) or not self.lr_scale > 0:
-            raise ConfigError(f"lr_scale={self.lr_scale!r}: must be a number > 0")
-        if not isinstance(self.distill, bool):
-            raise ConfigError(f"distill={self.distill!r}: must be true or false")
-        if self.distill:  # validate the distillation settings now, not after decomposing
-            from ..distill import DistillConfig
+        check(
+            isinstance(self.keep_classifier, bool),
+            "keep_classifier",
+            self.keep_classifier,
+            "must be true or false",
+        )
+        check(
+            is_int(self.refit_batches) and self.refit_batches >= 0,
+            "refit_batches",
+            self.refit_batches,
+            "must be an integer >= 0",
+        )
 
-            DistillConfig(temperature=self.temperature, alpha=self.alpha)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DecomposeStageConfig:
-        data = dict(data)
-        stage = {k: data.pop(k) for k in _STAGE_KEYS if k in data}
-        return cls(decompose=DecomposeConfig.from_dict(data), **stage)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = self.decompose.to_dict()
-        for f in dataclasses.fields(self):
-            if f.name != "decompose":
-                v = getattr(self, f.name)
-                out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+def output_layer(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """Name of the last Linear/Conv2d a forward pass runs (the classifier), or ``None``."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if name and isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order[-1] if order else None
 
 
 def decompose_and_finetune(
@@ -128,7 +141,7 @@ def decompose_and_finetune(
     train_config: TrainConfig,
     *,
     teacher: nn.Module | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[DecomposeReport, dict[str, Any]]:
     """Decompose ``model`` in place, then fine-tune it; ``(report, fine-tuning fields)``.
 
@@ -136,18 +149,30 @@ def decompose_and_finetune(
     before decomposition; the teacher for distillation is ``teacher`` if given, else that copy.
     """
     original = None
-    if config.refit_batches or (config.finetune_epochs and config.distill and teacher is None):
+    kd = config.retrain.distill
+    if config.refit_batches or (config.finetune_epochs and kd is not None and teacher is None):
         original = copy.deepcopy(model).eval()
     if teacher is None:
         teacher = original
+    layers: Any = config.layers
+    info: dict[str, Any] = {"finetune_epochs": config.finetune_epochs}
+    if layers is None and config.keep_classifier:
+        head = output_layer(model, splits.input_shape)
+        if head is not None:
+            layers = LayerSelector(exclude=(head,))
+            info["classifier_kept"] = head
+    calib = None
+    if config.algorithm.is_budget:  # input statistics for the response allocation
+        loader = splits.loader("train", train_config.batch_size, seed=train_config.seed)
+        calib = [x for x, _ in itertools.islice(loader, max(config.refit_batches, 4))]
     report = decompose_(
         model,
-        config.decompose,
-        filter=config.layers,
+        config.algorithm,
+        filter=layers,
         input_shape=splits.input_shape,
+        calibration=calib,
         progress=progress,
     )
-    info: dict[str, Any] = {"finetune_epochs": config.finetune_epochs}
     if config.refit_batches and report.decomposed:
         calib = splits.loader("train", train_config.batch_size, seed=train_config.seed)
         refit = refit_(
@@ -160,24 +185,14 @@ def decompose_and_finetune(
         )
         info["refit"] = [x.to_dict() for x in refit]
     if config.finetune_epochs and report.decomposed:
-        cfg = train_config.replace(epochs=config.finetune_epochs)
+        cfg = config.retrain.train_config(train_config)
         loss_fn = None
-        if config.distill:
-            from ..distill import DistillConfig, distillation_loss
-
+        if kd is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            loss_fn = distillation_loss(
-                teacher, DistillConfig(temperature=config.temperature, alpha=config.alpha)
-            )
-        history = finetune(
-            model,
-            splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
-            cfg,
-            lr_scale=config.lr_scale,
-            loss_fn=loss_fn,
-            val_loader=splits.loader("val", 512),
-            progress=progress,
+            loss_fn = distillation_loss(teacher, kd)
+        history = config.retrain.run(
+            model, splits, train_config, loss_fn=loss_fn, progress=progress
         )
         info.update(
             finetune_loss="distillation" if config.distill else "cross-entropy",
@@ -189,21 +204,17 @@ def decompose_and_finetune(
 
 
 def run_decompose_stage(ctx: StageContext, config: DecomposeStageConfig) -> dict[str, Any]:
-    """Decompose ``ctx.model`` (teacher: ``ctx.teacher`` or the model before this stage)."""
+    """Decompose ``ctx.model`` (the distillation teacher is the model before this stage)."""
     report, info = decompose_and_finetune(
-        ctx.model,
-        ctx.splits,
-        config,
-        ctx.train_config,
-        teacher=ctx.teacher,
-        progress=ctx.progress,
+        ctx.model, ctx.splits, config, ctx.train_config, progress=ctx.progress
     )
     layers = {
         x.name: {"status": x.status, "rank": x.rank, "reason": x.reason} for x in report.layers
     }
     log.info("decompose: %d layers decomposed", len(report.decomposed))
     return {
-        "method": config.decompose.method,
+        "method": config.method,
+        "coverage": report.coverage.to_dict(),
         "params_before": report.params_before,
         "params_after": report.params_after,
         "macs_before": report.macs_before,

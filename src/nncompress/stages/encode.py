@@ -1,6 +1,7 @@
 """Recipe stage ``encode``: write the model as ``DIR/model.ncz`` (Deep Compression stage 3).
 
-The model's parametrizations (pruning masks, shared-weight codebooks) are folded into plain
+The model's parametrizations (pruning masks, shared-weight codebooks, product-quantized
+codebooks, whose layers the file then stores with the ``pq`` scheme) are folded into plain
 weights, the weights are rounded exactly as the file will store them
 (:func:`nncompress.io.round_for_storage_`; a no-op with fp32 codebooks), and the result is
 written with :func:`nncompress.io.save_compressed`. The stage then *replaces* the context's
@@ -15,42 +16,34 @@ history is left out to keep small files small.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..io import EncodeConfig, round_for_storage_, save_compressed
+from ..core.modules import folded_copy
+from ..io import EncodeConfig, pq_block_hints, round_for_storage_, save_compressed
 from ..io.checkpoint import checkpoint_metadata, model_from_metadata
-from .base import StageContext
+from .base import StageConfig, StageContext, stage_config
 
 __all__ = ["EncodeStageConfig", "decode_to_model", "layer_table", "run_encode_stage"]
 
-# The stage's options are exactly the container's (codec, index bits, fp16 codebooks...).
-EncodeStageConfig = EncodeConfig
+
+@stage_config(EncodeConfig)
+class EncodeStageConfig(StageConfig):
+    """The stage's options are exactly the container's :class:`~nncompress.io.EncodeConfig`
+    (codec, index bits, fp16 codebooks...)."""
+
 
 NCZ_NAME = "model.ncz"
 
 
-def _plain_copy(model: nn.Module) -> nn.Module:
-    from ..engine.modspec import folded_copy
-
-    return folded_copy(model)
-
-
 def _metadata(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
-    from ..engine.modspec import diff_modules, module_to_spec
-    from ..models import create
-
-    if ctx.model_name is not None:
-        arch = {
-            "model": ctx.model_name,
-            "kwargs": dict(ctx.model_kwargs),
-            "replacements": diff_modules(model, create(ctx.model_name, **ctx.model_kwargs)),
-        }
-    else:
-        arch = {"model": None, "spec": module_to_spec(model)}
     from .. import __version__
+    from ..engine.modspec import describe_architecture
+
+    arch = describe_architecture(model, model_name=ctx.model_name, model_kwargs=ctx.model_kwargs)
 
     sidecar = {
         "architecture": arch,
@@ -60,11 +53,15 @@ def _metadata(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
     return checkpoint_metadata(sidecar)
 
 
-def run_encode_stage(ctx: StageContext, config: EncodeConfig) -> dict[str, Any]:
-    plain = _plain_copy(ctx.model)
-    changes = round_for_storage_(plain, config)
+def run_encode_stage(ctx: StageContext, config: EncodeStageConfig) -> dict[str, Any]:
+    encode = config.algorithm if isinstance(config, StageConfig) else config
+    hints = pq_block_hints(ctx.model)  # product-quantized layers: stored with their own d
+    if hints:
+        encode = dataclasses.replace(encode, pq_block_size={**hints, **encode.pq_block_size})
+    plain = folded_copy(ctx.model)
+    changes = round_for_storage_(plain, encode)
     path = Path(ctx.out_dir) / NCZ_NAME
-    report = save_compressed(plain, path, config, _metadata(ctx, plain), progress=ctx.progress)
+    report = save_compressed(plain, path, encode, _metadata(ctx, plain), progress=ctx.progress)
     ctx.model = plain
     ctx.artifacts["ncz"] = path
     out = report.to_dict()
@@ -73,12 +70,13 @@ def run_encode_stage(ctx: StageContext, config: EncodeConfig) -> dict[str, Any]:
     return out
 
 
-def decode_to_model(path: str | Path, model_name: str | None, model_kwargs: dict) -> nn.Module:
-    """A fresh model filled from a ``.ncz`` file (architecture from the file's metadata)."""
+def decode_to_model(path: str | Path) -> nn.Module:
+    """A fresh model filled from a ``.ncz`` file (architecture from the file's metadata), in
+    eval mode."""
     from ..io import decode_file
 
     state, metadata = decode_file(path)
-    model, _ = model_from_metadata(metadata)
+    model, _ = model_from_metadata(metadata, state)
     model.load_state_dict(state, strict=True)
     return copy.deepcopy(model).eval()
 
@@ -99,7 +97,8 @@ def layer_table(encode_report: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         name = t["name"][: -len(".weight")] if t["name"].endswith(".weight") else t["name"]
         sparse = t.get("layout") == "sparse"
-        if t["scheme"] == "codebook":
+        coded = t["scheme"] in ("codebook", "pq")
+        if coded:
             pq_bits = t["weight_bits_pq"] + t["index_bits_pq"] + t["codebook_bits"]
         else:
             pq_bits = t["dense_bits"]
@@ -108,12 +107,12 @@ def layer_table(encode_report: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": name,
                 "params": t["numel"],
                 "kept_percent": 100.0 * t["kept"],
-                "scheme": t["scheme"] if t["scheme"] == "dense" else f"codebook-{t['layout']}",
+                "scheme": t["scheme"]
+                if t["scheme"] in ("dense", "pq")
+                else f"codebook-{t['layout']}",
                 "k": t.get("codebook_size") or None,
-                "weight_bits_pq": t["weight_bits_per_code_pq"]
-                if t["scheme"] == "codebook"
-                else None,
-                "weight_bits_h": t["weight_bits_per_code"] if t["scheme"] == "codebook" else None,
+                "weight_bits_pq": t["weight_bits_per_code_pq"] if coded else None,
+                "weight_bits_h": t["weight_bits_per_code"] if coded else None,
                 "index_bits_pq": t["index_bits_per_nz_pq"] if sparse else None,
                 "index_bits_h": t["index_bits_per_nz"] if sparse else None,
                 "rate_pq": t["original_bits"] / pq_bits if pq_bits else None,
@@ -132,7 +131,7 @@ def layer_table(encode_report: dict[str, Any]) -> list[dict[str, Any]]:
         )
         pq = overhead + sum(
             (t["weight_bits_pq"] + t["index_bits_pq"] + t["codebook_bits"])
-            if t["scheme"] == "codebook"
+            if t["scheme"] in ("codebook", "pq")
             else 8 * t["total_bytes"]
             for t in tensors
         )

@@ -17,82 +17,78 @@ recipe's base learning rate, with the base config's other settings (augmentation
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.train import evaluate, finetune, model_device
+from ..core.modules import model_device
+from ..core.validate import check
+from ..engine.train import evaluate
 from ..prune.structured import FilterPruneConfig, prune_filters_
-from .base import StageContext
+from .base import RetrainKeys, StageConfig, StageContext, stage_config
 
 __all__ = ["FilterPruneStageConfig", "run_filter_prune_stage"]
 
 
-@dataclass(frozen=True)
-class FilterPruneStageConfig:
+@stage_config(
+    FilterPruneConfig,
+    retrain=RetrainKeys({"epochs": 0, "lr_scale": 0.1, "augment": None}),
+)
+class FilterPruneStageConfig(StageConfig):
     """Configuration of the ``filter_prune`` stage.
 
     Attributes
     ----------
-    criterion, ratio, per_layer, macs_budget, scope, min_channels, exclude, seed : as in
+    criterion, ratio, per_layer, macs_budget, scope, min_channels, exclude, seed : the
         :class:`~nncompress.prune.FilterPruneConfig` (exactly one of ratio / per_layer /
-        macs_budget).
-    epochs : retraining epochs after pruning (0: none).
-    lr_scale : retraining learning rate = lr_scale * the base config's lr.
-    augment : data augmentation while retraining (None: the base config's setting).
+        macs_budget, or none of them with ``allocate='policy'``).
+    epochs, lr_scale, augment : the :class:`~nncompress.stages.base.RetrainSpec`: retraining
+        epochs after pruning (0: none) at ``lr_scale`` times the base rate, with data
+        augmentation ``augment`` (None: the base config's setting).
+    allocate : 'none', or 'policy': the per-layer ratios (and criterion, min_channels) of a
+        searched policy, the last ``search`` stage's or ``policy_file``'s.
+    policy_file : a ``policy.json`` (``nncompress search``) for ``allocate='policy'``.
     """
 
-    criterion: str = "l1"
-    ratio: float | None = None
-    per_layer: dict[str, float] | None = None
-    macs_budget: float | None = None
-    scope: str = "layer"
-    min_channels: int = 1
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
-    epochs: int = 0
-    lr_scale: float = 0.1
-    augment: bool | None = None
+    allocate: str = "none"
+    policy_file: str | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "exclude",
-            (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude),
+    def _check_options(self) -> None:
+        check(
+            self.allocate in ("none", "policy"),
+            "allocate",
+            self.allocate,
+            "must be 'none' or 'policy'",
         )
-        self.prune_config()  # validates the pruning fields
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ConfigError(f"epochs={self.epochs!r}: must be an integer >= 0")
-        if not (isinstance(self.lr_scale, (int, float)) and self.lr_scale > 0):
-            raise ConfigError(f"lr_scale={self.lr_scale!r}: must be > 0")
-        if self.augment is not None and not isinstance(self.augment, bool):
-            raise ConfigError(f"augment={self.augment!r}: must be true, false or null")
+        if self.policy_file is not None:
+            check(
+                self.allocate == "policy" and isinstance(self.policy_file, str),
+                "policy_file",
+                self.policy_file,
+                "a path, with allocate='policy'",
+            )
+        if self.allocate == "policy":
+            given = [k for k in ("ratio", "per_layer", "macs_budget") if getattr(self, k)]
+            check(
+                not given,
+                "allocate",
+                self.allocate,
+                f"the policy gives the per-layer ratios: drop {given}",
+            )
 
-    def prune_config(self) -> FilterPruneConfig:
-        return FilterPruneConfig(
-            criterion=self.criterion,
-            ratio=self.ratio,
-            per_layer=self.per_layer,
-            macs_budget=self.macs_budget,
-            scope=self.scope,
-            min_channels=self.min_channels,
-            exclude=self.exclude,
-            seed=self.seed,
-        )
+    def _build_algorithm(self, values: dict[str, Any]) -> FilterPruneConfig | None:
+        if self.allocate == "policy":
+            return None  # the ratios come from the policy, at run time
+        return FilterPruneConfig(**values)
 
-    def retrain_config(self, base: TrainConfig) -> TrainConfig:
-        changes: dict[str, Any] = {"epochs": self.epochs}
-        if self.augment is not None:
-            changes["augment"] = self.augment
-        return base.replace(**changes)
+    def filter_config(self, ctx: StageContext) -> FilterPruneConfig:
+        """The algorithm config, from the searched policy with ``allocate='policy'``."""
+        if self.allocate != "policy":
+            return self.algorithm
+        from .search import stage_policy
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["exclude"] = list(self.exclude)
-        return d
+        policy = stage_policy(ctx, self.policy_file, "filter_prune")
+        return FilterPruneConfig.from_policy(policy).replace(exclude=self.exclude, seed=self.seed)
 
 
 def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) -> dict[str, Any]:
@@ -104,20 +100,14 @@ def run_filter_prune_stage(ctx: StageContext, config: FilterPruneStageConfig) ->
     model, splits = ctx.model, ctx.splits
     x, _ = next(iter(splits.loader("val", 2)))
     x = x.to(model_device(model))
-    report = prune_filters_(model, config.prune_config(), x, progress=ctx.progress)
+    report = prune_filters_(model, config.filter_config(ctx), x, progress=ctx.progress)
     test_loader = splits.loader("test", 512)
     out: dict[str, Any] = report.to_dict()
     out["test_accuracy_pruned"] = evaluate(model, test_loader)["accuracy"]
     val_loader = splits.loader("val", 512)
     if config.epochs > 0:
-        cfg = config.retrain_config(ctx.train_config)
-        history = finetune(
-            model,
-            splits.loader("train", cfg.batch_size, seed=cfg.seed, augment=cfg.augment),
-            cfg,
-            lr_scale=config.lr_scale,
-            val_loader=val_loader,
-            progress=ctx.progress,
+        history = config.retrain.run(
+            model, splits, ctx.train_config, val_loader=val_loader, progress=ctx.progress
         )
         out["retrain"] = {"epochs": config.epochs, "wall_s": history.wall_time_s}
     with torch.no_grad():

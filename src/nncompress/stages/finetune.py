@@ -7,16 +7,15 @@ weights' indices are fixed buffers), so this is Deep Compression's centroid fine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from .base import StageContext
+from .base import StageContext, stage_config
 from .train import TrainStageConfig, train_with
 
 __all__ = ["FinetuneStageConfig", "run_finetune_stage"]
 
 
-@dataclass(frozen=True)
+@stage_config()
 class FinetuneStageConfig(TrainStageConfig):
     """Like ``train`` but the learning rate defaults to 1/10 of the base config's (Han 2015)."""
 

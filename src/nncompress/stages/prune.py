@@ -24,104 +24,128 @@ without augmentation.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..distill.losses import DistillConfig, distillation_loss
-from ..engine.config import ConfigError, TrainConfig, config_from_dict
-from ..engine.modspec import folded_copy
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.modules import folded_copy
+from ..core.validate import check
+from ..distill.losses import distillation_loss
 from ..engine.train import evaluate
+from ..prune.allocate import DEFAULT_FLOOR, global_allocation
 from ..prune.magnitude import (
-    DEFAULT_INCLUDE,
     MagnitudeConfig,
     masks_from_zeros_,
     prunable_layers,
+    prune_,
+    pruning_coverage,
     pruning_masks,
 )
-from ..prune.schedule import AGPConfig, agp_prune, iterative_prune
+from ..prune.schedule import AGPConfig, agp_prune_, iterative_prune_
 from ..prune.sensitivity import (
     DEFAULT_SPARSITIES,
     sensitivity_analysis,
     sparsities_for_budget,
     thresholds_from_sensitivity,
 )
-from .base import StageContext
+from .base import RetrainKeys, StageConfig, StageContext, stage_config
 
 __all__ = ["PRUNE_METHODS", "PruneStageConfig", "run_prune_stage"]
 
 log = logging.getLogger(__name__)
 
 PRUNE_METHODS = ("magnitude", "agp")
-ALLOCATIONS = ("none", "sensitivity")
+ALLOCATIONS = ("none", "global", "sensitivity", "policy")
 
 
-@dataclass(frozen=True)
-class PruneStageConfig:
+@stage_config(
+    MagnitudeConfig,
+    retrain=RetrainKeys(
+        {
+            "epochs": 0,
+            "lr_scale": 0.1,
+            "l1": None,
+            "weight_decay": None,
+            "regularization_switch_epoch": None,
+            "distill": None,
+        }
+    ),
+)
+class PruneStageConfig(StageConfig):
     """Configuration of the ``prune`` stage (see the module docstring).
 
     Attributes
     ----------
+    q, sparsity, scope, per_layer, include, exclude : the
+        :class:`~nncompress.prune.MagnitudeConfig` (AGP needs ``sparsity``; with
+        ``allocate='sensitivity'`` and ``max_drop``, or ``allocate='policy'``, neither q nor
+        sparsity is needed).
+    epochs, lr_scale, l1, weight_decay, regularization_switch_epoch, distill : the
+        :class:`~nncompress.stages.base.RetrainSpec`: retraining epochs per iteration
+        (magnitude) or in total (agp) at ``lr_scale`` times the base rate (Han: 0.1 for LeNet),
+        L1 / L2 / L1-then-L2, and ``distill`` (``{temperature, alpha}``: soft targets from the
+        model as it entered the stage; None: cross-entropy).
     method : 'magnitude' (one-shot or iterative prune -> retrain) or 'agp' (gradual).
-    q, sparsity, scope, per_layer, include, exclude : as in
-        :class:`~nncompress.prune.MagnitudeConfig` (AGP needs ``sparsity``).
-    allocate : 'none' or 'sensitivity' (per-layer sparsities from a sensitivity analysis).
+    allocate : how a model-wide ``sparsity`` is spread over layers: 'none' (every layer
+        pruned to ``sparsity``, uniform), 'global' (one magnitude ranking over all layers with
+        a per-layer floor, :func:`~nncompress.prune.allocate.global_allocation`; what the
+        ``nncompress prune`` command does by default), 'sensitivity' (per-layer sparsities
+        from a sensitivity analysis) or 'policy' (the per-layer sparsities of a searched
+        policy: the last ``search`` stage's, or ``policy_file``). The recipe's ``per_layer``
+        always wins for the layers it names.
+    floor : 'global' allocation: every layer keeps at least ``floor * (1 - sparsity)`` of its
+        weights.
+    policy_file : a ``policy.json`` (``nncompress search``) for ``allocate='policy'``.
     max_drop : tolerated held-out accuracy drop (points) for ``allocate='sensitivity'``.
     sensitivity_sparsities : grid of the analysis.
     sensitivity_batches : evaluate the analysis on this many held-out batches of 512 (None: all).
     iterations : prune -> retrain cycles (magnitude).
-    epochs : retraining epochs per iteration (magnitude) or in total (agp).
-    lr_scale : retraining learning rate = lr_scale * base lr (Han: 0.1 for LeNet).
-    l1, weight_decay, regularization_switch_epoch : regularisation while retraining (None:
-        the base config's); L1-then-L2 = both strengths and a switch epoch.
     adjust_dropout : Han's dropout adjustment while retraining.
     agp_frequency, agp_initial_sparsity : AGP's ``dt`` (steps) and ``s_i``.
     remove_dead : physically remove dead neurons at the end.
-    distill : ``{temperature, alpha}`` of :class:`~nncompress.distill.DistillConfig`: retrain
-        with soft targets from the model as it entered the stage (None: cross-entropy).
     """
 
     method: str = "magnitude"
-    q: float | None = None
-    sparsity: float | None = None
-    scope: str = "layer"
-    per_layer: dict[str, Any] = field(default_factory=dict)
-    include: tuple[str, ...] = DEFAULT_INCLUDE
-    exclude: tuple[str, ...] = ()
     allocate: str = "none"
+    floor: float = DEFAULT_FLOOR
     max_drop: float | None = None
     sensitivity_sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     sensitivity_batches: int | None = None
     iterations: int = 1
-    epochs: int = 0
-    lr_scale: float = 0.1
-    l1: float | None = None
-    weight_decay: float | None = None
-    regularization_switch_epoch: int | None = None
     adjust_dropout: bool = True
     agp_frequency: int = 100
     agp_initial_sparsity: float = 0.0
     remove_dead: bool = False
-    distill: dict[str, Any] | None = None
+    policy_file: str | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("include", "exclude", "sensitivity_sparsities"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "per_layer", dict(self.per_layer))
-        if self.distill is not None:
-            self.distill_config()  # validates (names the field)
-        if self.method not in PRUNE_METHODS:
-            raise ConfigError(f"method={self.method!r}: must be one of {PRUNE_METHODS}")
-        if self.allocate not in ALLOCATIONS:
-            raise ConfigError(f"allocate={self.allocate!r}: must be one of {ALLOCATIONS}")
+    def _check_options(self) -> None:
+        object.__setattr__(self, "sensitivity_sparsities", tuple(self.sensitivity_sparsities))
+        check(
+            self.method in PRUNE_METHODS, "method", self.method, f"must be one of {PRUNE_METHODS}"
+        )
+        check(
+            self.allocate in ALLOCATIONS, "allocate", self.allocate, f"must be one of {ALLOCATIONS}"
+        )
         if self.allocate == "sensitivity" and self.max_drop is None and self.sparsity is None:
             raise ConfigError(
                 "allocate='sensitivity' needs max_drop (tolerated drop in points) or sparsity "
                 "(overall target)"
             )
-        if self.max_drop is not None and not self.max_drop >= 0:
-            raise ConfigError(f"max_drop={self.max_drop!r}: must be >= 0")
+        check(
+            self.max_drop is None or self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0"
+        )
+        if self.allocate == "global" and (self.sparsity is None or self.q is not None):
+            raise ConfigError(
+                "allocate='global' spreads a model-wide target: give sparsity (not q)"
+            )
+        check(
+            isinstance(self.floor, int | float) and 0 <= self.floor <= 1,
+            "floor",
+            self.floor,
+            "must be a number in [0, 1]",
+        )
         if self.method == "agp":
             if self.sparsity is None or self.q is not None:
                 raise ConfigError("method='agp' ramps to a target: give sparsity (not q)")
@@ -130,40 +154,39 @@ class PruneStageConfig:
             qs = sorted(n for n, v in self.per_layer.items() if isinstance(v, dict) and "q" in v)
             if qs:
                 raise ConfigError(f"per_layer {qs}: method='agp' takes final sparsities, not q")
-            if self.agp_frequency < 1:
-                raise ConfigError(f"agp_frequency={self.agp_frequency}: must be >= 1")
-        if self.q is None and self.sparsity is None and self.allocate == "sensitivity":
-            pass  # per-layer sparsities come from the analysis
-        else:
-            self.magnitude_config()  # validates q / sparsity / scope / per_layer / include
-        if self.iterations < 1:
-            raise ConfigError(f"iterations={self.iterations}: must be >= 1")
-        if self.epochs < 0:
-            raise ConfigError(f"epochs={self.epochs}: must be >= 0")
-        if not self.lr_scale > 0:
-            raise ConfigError(f"lr_scale={self.lr_scale!r}: must be > 0")
-        for name in ("l1", "weight_decay"):
-            v = getattr(self, name)
-            if v is not None and not v >= 0:
-                raise ConfigError(f"{name}={v!r}: must be >= 0")
-        if self.sensitivity_batches is not None and self.sensitivity_batches < 1:
-            raise ConfigError(f"sensitivity_batches={self.sensitivity_batches}: must be >= 1")
+            check(self.agp_frequency >= 1, "agp_frequency", self.agp_frequency, "must be >= 1")
+        check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        self._unused_unless(
+            self.method == "agp",
+            ("agp_frequency", "agp_initial_sparsity"),
+            f"only with method='agp' (got {self.method!r})",
+        )
+        self._unused_unless(
+            self.method == "magnitude", ("iterations",), "only with method='magnitude'"
+        )
+        self._unused_unless(
+            self.allocate == "sensitivity",
+            ("max_drop", "sensitivity_sparsities", "sensitivity_batches"),
+            f"only with allocate='sensitivity' (got {self.allocate!r})",
+        )
+        b = self.sensitivity_batches
+        check(b is None or b >= 1, "sensitivity_batches", b, "must be >= 1")
+        if self.policy_file is not None:
+            check(
+                self.allocate == "policy" and isinstance(self.policy_file, str),
+                "policy_file",
+                self.policy_file,
+                "a path, with allocate='policy'",
+            )
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PruneStageConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown field(s) {unknown}; allowed: {sorted(names)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("include", "exclude", "sensitivity_sparsities"):
-            d[k] = list(d[k])
-        return d
+    def _build_algorithm(self, values: dict[str, Any]) -> MagnitudeConfig | None:
+        if self.q is None and self.sparsity is None and self.allocate in ("sensitivity", "policy"):
+            return None  # every per-layer sparsity comes from the analysis/policy, at run time
+        return MagnitudeConfig(**values)
 
     def magnitude_config(self, per_layer: dict[str, Any] | None = None) -> MagnitudeConfig:
+        """The :class:`MagnitudeConfig` with ``per_layer`` (from the sensitivity allocation)
+        under the recipe's own overrides."""
         merged = {**(per_layer or {}), **self.per_layer}
         q, s = self.q, self.sparsity
         if q is None and s is None:
@@ -177,20 +200,9 @@ class PruneStageConfig:
             exclude=self.exclude,
         )
 
-    def distill_config(self) -> DistillConfig | None:
-        if self.distill is None:
-            return None
-        return config_from_dict(DistillConfig, self.distill, "distill")
-
-    def retrain_config(self, base: TrainConfig) -> TrainConfig:
-        changes: dict[str, Any] = {"epochs": self.epochs}
-        if self.l1 is not None:
-            changes["l1"] = self.l1
-        if self.weight_decay is not None:
-            changes["weight_decay"] = self.weight_decay
-        if self.regularization_switch_epoch is not None:
-            changes["regularization_switch_epoch"] = self.regularization_switch_epoch
-        return base.replace(**changes)
+    def resume_(self, model: nn.Module) -> None:
+        """A pruned checkpoint holds zeros: make them masks again (they stay zero)."""
+        masks_from_zeros_(model)
 
 
 def _nonzeros(model) -> tuple[int, int]:
@@ -198,6 +210,74 @@ def _nonzeros(model) -> tuple[int, int]:
     # count effective (masked) weights: parametrized originals are zeroed where pruned
     nz = sum(int((p != 0).sum()) for p in model.parameters())
     return params, nz
+
+
+def _allocate(model, config: PruneStageConfig, val_loader, progress) -> tuple[dict, dict]:
+    """Per-layer sparsities from a sensitivity analysis on the held-out split (as per-layer
+    overrides), and the report of the analysis."""
+    sens = sensitivity_analysis(
+        model,
+        val_loader,
+        config.sensitivity_sparsities,
+        include=config.include,
+        exclude=config.exclude,
+        max_batches=config.sensitivity_batches,
+        progress=progress,
+    )
+    if config.max_drop is not None:
+        per = thresholds_from_sensitivity(sens, config.max_drop)
+        info = {"max_drop": config.max_drop}
+    else:
+        # greedy allocation reaching the overall sparsity; its predicted (additive) loss
+        loss, per = sparsities_for_budget(sens, config.sparsity)  # type: ignore[arg-type]
+        info = {"predicted_drop": loss}
+    derived = {n: {"sparsity": s} for n, s in per.items()}
+    return derived, {**info, "per_layer": per, **sens.to_dict()}
+
+
+def _allocate_global(model, config: PruneStageConfig, layers: dict) -> tuple[dict, dict]:
+    """Per-layer sparsities from one magnitude ranking of the layers without a ``per_layer``
+    override (:func:`global_allocation`), and its report."""
+    names = [n for n in layers if n not in config.per_layer]
+    masks = pruning_masks(model)
+    per = global_allocation(
+        {n: layers[n].weight for n in names},
+        config.sparsity,  # type: ignore[arg-type]
+        floor=config.floor,
+        masks={n: masks[n] for n in names if n in masks},
+    )
+    derived = {n: {"sparsity": s} for n, s in per.items()}
+    return derived, {"method": "global", "floor": config.floor, "per_layer": per}
+
+
+def _one_shot_drop(model, mc: MagnitudeConfig, val_loader) -> dict[str, float]:
+    """Held-out accuracy before and right after pruning a copy of ``model`` to the final
+    sparsities with no retraining: the drop retraining starts from (the prediction the
+    ``prune`` command prints)."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    before = evaluate(probe, val_loader)["accuracy"]
+    prune_(probe, mc)
+    after = evaluate(probe, val_loader)["accuracy"]
+    return {"val_accuracy": before, "val_accuracy_one_shot": after, "drop": before - after}
+
+
+def _agp_config(config: PruneStageConfig, mc: MagnitudeConfig) -> AGPConfig:
+    """The AGP ramp to the magnitude config's (final) sparsities."""
+    rules = {n: mc.layer_rule(n) for n in mc.per_layer}
+    bad = sorted(n for n, r in rules.items() if r is not None and r[0] != "sparsity")
+    if bad:
+        raise ConfigError(f"per_layer {bad}: method='agp' takes final sparsities, not q")
+    return AGPConfig(
+        sparsity=mc.sparsity,  # type: ignore[arg-type]
+        initial_sparsity=config.agp_initial_sparsity,
+        frequency=config.agp_frequency,
+        scope=mc.scope,
+        per_layer={n: mc.layer_rule(n)[1] for n in mc.per_layer},  # type: ignore[index]
+        include=mc.include,
+        exclude=mc.exclude,
+    )
 
 
 def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, Any]:
@@ -217,32 +297,24 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
     report: dict[str, Any] = {"method": config.method}
     derived: dict[str, Any] = {}
     if config.allocate == "sensitivity":
-        sens = sensitivity_analysis(
-            model,
-            val_loader,
-            config.sensitivity_sparsities,
-            include=config.include,
-            exclude=config.exclude,
-            max_batches=config.sensitivity_batches,
-            progress=ctx.progress,
-        )
-        if config.max_drop is not None:
-            per = thresholds_from_sensitivity(sens, config.max_drop)
-            info = {"max_drop": config.max_drop}
-        else:
-            # greedy allocation reaching the overall sparsity; its predicted (additive) loss
-            loss, per = sparsities_for_budget(sens, config.sparsity)  # type: ignore[arg-type]
-            info = {"predicted_drop": loss}
-        derived = {n: {"sparsity": s} for n, s in per.items()}
-        report["sensitivity"] = {**info, "per_layer": per, **sens.to_dict()}
+        derived, report["sensitivity"] = _allocate(model, config, val_loader, ctx.progress)
+    elif config.allocate == "global":
+        derived, report["allocation"] = _allocate_global(model, config, layers)
+    elif config.allocate == "policy":
+        from .search import stage_policy
+
+        policy = stage_policy(ctx, config.policy_file, "prune")
+        derived = {n: {"sparsity": s} for n, s in policy.sparsity.items()}
+        report["policy"] = policy.to_dict()
     mc = config.magnitude_config(derived)
-    retrain = config.retrain_config(ctx.train_config)
+    report["predicted"] = _one_shot_drop(model, mc, val_loader)
+    retrain = config.retrain.train_config(ctx.train_config)
     train_loader = splits.loader("train", retrain.batch_size, seed=retrain.seed)
-    kd = config.distill_config()
+    kd = config.retrain.distill
     # the teacher: a frozen plain copy (masks folded) of the model as it entered the stage
     loss_fn = None if kd is None else distillation_loss(folded_copy(model).eval(), kd)
     if config.method == "magnitude":
-        its = iterative_prune(
+        its = iterative_prune_(
             model,
             mc,
             train_loader,
@@ -256,20 +328,8 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
         )
         report["iterations"] = [it.to_dict() for it in its]
     else:
-        rules = {n: mc.layer_rule(n) for n in mc.per_layer}
-        bad = sorted(n for n, r in rules.items() if r is not None and r[0] != "sparsity")
-        if bad:
-            raise ConfigError(f"per_layer {bad}: method='agp' takes final sparsities, not q")
-        agp = AGPConfig(
-            sparsity=mc.sparsity,  # type: ignore[arg-type]
-            initial_sparsity=config.agp_initial_sparsity,
-            frequency=config.agp_frequency,
-            scope=mc.scope,
-            per_layer={n: mc.layer_rule(n)[1] for n in mc.per_layer},  # type: ignore[index]
-            include=mc.include,
-            exclude=mc.exclude,
-        )
-        cb, hist = agp_prune(
+        agp = _agp_config(config, mc)
+        cb, hist = agp_prune_(
             model,
             agp,
             train_loader,
@@ -286,15 +346,15 @@ def run_prune_stage(ctx: StageContext, config: PruneStageConfig) -> dict[str, An
 
         x, _ = next(iter(splits.loader("val", 64)))
         report["dead_neurons"] = remove_dead_neurons_(model, x)
-    masks = pruning_masks(model)
     report["layers"] = {
         n: {
             "params": int(m.numel()),
             "kept": int(m.sum()),
             "kept_fraction": float(m.float().mean()),
         }
-        for n, m in masks.items()
+        for n, m in pruning_masks(model).items()
     }
+    report["coverage"] = pruning_coverage(model).to_dict()
     params, nz = _nonzeros(model)
     report.update(
         params=params,

@@ -11,127 +11,96 @@ quantized weights. Activation quantization lives only in the ONNX file (and in t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.config import ConfigError
+from ..core.validate import check, is_int
 from ..engine.train import evaluate
 from ..quant.linear import (
-    ACT_DTYPES,
-    KEEP,
     PTQConfig,
     QATConfig,
     layer_precisions,
+    quantization_coverage,
     quantize_ptq,
     quantize_qat,
     quantized_float_model,
 )
-from ..quant.observers import OBSERVERS
 from ..quant.onnx_export import evaluate_onnx, export_onnx
-from .base import StageContext
+from .base import RetrainKeys, StageConfig, StageContext, stage_config
 
 __all__ = ["QuantizeStageConfig", "run_quantize_stage"]
 
 log = logging.getLogger(__name__)
 
 
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}={value!r}: {allowed}")
-
-
-@dataclass(frozen=True)
-class QuantizeStageConfig:
-    """Options of the ``quantize`` stage (see :class:`~nncompress.quant.linear.PTQConfig`).
+@stage_config(
+    PTQConfig,
+    keys=("weights", "activations", "per_channel", "keep_first_last", "per_layer", "reduce_range"),
+    defaults={"activations": "uint8"},
+    retrain=RetrainKeys({"qat_epochs": 1, "lr_scale": 0.1}, epochs_key="qat_epochs"),
+)
+class QuantizeStageConfig(StageConfig):
+    """Options of the ``quantize`` stage.
 
     Attributes
     ----------
+    weights, activations, per_channel, keep_first_last, per_layer, reduce_range : the
+        :class:`~nncompress.quant.linear.PTQConfig` (``activations='none'`` or ``None`` for
+        weight-only; 8-bit activations default to ``uint8``, onnxruntime's x86 kernels).
+    qat_epochs, lr_scale : the :class:`~nncompress.stages.base.RetrainSpec` of QAT: fine-tuning
+        epochs and learning rate relative to the recipe's training configuration.
     method : 'ptq' | 'qat'.
-    weights, activations, per_channel, observer, keep_first_last, per_layer, reduce_range :
-        as in :class:`~nncompress.quant.linear.PTQConfig` (``activations='none'`` or ``None`` for
-        weight-only).
+    observer : activation range estimator (QAT uses moving averages instead of 'minmax').
+    lsq : QAT with learned step sizes.
     calibration : number of held-out samples fed to the observers.
-    qat_epochs, lr_scale, lsq : QAT fine-tuning epochs, learning rate relative to the recipe's
-        training configuration, learned step sizes.
     out : file name of the ONNX model inside the run folder.
     threads : onnxruntime threads for the accuracy measurement.
     """
 
     method: str = "ptq"
-    weights: str = "int8"
-    activations: str | None = "uint8"
-    per_channel: bool = True
     observer: str = "minmax"
-    calibration: int = 512
-    keep_first_last: str | None = None
-    per_layer: dict = field(default_factory=dict)
-    reduce_range: bool = True
-    qat_epochs: int = 1
-    lr_scale: float = 0.1
     lsq: bool = False
+    calibration: int = 512
     out: str = "model.onnx"
     threads: int = 1
 
-    def __post_init__(self) -> None:
+    def _check_options(self) -> None:
         if self.activations == "none":
             object.__setattr__(self, "activations", None)
-        _check(self.method in ("ptq", "qat"), "method", self.method, "must be 'ptq' or 'qat'")
-        _check(
-            self.weights in ("int8", "int4"), "weights", self.weights, "must be 'int8' or 'int4'"
-        )
-        _check(
-            self.activations in (*ACT_DTYPES, None),
-            "activations",
-            self.activations,
-            "must be 'int8', 'uint8' or 'none'",
-        )
-        _check(
-            self.observer in OBSERVERS,
-            "observer",
-            self.observer,
-            f"must be one of {sorted(OBSERVERS)}",
-        )
-        _check(
-            self.keep_first_last in KEEP,
-            "keep_first_last",
-            self.keep_first_last,
-            "must be None, 'int8' or 'fp32'",
-        )
-        _check(
-            isinstance(self.calibration, int) and self.calibration >= 1,
+        check(self.method in ("ptq", "qat"), "method", self.method, "must be 'ptq' or 'qat'")
+        check(
+            is_int(self.calibration) and self.calibration >= 1,
             "calibration",
             self.calibration,
             "must be an integer >= 1",
         )
-        _check(
-            isinstance(self.qat_epochs, int) and self.qat_epochs >= 1,
+        check(
+            is_int(self.qat_epochs) and self.qat_epochs >= 1,
             "qat_epochs",
             self.qat_epochs,
             "must be an integer >= 1",
         )
-        _check(self.lr_scale > 0, "lr_scale", self.lr_scale, "must be > 0")
-        _check(str(self.out).endswith(".onnx"), "out", self.out, "must end in .onnx")
-        _check(
-            isinstance(self.threads, int) and self.threads >= 1,
+        check(str(self.out).endswith(".onnx"), "out", self.out, "must end in .onnx")
+        self._unused_unless(
+            self.method == "qat",
+            ("qat_epochs", "lr_scale", "lsq"),
+            f"only with method='qat' (got {self.method!r})",
+        )
+        check(
+            is_int(self.threads) and self.threads >= 1,
             "threads",
             self.threads,
             "must be an integer >= 1",
         )
-        self.quant_config()  # validates the shared fields and per_layer
 
-    def quant_config(self) -> PTQConfig:
-        common = {
-            "weights": self.weights,
-            "activations": self.activations,
-            "per_channel": self.per_channel,
-            "keep_first_last": self.keep_first_last,
-            "per_layer": dict(self.per_layer),
-            "reduce_range": self.reduce_range,
-        }
+    def _build_algorithm(self, values: dict[str, Any]) -> PTQConfig:
         if self.method == "qat":
             obs = "moving_average" if self.observer == "minmax" else self.observer
-            return QATConfig(observer=obs, lsq=self.lsq, **common)
-        return PTQConfig(observer=self.observer, **common)
+            return QATConfig(observer=obs, lsq=self.lsq, **values)
+        return PTQConfig(observer=self.observer, **values)
+
+    def quant_config(self) -> PTQConfig:
+        """The :class:`PTQConfig` (a :class:`QATConfig` for ``method='qat'``)."""
+        return self.algorithm
 
 
 def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[str, Any]:
@@ -142,7 +111,7 @@ def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[s
     if config.method == "ptq":
         gm = quantize_ptq(ctx.model, calib, qcfg, progress=ctx.progress)
     else:
-        tcfg = ctx.train_config.replace(epochs=config.qat_epochs)
+        tcfg = config.retrain.train_config(ctx.train_config)
         gm = quantize_qat(
             ctx.model,
             splits.loader("train", tcfg.batch_size, seed=tcfg.seed, augment=tcfg.augment),
@@ -152,6 +121,7 @@ def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[s
             lr_scale=config.lr_scale,
             progress=ctx.progress,
         )
+    coverage = quantization_coverage(gm)
     test = splits.loader("test", 500)
     sim = evaluate(gm, test, progress=ctx.progress)["accuracy"]
     path = ctx.out_dir / config.out
@@ -162,7 +132,7 @@ def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[s
         metadata={
             "dataset": splits.describe(),
             "nncompress_quantize": {
-                k: v for k, v in config.__dict__.items() if k not in ("out", "threads")
+                k: v for k, v in config.to_dict().items() if k not in ("out", "threads")
             },
             "layers": layer_precisions(gm),
         },
@@ -179,4 +149,5 @@ def run_quantize_stage(ctx: StageContext, config: QuantizeStageConfig) -> dict[s
         "fp32_param_bytes": 4 * n_params,
         "onnx_path": str(path),
         "layers": layer_precisions(gm),
+        "coverage": coverage.to_dict() if coverage is not None else None,
     }

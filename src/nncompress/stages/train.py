@@ -8,43 +8,55 @@ pruned LeNets at 1/10 of the original rate).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-from ..engine.config import ConfigError, TrainConfig
+from ..core.errors import ConfigError
+from ..core.validate import check, is_finite_number, is_int
+from ..engine.config import TrainConfig
 from ..engine.train import fit
-from .base import StageContext
+from .base import StageConfig, StageContext, stage_config
 
 __all__ = ["TrainStageConfig", "run_train_stage", "train_with"]
 
-# TrainConfig fields a stage may override (everything except nothing: all of them).
+# TrainConfig fields a stage may override (all of them).
 _OVERRIDABLE = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
-@dataclass(frozen=True)
-class TrainStageConfig:
+@stage_config()
+class TrainStageConfig(StageConfig):
     """Train the model: ``overrides`` of the base training config, times ``lr_scale``.
 
-    Any :class:`~nncompress.engine.TrainConfig` field may be given directly in the stage's
-    mapping (``epochs: 5``, ``lr: 0.01``, ``weight_decay: 1e-4`` ...); they are collected in
-    ``overrides`` by :meth:`from_dict`.
+    Training is this stage's algorithm, so its config is the recipe's base
+    :class:`~nncompress.engine.TrainConfig` with overrides: any of its fields may be given
+    directly in the stage's mapping (``epochs: 5``, ``lr: 0.01``, ``weight_decay: 1e-4`` ...);
+    they are collected in ``overrides`` by :meth:`from_dict`.
     """
 
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     lr_scale: float = 1.0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.lr_scale, (int, float)) or not self.lr_scale > 0:
-            raise ConfigError(f"lr_scale={self.lr_scale!r}: must be a number > 0")
+    def _check_options(self) -> None:
+        check(
+            is_finite_number(self.lr_scale) and 0 < self.lr_scale <= 100,
+            "lr_scale",
+            self.lr_scale,
+            "must be a number in (0, 100]",
+        )
         unknown = sorted(set(self.overrides) - set(_OVERRIDABLE))
         if unknown:
-            raise ConfigError(
-                f"unknown field(s) {unknown}; allowed: {sorted([*_OVERRIDABLE, 'lr_scale'])}"
-            )
+            raise ConfigError(f"unknown field(s) {unknown}; allowed: {sorted(self.keys())}")
         try:
             TrainConfig(**self.overrides)  # validates the values (names the field)
         except TypeError as exc:  # pragma: no cover - names already checked
             raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [*_OVERRIDABLE, "lr_scale"]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"lr_scale": cls.__dataclass_fields__["lr_scale"].default}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainStageConfig:
@@ -58,6 +70,12 @@ class TrainStageConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.overrides, "lr_scale": self.lr_scale}
+
+    def capped(self, epochs: int) -> TrainStageConfig:
+        ov = self.overrides.get("epochs")
+        if is_int(ov) and ov > epochs:
+            return self.replace(overrides={**self.overrides, "epochs": epochs})
+        return self
 
     def resolve(self, base: TrainConfig) -> TrainConfig:
         """The effective config: ``base`` with the overrides, learning rate times lr_scale."""

@@ -4,6 +4,11 @@ MACs are counted by running one forward pass with hooks on every Conv/Linear lay
 architecture works (no per-model tables). Dense MACs: ``out_elements * (C_in / groups) * kh * kw``
 for convolutions and ``batch * in * out`` for Linear layers. Sparse MACs count only nonzero
 weights: ``out_positions * nnz(weight)``, i.e. the work a sparse kernel would do.
+
+Conditional models (early-exit networks, cascades) run only some branches per sample. They
+follow a small protocol: ``forward_all(x)`` runs every branch (MACs are counted over it, the
+worst case) and ``expected_macs(input_shape)`` returns the average MACs per sample implied by
+the exit rates they record, or ``None``; :func:`model_stats` reports it as ``expected_macs``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from torch.nn.utils import parametrize
 
 from ..engine.train import model_device
 
-__all__ = ["LayerStats", "ModelStats", "count_macs", "measure_latency", "model_stats"]
+__all__ = [
+    "LayerStats",
+    "ModelStats",
+    "count_macs",
+    "is_mac_layer",
+    "layer_macs",
+    "measure_latency",
+    "model_stats",
+]
 
 _MAC_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -53,6 +66,7 @@ class ModelStats:
     macs: int
     macs_nonzero: int
     latency_ms: dict[str, float] = field(default_factory=dict)
+    expected_macs: float | None = None
 
     @property
     def bytes_fp32(self) -> int:
@@ -63,7 +77,7 @@ class ModelStats:
         return 1.0 - self.nonzeros / self.params if self.params else 0.0
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "params": self.params,
             "nonzeros": self.nonzeros,
             "sparsity": self.sparsity,
@@ -73,36 +87,52 @@ class ModelStats:
             "latency_ms": self.latency_ms,
             "layers": [layer.to_dict() for layer in self.layers],
         }
+        if self.expected_macs is not None:
+            out["expected_macs"] = self.expected_macs
+        return out
+
+
+def is_mac_layer(m: nn.Module) -> bool:
+    """Whether :func:`layer_macs` counts ``m`` (Conv1d/Conv2d/Linear, or a ``macs_per_row``)."""
+    return isinstance(m, _MAC_TYPES) or hasattr(m, "macs_per_row")
+
+
+def layer_macs(mod: nn.Module, output: torch.Tensor) -> tuple[int, int]:
+    """``(dense, nonzero)`` MACs of one call of a MAC layer that produced ``output``."""
+    if hasattr(mod, "macs_per_row"):  # TTLinear: the contractions of its cores
+        dense = output.numel() // output.shape[-1] * mod.macs_per_row()
+        return dense, dense
+    w = mod.weight
+    channels = output.shape[-1] if isinstance(mod, nn.Linear) else output.shape[1]
+    positions = output.numel() // channels
+    return positions * w.numel(), positions * int(torch.count_nonzero(w))
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
-    """``{layer_name: (dense_macs, nonzero_macs)}`` for one sample of ``input_shape`` (no batch)."""
+    """``{layer_name: (dense_macs, nonzero_macs)}`` for one sample of ``input_shape`` (no batch).
+
+    A model with ``forward_all`` (a conditional model) is counted over it: every branch runs.
+    """
     out: dict[str, tuple[int, int]] = {}
     hooks = []
 
     def hook(name: str):
         def fn(mod: nn.Module, inputs, output) -> None:
-            if hasattr(mod, "macs_per_row"):  # TTLinear: the contractions of its cores
-                dense = nonzero = output.numel() // output.shape[-1] * mod.macs_per_row()
-            else:
-                w = mod.weight
-                channels = output.shape[-1] if isinstance(mod, nn.Linear) else output.shape[1]
-                positions = output.numel() // channels
-                dense = positions * w.numel()
-                nonzero = positions * int(torch.count_nonzero(w))
+            dense, nonzero = layer_macs(mod, output)
             prev = out.get(name, (0, 0))
             out[name] = (prev[0] + dense, prev[1] + nonzero)
 
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, _MAC_TYPES) or hasattr(m, "macs_per_row"):
+        if is_mac_layer(m):
             hooks.append(m.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
+    run = getattr(model, "forward_all", model)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=model_device(model)))
+            run(torch.zeros(1, *input_shape, device=model_device(model)))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -198,6 +228,8 @@ def model_stats(
         macs=sum(x.macs for x in layers),
         macs_nonzero=sum(x.macs_nonzero for x in layers),
     )
+    if input_shape is not None and callable(getattr(model, "expected_macs", None)):
+        stats.expected_macs = model.expected_macs(input_shape)
     if input_shape is not None:
         for b in latency_batches:
             stats.latency_ms[f"batch_{b}"] = measure_latency(model, input_shape, b, repeats=repeats)
