@@ -92,7 +92,7 @@ nncodec-venv: $(NNC_VENV)/.installed
 $(NNC_VENV)/.installed:
 	$(PYTHON) -m venv $(NNC_VENV)
 	$(NNC_VENV)/bin/pip install --quiet torch==2.13.0 'numpy<2' pybind11 setuptools wheel \
-	  scikit-learn tqdm h5py click
+	  scikit-learn tqdm h5py click pandas
 	$(NNC_VENV)/bin/pip install --quiet --no-deps --no-build-isolation nncodec==2.1.3
 	$(NNC_VENV)/bin/python benchmarks/nncodec_env.py
 	touch $@
