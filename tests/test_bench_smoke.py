@@ -9,6 +9,7 @@ results and re-raised here as a warning: nothing is skipped silently.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 import sys
@@ -49,6 +50,18 @@ PARTS_ONLY = {"early_exit_joint_smoke"}
 HELPERS = {"collect_results", "mobile_parts", "nncodec_env", "nncodec_worker"}
 
 
+def _load(script: str):
+    """The benchmark script as a module. benchmarks/transformers.py shares its name with the
+    Hugging Face package (imported by other tests), so it is loaded from its path under another
+    name; the others by name, so that helper modules (mobile_parts -> mobile) see the same one."""
+    if script != "transformers":
+        return importlib.import_module(script)
+    spec = importlib.util.spec_from_file_location("bench_transformers", BENCH / "transformers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
     sys.path.insert(0, str(BENCH))
@@ -73,7 +86,7 @@ PQ_XFAIL = pytest.mark.xfail(
     "script", [pytest.param(s, marks=PQ_XFAIL) if s == "pq" else s for s in SCRIPTS]
 )
 def test_script_smoke(script, smoke_dir):
-    mod = importlib.import_module(script)
+    mod = _load(script)
     for pre in PRE_ARGS.get(script, []):
         mod.main(["--smoke", "--results-dir", str(smoke_dir), *pre])
     rc = mod.main(["--smoke", "--results-dir", str(smoke_dir), *EXTRA_ARGS.get(script, [])])
