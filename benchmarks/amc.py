@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _common import RESULTS, baseline, write_result
+from _common import PATHS, add_results_dir_arg, baseline, out_dir, setup, write_result
 from nncompress.data import digits, fashion_mnist
 from nncompress.engine import TrainConfig, atomic_write, evaluate, finetune, fit, load_checkpoint
 from nncompress.models import create
@@ -535,7 +535,7 @@ def markdown(parts: dict) -> str:
     return "\n".join(md)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default="resnet,lenet,scaling")
     ap.add_argument("--smoke", action="store_true", help="digits, tiny nets, seconds")
@@ -555,7 +555,11 @@ def main() -> None:
     ap.add_argument("--lenet-warmup", type=int, default=40)
     ap.add_argument("--lenet-epochs", type=int, default=8)
     ap.add_argument("--scaling-episodes", type=int, default=16)
-    args = ap.parse_args()
+    add_results_dir_arg(ap)
+    args = ap.parse_args(argv)
+    setup(args)
+    global OUT
+    OUT = out_dir("amc")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.smoke:
         args.episodes, args.warmup, args.val_samples, args.calib_samples = 6, 3, 100, 32
@@ -571,16 +575,18 @@ def main() -> None:
         t0 = time.perf_counter()
         res = fns[p](args)
         res["wall_s"] = time.perf_counter() - t0
-        path = RESULTS / f"{tag}_{p}.json"
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = PATHS.results / f"{tag}_{p}.json"
+        PATHS.results.mkdir(parents=True, exist_ok=True)
         blob = json.dumps(res, indent=2, sort_keys=True, default=str)
         atomic_write(path, lambda tmp, b=blob: tmp.write_text(b))
     merged = {}
     for p in fns:
-        path = RESULTS / f"{tag}_{p}.json"
+        path = PATHS.results / f"{tag}_{p}.json"
         if path.is_file():
             merged[p] = json.loads(path.read_text())
-    write_result(tag, {"parts": merged}, markdown(merged))
+    write_result(
+        tag, {"parts": merged}, markdown(merged), None if argv is None else ["amc.py", *argv]
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ the empirical entropy and the bits actually spent per symbol. Then the whole lay
 .ncz container, against the same codes stored densely as uint8 and compressed with gzip -9,
 zstd -19 and xz -9 (``compare_general_purpose``, reusable by other benchmarks).
 
-Run from benchmarks/:  ../.venv/bin/python coding_throughput.py [--quick]
+Run from benchmarks/:  python coding_throughput.py [--quick]  (--smoke: a 200 x 250 layer)
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ import torch
 __all__ = ["compare_general_purpose", "synthetic_layer"]
 
 
-def compare_general_purpose(codes: np.ndarray) -> dict[str, int]:
-    """Bytes of ``codes`` stored densely as uint8 and compressed by general-purpose tools.
+def compare_general_purpose(codes: np.ndarray, side: bytes = b"") -> dict[str, int]:
+    """Bytes of ``codes`` stored densely as uint8 (plus ``side`` data) and compressed by
+    general-purpose tools.
 
     This is what peers (e.g. TFMOT's weight-clustering guide) tell users to do with cluster
     indices: store them as a dense uint8 array and zip it. ``codes`` must be integers in
-    [0, 255] (one per weight, pruned weights included with their own code).
+    [0, 255] (one per weight, pruned weights included with their own code). ``side`` is the
+    side data the file also needs (e.g. the codebook, in the precision our file stores it), so
+    that every row carries the same information.
 
     Returns
     -------
@@ -49,7 +52,7 @@ def compare_general_purpose(codes: np.ndarray) -> dict[str, int]:
     c = np.asarray(codes)
     if c.size and (c.dtype.kind not in "ui" or int(c.min()) < 0 or int(c.max()) > 255):
         raise ValueError("codes: must be integers in [0, 255] to be stored as uint8")
-    raw = c.astype(np.uint8).tobytes()
+    raw = c.astype(np.uint8).tobytes() + side
     return {
         "uint8": len(raw),
         "gzip-9": len(gzip.compress(raw, compresslevel=9, mtime=0)),
@@ -288,59 +291,10 @@ def _layout_text(f: dict) -> str:
     return f"{f['layout']} layout"
 
 
-def main() -> None:
-    from _common import write_result
-    from nncompress.coding import relative_index_encode
-    from nncompress.io import EncodeConfig, decode_bytes, encode_state_dict
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1M weights instead of 10M, 1 repeat")
-    p.add_argument(
-        "--smoke", action="store_true", help="120k weights, 1 repeat, no LeNet study (seconds)"
-    )
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    shape = (300, 400) if args.smoke else (1000, 1000) if args.quick else (2500, 4000)
-    repeats = 1 if args.quick or args.smoke else args.repeats
-
-    w = synthetic_layer(shape)
-    flat = w.numpy().ravel()
-    mask = flat != 0
-    codebook = np.unique(flat[mask])  # (k,) sorted
-    codes = np.searchsorted(codebook, flat[mask])  # (nnz,) per-nonzero codes
-    dense_codes = np.zeros(flat.size, dtype=np.int64)  # zero = code 0, centroids 1..k
-    dense_codes[mask] = codes + 1
-    ri = relative_index_encode(mask, 5)
-
-    rows = []
-    rows += bench_stream("weight codes (sparse)", codes, len(codebook), repeats)
-    rows += bench_stream("relative index b=5", ri.entries, 32, repeats)
-    rows += bench_stream("dense codes (whole layer)", dense_codes, len(codebook) + 1, repeats)
-
-    ctx_rows = bench_context(flat.reshape(shape), codebook, repeats)
-    files = []
-    for codec in ("huffman", "ans", "raw", "context"):
-        cfg = EncodeConfig(codec=codec)
-        t_enc, (data, report) = _median_time(lambda cfg=cfg: encode_state_dict({"w": w}, cfg), 1)
-        t_dec, (state, _) = _median_time(lambda data=data: decode_bytes(data), 1)
-        if not torch.equal(state["w"], w):
-            raise AssertionError(f"container/{codec}: round trip failed")
-        t = report.tensor("w")
-        files.append(
-            {
-                "codec": codec,
-                "bytes": len(data),
-                "ratio_vs_fp32": report.ratio,
-                "layout": t.layout,
-                "order": t.order,
-                "fillers": t.fillers,
-                "encode_s": t_enc,
-                "decode_s": t_dec,
-            }
-        )
-    general = compare_general_purpose(dense_codes)
-    order_rows, order_md = ([], "(skipped with --smoke)") if args.smoke else order_study()
+def markdown(
+    shape, flat, mask, codebook, repeats, rows, files, general, order_md, ctx_rows
+) -> list[str]:
+    from nncompress.io import EncodeConfig
 
     md = [
         f"Synthetic layer {shape[0]}x{shape[1]} = {flat.size:,} weights, N(0,1) pruned by "
@@ -378,7 +332,8 @@ def main() -> None:
     md += [
         "",
         "Whole layer, same weights: our .ncz file vs the dense codes (zero = code 0) as uint8 "
-        "compressed by general-purpose tools.",
+        f"plus the same {len(codebook)}-entry codebook our file stores "
+        f"({EncodeConfig().codebook_dtype}), compressed by general-purpose tools.",
         "",
         "| storage | bytes | x vs fp32 | encode s | decode s |",
         "|---|---:|---:|---:|---:|",
@@ -391,7 +346,7 @@ def main() -> None:
             f"{f['decode_s']:.2f} |"
         )
     for k, v in general.items():
-        md.append(f"| codes as {k} | {v:,} | {4 * flat.size / v:.1f} | | |")
+        md.append(f"| codes + codebook as {k} | {v:,} | {4 * flat.size / v:.1f} | | |")
     md += [
         "",
         "## Flattening order on LeNet",
@@ -405,8 +360,69 @@ def main() -> None:
         "",
         order_md,
     ]
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    from _common import add_protocol_args, setup, write_result
+    from nncompress.coding import relative_index_encode
+    from nncompress.io import EncodeConfig, decode_bytes, encode_state_dict
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1M weights instead of 10M, 1 repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    add_protocol_args(p, seeds="0")
+    args = p.parse_args(argv)
+    setup(args)
+    t_start = time.perf_counter()
+    shape = (1000, 1000) if args.quick else (2500, 4000)
+    if args.smoke:
+        shape = (200, 250)
+    repeats = 1 if args.quick or args.smoke else args.repeats
+
+    w = synthetic_layer(shape)
+    flat = w.numpy().ravel()
+    mask = flat != 0
+    codebook = np.unique(flat[mask])  # (k,) sorted
+    codes = np.searchsorted(codebook, flat[mask])  # (nnz,) per-nonzero codes
+    dense_codes = np.zeros(flat.size, dtype=np.int64)  # zero = code 0, centroids 1..k
+    dense_codes[mask] = codes + 1
+    ri = relative_index_encode(mask, 5)
+
+    rows = []
+    rows += bench_stream("weight codes (sparse)", codes, len(codebook), repeats)
+    rows += bench_stream("relative index b=5", ri.entries, 32, repeats)
+    rows += bench_stream("dense codes (whole layer)", dense_codes, len(codebook) + 1, repeats)
+
+    ctx_rows = bench_context(flat.reshape(shape), codebook, repeats)
+    files = []
+    for codec in ("huffman", "ans", "raw", "context"):
+        cfg = EncodeConfig(codec=codec)
+        t_enc, (data, report) = _median_time(lambda cfg=cfg: encode_state_dict({"w": w}, cfg), 1)
+        t_dec, (state, _) = _median_time(lambda data=data: decode_bytes(data), 1)
+        if not torch.equal(state["w"], w):
+            raise AssertionError(f"container/{codec}: round trip failed")
+        t = report.tensor("w")
+        files.append(
+            {
+                "codec": codec,
+                "bytes": len(data),
+                "ratio_vs_fp32": report.ratio,
+                "layout": t.layout,
+                "order": t.order,
+                "fillers": t.fillers,
+                "encode_s": t_enc,
+                "decode_s": t_dec,
+            }
+        )
+    # the same side data as our file: the codebook in the precision the .ncz stores it
+    cb_dtype = np.float16 if EncodeConfig().codebook_dtype == "fp16" else np.float32
+    general = compare_general_purpose(dense_codes, codebook.astype(cb_dtype).tobytes())
+    order_rows, order_md = order_study()
+
+    md = markdown(shape, flat, mask, codebook, repeats, rows, files, general, order_md, ctx_rows)
     write_result(
-        "coding_throughput" + ("_smoke" if args.smoke else ""),
+        "coding_throughput",
         {
             "shape": list(shape),
             "streams": rows,
@@ -414,8 +430,10 @@ def main() -> None:
             "context": ctx_rows,
             "general_purpose": general,
             "lenet_order": order_rows,
+            "compute_s": time.perf_counter() - t_start,
         },
         "\n".join(md),
+        None if argv is None else ["coding_throughput.py", *argv],
     )
     print("\n".join(md))
 

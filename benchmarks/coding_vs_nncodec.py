@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import ROOT, baseline, write_result
+from _common import PATHS, ROOT, add_results_dir_arg, baseline, out_dir, setup, write_result
 
 OUT = ROOT / "out" / "coding_vs_nncodec"
 NNC_PY = ROOT / ".venv-nncodec" / "bin" / "python"
@@ -315,12 +315,15 @@ def plot(seeds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="digits, tiny recipe, 2 NNCodec runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = p.parse_args()
-    torch.set_num_threads(1)
+    add_results_dir_arg(p)
+    args = p.parse_args(argv)
+    setup(args)
+    global OUT
+    OUT = out_dir("coding_vs_nncodec")
     if args.smoke:
         args.seeds = args.seeds[:1]
         global LAMBDAS
@@ -332,8 +335,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "plot.png"
         plot(seeds, png)
-        (ROOT / "results").mkdir(exist_ok=True)
-        (ROOT / "results" / f"{name}.png").write_bytes(png.read_bytes())
+        PATHS.results.mkdir(parents=True, exist_ok=True)
+        (PATHS.results / f"{name}.png").write_bytes(png.read_bytes())
     head = [
         f"Seeds {args.seeds}; equal accuracy = val accuracy >= the input weights' - {TOL} "
         "points; test evaluated once per reported row. Input: the shipped Deep Compression "
@@ -341,7 +344,8 @@ def main() -> None:
         "",
     ]
     write_result(name, {"seeds": seeds, "summary": summary,
-                        "wall_s": time.perf_counter() - t0}, "\n".join(head + md))  # fmt: skip
+                        "wall_s": time.perf_counter() - t0}, "\n".join(head + md),
+                 None if argv is None else ["coding_vs_nncodec.py", *argv])  # fmt: skip
     print("\n".join(head + md))
     sys.stdout.flush()
 

@@ -1,99 +1,237 @@
 """Assemble benchmarks/RESULTS.md from the per-benchmark files in benchmarks/results/.
 
-Each benchmark script writes results/NAME.json and results/NAME.md (with the command, machine
-and date); this script only concatenates them in a fixed order under a common header.
+SECTIONS is the list of published sections: each is produced by exactly one command (run from
+benchmarks/), the command `make bench` runs. Every script stores its full command line, the
+machine record and its results in results/NAME.json and results/NAME.md; this script opens
+RESULTS.md with a one-screen summary of the headline rows (taken from the JSON files), then
+concatenates the sections in order, flags any section produced by another command than the
+published one, and estimates the duration of `make bench` from the measured compute times.
 
-    python benchmarks/collect_results.py
+    python collect_results.py [--results-dir DIR] [--out FILE]
+    python collect_results.py --commands     # print the published commands, one a line
 """
 
 from __future__ import annotations
 
-from _common import RESULTS, ROOT, machine
+import argparse
+import json
+from pathlib import Path
 
+from _common import ROOT
+
+# (results name, title, published command run from benchmarks/)
 SECTIONS = [
-    ("baselines", "Baselines (Fashion-MNIST)", "benchmarks/baselines.py"),
+    ("baselines", "Baselines (Fashion-MNIST)", "python baselines.py"),
+    ("pruning_han", "Connection pruning — Han et al. 2015, Table 1 style", "python pruning_han.py"),
     (
-        "pruning_han",
-        "Connection pruning — Han et al. 2015, Table 1 style",
-        "benchmarks/pruning_han.py",
+        "pruning_li-resnet-20",
+        "Filter pruning — Li et al. 2017, ResNet-20",
+        "python pruning_li.py --model resnet-20 --seeds 0",
     ),
-    ("pruning_li", "Filter pruning — Li et al. 2017 style", "benchmarks/pruning_li.py"),
     (
-        "pruning_li_lenet-5",
-        "Filter pruning — LeNet-5, with the L1 / random / largest-first ablation",
-        "benchmarks/pruning_li.py --model lenet-5",
+        "pruning_li-lenet-5",
+        "Filter pruning — Li et al. 2017, LeNet-5 with the L1 / random / largest ablation",
+        "python pruning_li.py --model lenet-5",
     ),
     (
         "deep_compression",
         "Deep Compression — pruning + weight sharing + Huffman",
-        "benchmarks/deep_compression.py",
+        "python deep_compression.py",
     ),
-    ("coding_throughput", "Entropy coder throughput", "benchmarks/coding_throughput.py"),
-    (
-        "fuzz_decoder",
-        "Structured fuzzing of the .ncz decoder (issue 19)",
-        "benchmarks/fuzz_decoder.py",
-    ),
+    ("coding_throughput", "Entropy coder throughput", "python coding_throughput.py"),
+    ("fuzz_decoder", "Structured fuzzing of the .ncz decoder (issue 19)", "python fuzz_decoder.py"),
     (
         "coding_vs_nncodec",
         "Coding the same pruned + shared weights: ours vs NNCodec vs xz / zstd",
-        "benchmarks/coding_vs_nncodec.py",
+        "python coding_vs_nncodec.py",
     ),
     (
         "rate_aware",
         "Rate-aware pipelines (ECSQ + RD pruning + context coding)",
-        "benchmarks/rate_aware.py",
-    ),
-    *(
-        (
-            f"rate_aware_{m}",
-            f"Rate-aware pipeline, {m}",
-            f"benchmarks/rate_aware.py --models {m}",
-        )
-        for m in ("lenet-300-100", "lenet-5")
+        "python rate_aware.py",
     ),
     (
-        "linear_quant",
-        "Linear INT8 / INT4 quantization with ONNX Runtime",
-        "benchmarks/linear_quant.py",
+        "linear_quant-lenet-5",
+        "Linear INT8 / INT4 quantization with ONNX Runtime — LeNet-5",
+        "python linear_quant.py --model lenet-5",
     ),
-    ("lowrank", "Low-rank decomposition", "benchmarks/lowrank.py"),
+    (
+        "linear_quant-resnet-20",
+        "Linear INT8 / INT4 quantization with ONNX Runtime — ResNet-20",
+        "python linear_quant.py --model resnet-20 --seeds 0",
+    ),
+    (
+        "ort_int8_kernels",
+        "onnxruntime's int8 kernels on this CPU (VNNI, 7-bit vs 8-bit weights)",
+        "python ort_int8_kernels.py",
+    ),
+    ("lowrank-lenet300-lenet5", "Low-rank decomposition — LeNets", "python lowrank.py"),
+    (
+        "lowrank-resnet20",
+        "Low-rank decomposition — ResNet-20",
+        "python lowrank.py --parts resnet20 --seeds 0",
+    ),
     (
         "lowrank_latency",
-        "Low-rank decomposition — interleaved latency",
-        "benchmarks/lowrank_latency.py",
+        "Low-rank decomposition — paired latency",
+        "python lowrank_latency.py",
     ),
-    ("distill-lenet-5", "Knowledge distillation", "benchmarks/distill.py --teacher lenet-5"),
-    ("pq", "Product quantization — Stock et al. 2020", "benchmarks/pq.py"),
-    ("amc", "Automated compression policy — AMC (He et al. 2018)", "benchmarks/amc.py"),
+    ("distill-lenet-5", "Knowledge distillation", "python distill.py"),
+    ("pq", "Product quantization — Stock et al. 2020", "python pq.py"),
+    (
+        "early_exit",
+        "Early exits and cascades (BranchyNet, Teerapittayanon et al. 2016)",
+        "python early_exit.py",
+    ),
+    (
+        "transformers-gpt-vit",
+        "Transformers — ViT-tiny and char-GPT",
+        "python transformers.py --parts vit,gpt --seeds 0,1,2",
+    ),
+    (
+        "amc",
+        "Automated compression policy — AMC (He et al. 2018)",
+        "python amc.py --parts resnet --seeds 3 --epochs 2 --episodes 120 --warmup 40 "
+        "--train-limit 20000",
+    ),
+    *(
+        (f"mobile_{part}", f"Mobile networks — {title}", f"python mobile.py --parts {part}")
+        for part, title in (
+            ("baselines", "baselines (MobileNetV2, EfficientNet-lite)"),
+            ("int8", "INT8 post-training quantization"),
+            ("filter", "filter pruning"),
+            ("deep", "pruning + weight sharing + coding"),
+        )
+    ),
 ]
+# commands `make bench` runs before a section's own command: they write parts that the section's
+# script reads or merges (pq.py reads out/pq/explore; early_exit.py reads early_exit_joint.json; amc.py merges
+# amc_<part>.json, the LeNet part published with the defaults)
+BEFORE = {
+    "pq": ["python pq.py --explore"],  # pq.py takes each row's blocks / lr from its exploration
+    "early_exit": ["python early_exit_joint.py"],
+    "amc": ["python amc.py --parts lenet"],
+}
 
 
-def main() -> None:
-    m = machine()
+def published_commands() -> list[str]:
+    """Every command of `make bench`, in order (collect_results.py itself last)."""
+    cmds = []
+    for name, _, cmd in SECTIONS:
+        cmds += [*BEFORE.get(name, []), cmd]
+    return [*cmds, "python collect_results.py"]
+
+
+def _pm(xs: list[float] | None) -> str:
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.2f} (1 seed)"
+    s = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{m:.2f} ± {s:.2f} (n={len(xs)})"
+
+
+def summary_table(rows: list[tuple[str, dict]]) -> list[str]:
+    lines = [
+        "| section | model | method | size | test acc. % | held-out acc. % | lost vs "
+        "baseline | lost vs dense control | target | met |",
+        "|---|---|---|---|---|---|---:|---:|---|---|",
+    ]
+    for section, r in rows:
+        ctl = r.get("lost_vs_control")
+        met = r.get("met")
+        lines.append(
+            f"| {section} | {r['model']} | {r['method']} | {r['size']} | {_pm(r['test'])} | "
+            f"{_pm(r['val'])} | {r['lost_vs_baseline']:+.2f} | "
+            f"{'-' if ctl is None else f'{ctl:+.2f}'} | {r.get('target') or '-'} | "
+            f"{'-' if met is None else ('yes' if met else '**no**')} |"
+        )
+    return lines
+
+
+def _hours(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+
+
+def build(results: Path) -> str:
+    data = {}
+    for name, _, _ in SECTIONS:
+        f = results / f"{name}.json"
+        if f.is_file():
+            data[name] = json.loads(f.read_text())
+    # protocol rows only (summary_row in _common.py); some scripts keep their own "summary"
+    summary = [
+        (name, r)
+        for name, d in data.items()
+        for r in d.get("summary", [])
+        if isinstance(r, dict) and "lost_vs_baseline" in r
+    ]
+    compute = {name: d.get("compute_s") for name, d in data.items()}
+    known = sum(v for v in compute.values() if v)
+    missing = [n for n, _, _ in SECTIONS if not compute.get(n)]
     parts = [
         "# Benchmark results\n",
-        "Every number below was produced by the script named in its section on the machine "
-        "stated there (the project's 2-core CPU machine unless said otherwise). Re-run a script "
-        "to refresh its section, then `python benchmarks/collect_results.py` to rebuild this "
-        "page. Latency figures are medians of repeated runs after warm-up; on a shared 2-core "
-        "machine they carry noise of roughly +-10-20%.\n",
-        "Load: the sections dated before 13:15 UTC on 2026-11-23 (baselines, coding throughput, "
-        "the LeNet-5 filter-pruning ablation, INT8/INT4 on LeNet-5, distillation) ran "
-        "while up to seven jobs shared the two cores (load average 12-16); the later re-runs "
-        "(connection and filter pruning, Deep Compression, ResNet-20 quantization, low-rank and its latency) ran "
-        "two or three at a time. Wall times are inflated accordingly. Each section states any "
-        "budget it cut; targets a run misses are reported as missed.\n",
-        f"Last assembled: {m['date']} (torch {m['torch']}, Python {m['python']}).\n",
+        "Protocol (benchmarks/README.md): every choice is made on the held-out split (5k images "
+        "carved from the training set); the test split (10k) is evaluated once per reported row "
+        "and seed, and both are recorded. Headline rows are mean ± std over the seeds of the "
+        "compression on the same baseline (n = seeds; rows with one seed say '1 seed'); a target "
+        "counts as met only if the mean meets it. 'Lost vs dense control' compares with the "
+        "baseline fine-tuned with the same extra budget (epochs, lr schedule, distillation, "
+        "augmentation) as the compressed model.\n",
+        "## Summary\n",
+        *summary_table(summary),
+        "",
+        f"`make bench` (every command below, in order, then this page): about {_hours(known)} "
+        "of compute on this machine, the sum of the measured compute times of the sections"
+        + (f" (not measured: {', '.join(missing)})" if missing else "")
+        + ": "
+        + ", ".join(f"{n} {_hours(v)}" for n, v in compute.items() if v)
+        + ". Measured on 2 shared cores, one thread per job, with other jobs running: an idle "
+        "machine is faster.\n",
     ]
-    for name, title, script in SECTIONS:
-        md = RESULTS / f"{name}.md"
+    for name, title, cmd in SECTIONS:
         parts.append(f"## {title}\n")
-        if md.is_file():
-            parts.append(md.read_text().strip() + "\n")
-        else:
-            parts.append(f"_Not measured yet: run `python {script}`._\n")
-    (ROOT / "RESULTS.md").write_text("\n".join(parts))
+        parts.append(f"Published command (from benchmarks/): `{cmd}`\n")
+        md = results / f"{name}.md"
+        if name not in data or not md.is_file():
+            parts.append(f"_Not measured yet: run `cd benchmarks && {cmd}`._\n")
+            continue
+        if data[name].get("command") != cmd:
+            parts.append(
+                f"**Note: this section was produced by `{data[name].get('command')}`, not the "
+                "published command.**\n"
+            )
+        if data[name].get("smoke"):
+            parts.append("**Note: a --smoke run (tiny synthetic data): not a result.**\n")
+        parts.append(md.read_text().strip() + "\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results-dir", type=Path, default=None, help="default: results/")
+    ap.add_argument("--out", type=Path, default=None, help="default: RESULTS.md")
+    ap.add_argument("--commands", action="store_true", help="print the published commands")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="assemble a smoke tree (default out/smoke/results) into its RESULTS.md",
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.results_dir = (args.results_dir or ROOT / "out" / "smoke") / "results"
+        args.out = args.out or args.results_dir.parent / "RESULTS.md"
+    args.results_dir = args.results_dir or ROOT / "results"
+    args.out = args.out or ROOT / "RESULTS.md"
+    if args.commands:
+        print("\n".join(published_commands()))
+        return
+    text = build(args.results_dir)
+    from nncompress.engine import atomic_write
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda p: p.write_text(text))
 
 
 if __name__ == "__main__":

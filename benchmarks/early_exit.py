@@ -35,7 +35,7 @@ import time
 import torch
 from torch import nn
 
-from _common import BASELINES, RESULTS, write_result
+from _common import PATHS, add_results_dir_arg, setup, write_result
 from nncompress.conditional import (
     CalibrationConfig,
     Cascade,
@@ -59,7 +59,7 @@ KD = functools.partial(kd_loss, temperature=4.0, alpha=0.5)
 
 
 def _load(name: str, smoke: bool) -> tuple[nn.Module, str]:
-    path = BASELINES / f"{name}.safetensors"
+    path = PATHS.baselines / f"{name}.safetensors"
     if path.is_file():
         model, _ = load_checkpoint(path)
         return model.eval(), str(path)
@@ -509,7 +509,7 @@ def _markdown(res: dict) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--seeds", default="0,1,2", help="head-training seeds (first: head choice)")
@@ -530,7 +530,9 @@ def main() -> None:
     ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--latency-samples", type=int, default=None, help="default: whole test split")
     ap.add_argument("--smoke", action="store_true", help="tiny data, one epoch, seconds")
-    args = ap.parse_args()
+    add_results_dir_arg(ap)
+    args = ap.parse_args(argv)
+    setup(args)
     parts = [p for p in args.parts.split(",") if p]
     for p in parts:
         if p not in PARTS:
@@ -556,12 +558,12 @@ def main() -> None:
         ](splits, args)
         res["wall_s"] = time.perf_counter() - t0
         res["settings"] = {k: v for k, v in vars(args).items() if k != "shape"}
-        path = RESULTS / f"early_exit_{part}{suffix}.json"
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = PATHS.results / f"early_exit_{part}{suffix}.json"
+        PATHS.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2, default=str))
     merged = {}
     for part in (*PARTS, "joint"):  # early_exit_joint.py writes the joint part
-        path = RESULTS / f"early_exit_{part}{suffix}.json"
+        path = PATHS.results / f"early_exit_{part}{suffix}.json"
         if path.is_file():
             merged[part] = json.loads(path.read_text())
     md = _markdown(merged)
@@ -570,7 +572,12 @@ def main() -> None:
             "SMOKE RUN (256 samples per split, one epoch, untrained models where baselines are missing): the numbers mean nothing.\n\n"
             + md
         )
-    write_result(f"early_exit{suffix}", {"parts": merged}, md)
+    write_result(
+        f"early_exit{suffix}",
+        {"parts": merged},
+        md,
+        None if argv is None else ["early_exit.py", *argv],
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import RESULTS
+from _common import PATHS, add_results_dir_arg, setup
 from early_exit import (
     AFTER,
     KD,
@@ -44,7 +44,7 @@ from nncompress.data import fashion_mnist
 from nncompress.engine import TrainConfig, evaluate, finetune, seed_everything
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--head", default="conv-pool-linear")
@@ -57,7 +57,9 @@ def main() -> None:
     ap.add_argument("--confidences", default="max-softmax,entropy")
     ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
+    add_results_dir_arg(ap)
+    args = ap.parse_args(argv)
+    setup(args)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.confidences = [c for c in args.confidences.split(",") if c]
     weights = tuple(float(w) for w in args.weights.split(","))
@@ -152,8 +154,10 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "shape"},
     }
     suffix = "_smoke" if args.smoke else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"early_exit_joint{suffix}.json").write_text(json.dumps(res, indent=2, default=str))
+    PATHS.results.mkdir(parents=True, exist_ok=True)
+    (PATHS.results / f"early_exit_joint{suffix}.json").write_text(
+        json.dumps(res, indent=2, default=str)
+    )
 
 
 if __name__ == "__main__":

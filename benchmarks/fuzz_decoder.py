@@ -9,7 +9,7 @@ Every file must decode (tensors within ``max_bytes``) or raise ``FormatError``; 
 ``declared bytes + 128 x file bytes + 8 MiB``. Writes ``results/fuzz_decoder.json`` and
 ``results/fuzz_decoder.md`` (the counts quoted in docs/format.md section 4).
 
-Run from the repository root:  python benchmarks/fuzz_decoder.py [--smoke] [--count N]
+Run from benchmarks/:  python fuzz_decoder.py [--smoke] [--count N]
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _common import add_results_dir_arg, command, setup, write_result
     from nncompress.io.fuzz import fuzz_bases, fuzz_decoder
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=100_000, help="mutated files (default 100000)")
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--memory-every", type=int, default=10, help="tracemalloc every k-th file")
-    ap.add_argument("--smoke", action="store_true", help="300 files, results not written")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--smoke", action="store_true", help="300 files (seconds)")
+    add_results_dir_arg(ap)
     args = ap.parse_args(argv)
+    setup(args)
     count = 300 if args.smoke else args.count
     bases = fuzz_bases()
     t0 = time.perf_counter()
@@ -45,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stats = fuzz_decoder(bases, count, args.seed, memory_every=args.memory_every, progress=progress)
     wall = time.perf_counter() - t0
-    from _common import machine
-
     result = {
-        "command": "python benchmarks/fuzz_decoder.py " + " ".join(argv or sys.argv[1:]),
-        "machine": machine(),
         "seed": args.seed,
         "base_files": len(bases),
         "base_bytes": [len(b) for b in bases],
@@ -57,20 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         **stats.to_dict(),
     }
     print(json.dumps(result, indent=2))
-    if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fuzz_decoder.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "fuzz_decoder.md").write_text(markdown(result))
+    argv_ = None if argv is None else ["fuzz_decoder.py", *argv]
+    write_result("fuzz_decoder", result, markdown(result, command(argv_)), argv_)
     return 1 if stats.bad else 0
 
 
-def markdown(r: dict) -> str:
-    m = r.get("machine") or {}
+def markdown(r: dict, cmd: str) -> str:
+    """The results page below the header that ``write_result`` adds (command, machine)."""
     lines = [
-        f"_Command: `{r['command']}` — {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
-        f"torch {m.get('torch', '?')}, {m.get('date', '?')}_",
-        "",
-        f"`{r['command']}` (seed {r['seed']}, {r['base_files']} valid base files of "
+        f"`{cmd}` (seed {r['seed']}, {r['base_files']} valid base files of "
         f"{min(r['base_bytes'])}-{max(r['base_bytes'])} bytes): **{r['files']:,} mutated files** "
         f"in {r['wall_time_s']:.0f} s.",
         "",

@@ -1,38 +1,67 @@
 """Paired CPU latency of the baselines and their decomposed versions (benchmarks/out/lowrank).
 
-Baseline and decomposed model are timed alternately, round after round, so that the load other
-processes put on the shared machine affects both alike; medians over rounds, one thread.
-Run from benchmarks/ after lowrank.py:  ../.venv/bin/python lowrank_latency.py
+Baseline and decomposed model (the first seed's checkpoint of every headline row of
+lowrank.py) are timed alternately, round after round, so that the load other processes put on
+the shared machine affects both alike; medians over rounds, one thread. Latency depends on the
+architecture only, so one seed's checkpoint stands for all.
+
+Run from benchmarks/ after lowrank.py:  python lowrank_latency.py [--rounds 7 --repeats 5]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
-from pathlib import Path
+import time
 
-import torch
-
-from _common import baseline, write_result
+from _common import PATHS, add_protocol_args, baseline, out_dir, setup, write_result
 from nncompress.engine import load_checkpoint
 from nncompress.stats import measure_latency
 
-OUT = Path(__file__).resolve().parent / "out" / "lowrank"
+
+def checkpoints() -> list[tuple[str, str, object]]:
+    """(model, row label, path) of the first seed's checkpoint of every headline row."""
+    found = []
+    for ckpt in sorted(out_dir("lowrank").glob("*.safetensors")):
+        side = json.loads(ckpt.with_suffix(".json").read_text())
+        extra = side.get("extra") or {}
+        label = extra.get("bench_label")
+        if label is None or "ablation" in label:
+            continue
+        found.append((side["architecture"]["model"], label, extra.get("seed"), ckpt))
+    first = {}
+    for model, label, _seed, ckpt in sorted(found, key=lambda t: (t[0], t[1], t[2])):
+        first.setdefault((model, label), ckpt)
+    return [(m, lab, p) for (m, lab), p in first.items()]
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7, help="alternating rounds")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per round")
+    add_protocol_args(ap, seeds="0")
+    args = ap.parse_args(argv)
+    setup(args)
+    if args.smoke:
+        args.rounds, args.repeats = 1, 1
+        if not checkpoints():  # a smoke run alone: make the decomposed models first
+            import lowrank
+
+            lowrank.main(["--smoke", "--parts", "lenet300", "--results-dir",
+                          str(PATHS.results.parent)])  # fmt: skip
+    t0 = time.perf_counter()
     rows = []
-    for ckpt in sorted(OUT.glob("*.safetensors")):
-        name, method = ckpt.stem.rsplit("-", 1)
+    for name, label, ckpt in checkpoints():
         base, sidecar = load_checkpoint(baseline(name))
         dec, _ = load_checkpoint(ckpt)
         shape = tuple(sidecar["dataset"]["input_shape"])
-        row = {"model": name, "method": method}
+        row = {"model": name, "method": label, "checkpoint": str(ckpt)}
         for b in (1, 64):
             tb, td = [], []
-            for _ in range(7):
-                tb.append(measure_latency(base, shape, b, repeats=5, warmup=2))
-                td.append(measure_latency(dec, shape, b, repeats=5, warmup=2))
+            for _ in range(args.rounds):
+                tb.append(measure_latency(base, shape, b, repeats=args.repeats, warmup=2))
+                td.append(measure_latency(dec, shape, b, repeats=args.repeats, warmup=2))
             row[f"base_b{b}"], row[f"dec_b{b}"] = statistics.median(tb), statistics.median(td)
         rows.append(row)
     lines = [
@@ -47,10 +76,16 @@ def main() -> None:
         )
     lines += [
         "",
-        "Paired, alternating measurements (7 rounds x 5 runs, medians, 1 thread) on a shared "
-        "2-core machine (other jobs may use the other core): indicative only.",
+        f"Paired, alternating measurements ({args.rounds} rounds x {args.repeats} runs, "
+        "medians, 1 thread) on a shared 2-core machine (other jobs may use the other core): "
+        "indicative only. A ratio above 1.00x means the decomposed model is faster.",
     ]
-    write_result("lowrank_latency", {"rows": rows}, "\n".join(lines))
+    write_result(
+        "lowrank_latency",
+        {"rows": rows, "compute_s": time.perf_counter() - t0},
+        "\n".join(lines),
+        None if argv is None else ["lowrank_latency.py", *argv],
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BASELINES, ROOT, write_result  # noqa: E402
+from _common import PATHS, ROOT, add_results_dir_arg, setup, write_result  # noqa: E402
 from nncompress.engine import (  # noqa: E402
     TrainConfig,
     config_to_dict,
@@ -72,7 +72,7 @@ def load_splits(smoke: bool):
 
 
 def baseline_path(name: str, smoke: bool) -> Path:
-    return (OUT / "smoke" if smoke else BASELINES) / f"{name}.safetensors"
+    return (OUT / "smoke" if smoke else PATHS.baselines) / f"{name}.safetensors"
 
 
 def train_baseline(name: str, splits, smoke: bool) -> dict:
@@ -187,8 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nets", default="mobilenet-v2,efficientnet-lite")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--smoke", action="store_true")
+    add_results_dir_arg(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    setup(args)
+    if args.smoke:  # the smoke tree, never out/mobile (mobile_parts reads mobile.OUT)
+        global OUT
+        OUT = PATHS.out / "mobile"
     splits = load_splits(args.smoke)
     parts = [p for p in args.parts.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -199,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--parts: unknown {unknown}; allowed baselines,int8,filter,deep")
     if "baselines" in parts:
         rows = [train_baseline(n, splits, args.smoke) for n in args.nets.split(",") if n]
-        if not args.smoke:
-            write_result("mobile_baselines", {"rows": rows}, _baseline_md(rows))
+        write_result("mobile_baselines", {"rows": rows}, _baseline_md(rows), _argv(argv))
     from mobile_parts import run_deep, run_filter, run_int8
 
     for part, fn in (("int8", run_int8), ("filter", run_filter), ("deep", run_deep)):
@@ -208,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
             model, sidecar = get_baseline("mobilenet-v2", splits, args.smoke)
             data, md = fn(model, sidecar, splits, seeds, args.smoke)
             print(md, flush=True)
-            if not args.smoke:
-                write_result(f"mobile_{part}", data, md)
+            write_result(f"mobile_{part}", data, md, _argv(argv))
+
+
+def _argv(argv: list[str] | None) -> list[str] | None:
+    return None if argv is None else ["mobile.py", *argv]
 
 
 def _baseline_md(rows: list[dict]) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _common import RESULTS, baseline, write_result
+from _common import PATHS, add_results_dir_arg, baseline, setup, write_result
 from nncompress.core import ConfigError, LayerSelector, atomic_write, folded_copy
 from nncompress.data import fashion_mnist
 from nncompress.engine import TrainConfig, evaluate, load_checkpoint
@@ -547,7 +547,7 @@ def _baseline_acc(name: str, splits) -> float:
 
 def _dc_ratio(name: str) -> str:
     """The Deep Compression recipe's ratio and accuracy (results/deep_compression.json)."""
-    path = RESULTS / "deep_compression.json"
+    path = PATHS.results / "deep_compression.json"
     try:
         r = json.loads(path.read_text())["models"][name]["variants"]["recipe"]
         return (
@@ -734,7 +734,7 @@ _STAGES = [
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--parts", default="lenet300,lenet5,resnet20")
     ap.add_argument("--rows", default="", help="comma-separated row labels (default: all)")
@@ -743,12 +743,14 @@ def main() -> None:
     ap.add_argument(
         "--explore", action="store_true", help="run the held-out exploration rows (no test)"
     )
-    args = ap.parse_args()
+    add_results_dir_arg(ap)
+    args = ap.parse_args(argv)
+    setup(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
     global OUT
     if args.smoke:
-        OUT = OUT.parent / "pq-smoke"
+        OUT = PATHS.out / "pq-smoke"
     if args.explore:
         OUT = OUT / "explore"
     table = EXPLORE if args.explore else ROWS

@@ -21,9 +21,7 @@ import json
 import statistics
 import time
 
-import torch
-
-from _common import ROOT, baseline, write_result
+from _common import ROOT, add_results_dir_arg, baseline, out_dir, setup, write_result
 
 OUT = ROOT / "out" / "rate_aware"
 MAX_DROP = 0.5
@@ -195,13 +193,16 @@ def bench_model(model: str, seeds: list[int], smoke: bool) -> tuple[dict, list[s
     return res, md
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--smoke", action="store_true", help="digits, tiny runs (seconds)")
-    args = p.parse_args()
-    torch.set_num_threads(1)
+    add_results_dir_arg(p)
+    args = p.parse_args(argv)
+    setup(args)
+    global OUT
+    OUT = out_dir("rate_aware")
     if args.smoke:
         args.models, args.seeds = ["lenet-300-100"], args.seeds[:1]
     results, md = {}, ["# Rate-aware pipelines (ECSQ + RD pruning + context coding)"]
@@ -215,7 +216,12 @@ def main() -> None:
     # one model per run writes results/rate_aware_<model>.*, both models results/rate_aware.*
     name = "rate_aware" + ("" if len(args.models) > 1 else f"_{args.models[0]}")
     name += "_smoke" if args.smoke else ""
-    write_result(name, {"models": results}, "\n".join(md))
+    write_result(
+        name,
+        {"models": results},
+        "\n".join(md),
+        None if argv is None else ["rate_aware.py", *argv],
+    )
     print("\n".join(md))
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import PATHS, add_results_dir_arg, setup, write_result  # noqa: E402
 from nncompress.data import fashion_mnist  # noqa: E402
 from nncompress.data.corpus import debian_text, lm_batches  # noqa: E402
 from nncompress.engine import TrainConfig, evaluate, fit, seed_everything  # noqa: E402
@@ -487,7 +487,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--train-only", action="store_true", help="train (and cache) the models of --parts, stop"
     )
+    add_results_dir_arg(p)
     args = p.parse_args(argv)
+    setup(args)
+    global OUT
+    if args.smoke:  # the smoke tree, never out/transformers
+        OUT = PATHS.out / "transformers"
     if args.smoke:
         args.vit_epochs, args.gpt_steps = 1, 4
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -521,7 +526,9 @@ def main(argv=None) -> int:
     name = "transformers-smoke" if args.smoke else "transformers"
     if not args.smoke and parts != {"vit", "gpt", "time"}:
         name += "-" + "-".join(sorted(parts))
-    write_result(name, results, summarise(results))
+    write_result(
+        name, results, summarise(results), None if argv is None else ["transformers.py", *argv]
+    )
     return 0
 
 

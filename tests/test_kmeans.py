@@ -35,6 +35,10 @@ def _sk_inertia(x: np.ndarray, k: int, **kw) -> float:
     return float(KMeans(k, **kw).fit(x[:, None]).inertia_)
 
 
+def _sk_centroids(x: np.ndarray, k: int, **kw) -> np.ndarray:
+    return np.sort(KMeans(k, **kw).fit(x[:, None]).cluster_centers_.ravel())
+
+
 def _inertia(x: np.ndarray, codebook: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.sum((x - codebook.double().numpy()[labels.numpy()]) ** 2))
 
@@ -53,6 +57,9 @@ def test_kmeans_matches_sklearn_same_init(trained_weights, layer, init):
         start = np.quantile(np.sort(x), (np.arange(k) + 0.5) / k)
     ref = _sk_inertia(x, k, init=start[:, None], n_init=1, max_iter=300, tol=0.0)
     assert ours <= 1.01 * ref, (ours, ref)
+    # same data, same init, Lloyd to convergence: the same centroids as scikit-learn's
+    sk = _sk_centroids(x, k, init=start[:, None], n_init=1, max_iter=300, tol=0.0)
+    np.testing.assert_allclose(np.sort(cb.double().numpy()), sk, rtol=0, atol=1e-5 * np.ptp(x))
 
 
 def test_kmeans_best_of_n_forgy_matches_sklearn_random(trained_weights):

@@ -92,6 +92,25 @@ def test_ptq_weights_on_integer_grid_and_close_to_float(data):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+def test_int8_weight_grid_is_7_bit_by_default_and_8_bit_on_request(data):
+    # pinned because benchmark labels and docs rely on it ('7-bit w' = the default)
+    assert PTQConfig().reduce_range is True and QATConfig().reduce_range is True
+    torch.manual_seed(0)
+    model = _randomize_bn(TinyNet())
+    for cfg, qmax in ((PTQConfig(weights="int8"), 63),
+                      (PTQConfig(weights="int8", reduce_range=False), 127)):  # fmt: skip
+        gm = quantize_ptq(model, data.loader("val", 32), cfg)
+        peaks = []
+        for m in gm.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                wq = next(p for p in m.parametrizations.weight if isinstance(p, WeightFakeQuant))
+                qp = wq.qparams(m.parametrizations.weight.original)
+                q = m.weight / qp.scale.reshape(-1, *[1] * (m.weight.dim() - 1))
+                peaks.append(float(q.detach().abs().max()))
+        # symmetric per-channel min/max: each layer's largest weight lands on the grid's end
+        assert peaks and all(abs(p - qmax) < 1e-3 for p in peaks), (cfg.reduce_range, peaks)
+
+
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "kl"])
 def test_ptq_observers_run_and_keep_accuracy(data, observer):
     torch.manual_seed(0)
