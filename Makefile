@@ -67,6 +67,7 @@ bench: $(STAMP) data nncodec-venv
 	cd benchmarks && $(BENCH_PY) early_exit_joint.py
 	cd benchmarks && $(BENCH_PY) early_exit.py
 	cd benchmarks && $(BENCH_PY) transformers.py --parts vit,gpt --seeds 0,1,2
+	cd benchmarks && $(BENCH_PY) transformers.py --parts time
 	cd benchmarks && $(BENCH_PY) amc.py --parts lenet
 	cd benchmarks && $(BENCH_PY) amc.py --parts resnet --seeds 3 --epochs 2 --episodes 120 --warmup 40 --train-limit 20000
 	cd benchmarks && $(BENCH_PY) mobile.py --parts baselines

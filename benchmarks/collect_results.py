@@ -89,6 +89,11 @@ SECTIONS = [
         "python transformers.py --parts vit,gpt --seeds 0,1,2",
     ),
     (
+        "transformers-time",
+        "Transformers — compression wall time of a 19M-parameter GPT",
+        "python transformers.py --parts time",
+    ),
+    (
         "amc",
         "Automated compression policy — AMC (He et al. 2018)",
         "python amc.py --parts resnet --seeds 3 --epochs 2 --episodes 120 --warmup 40 "

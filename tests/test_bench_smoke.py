@@ -74,17 +74,7 @@ def test_every_script_has_a_smoke_test():
     assert scripts == set(SCRIPTS) | HELPERS
 
 
-# pq.py --smoke fails on main too (found when merging main into bench): without --explore its
-# rows stop with "run the exploration first"; its --explore smoke rows stop with "no budget
-# reaches 20x" on the tiny data. Kept as a strict xfail so that the fix is noticed.
-PQ_XFAIL = pytest.mark.xfail(
-    strict=True, raises=(RuntimeError, SystemExit), reason="pq.py --smoke is broken (see above)"
-)
-
-
-@pytest.mark.parametrize(
-    "script", [pytest.param(s, marks=PQ_XFAIL) if s == "pq" else s for s in SCRIPTS]
-)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_script_smoke(script, smoke_dir):
     mod = _load(script)
     for pre in PRE_ARGS.get(script, []):
