@@ -155,6 +155,23 @@ def summary_table(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def target_lines(results: Path) -> list[str]:
+    """The verdict lines ("Target ... met / MISSED") of the sections whose scripts write
+    their own tables instead of protocol summary rows, quoted as they are."""
+    out = []
+    for name, title, _ in SECTIONS:
+        md = results / f"{name}.md"
+        if not md.is_file():
+            continue
+        for line in md.read_text().splitlines():
+            low = line.lower()
+            verdict = "**met**" in low or "**missed**" in low
+            stated = low.startswith("target") and ("met" in low or "missed" in low)
+            if not low.startswith("|") and (stated or verdict):
+                out.append(f"- {title}: {line.strip()}")
+    return out
+
+
 def _hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
 
@@ -186,6 +203,9 @@ def build(results: Path) -> str:
         "augmentation) as the compressed model.\n",
         "## Summary\n",
         *summary_table(summary),
+        "",
+        "Verdicts stated by the other sections (their tables are below):\n",
+        *target_lines(results),
         "",
         f"`make bench` (every command below, in order, then this page): about {_hours(known)} "
         "of compute on this machine, the sum of the measured compute times of the sections"
