@@ -172,11 +172,48 @@ def target_lines(results: Path) -> list[str]:
     return out
 
 
+def summary_figure(rows: list[tuple[str, dict]], path: Path) -> bool:
+    """Points lost against the size ratio of every summary row (one PNG), or False when no
+    row states a ratio."""
+    pts = []
+    for _, r in rows:
+        head = str(r.get("size", "")).split("x")[0].replace(",", "")
+        try:
+            pts.append((float(head), r["lost_vs_baseline"], f"{r['model']}: {r['method']}", r))
+        except ValueError:
+            continue
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for ratio, lost, label, r in pts:
+        ax.scatter(ratio, lost, color="tab:green" if r.get("met") else "tab:red", zorder=3)
+        ax.annotate(label, (ratio, lost), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(0.5, color="grey", ls="--", lw=1, label="0.5 points lost")
+    ax.set_xscale("log")
+    xs = [p[0] for p in pts]
+    ax.set_xlim(min(xs) / 1.3, max(xs) * 3)  # room for the labels
+    ax.set_xlabel("size ratio (x smaller / x fewer nonzeros)")
+    ax.set_ylabel("test points lost vs baseline (mean)")
+    ax.set_title("Summary rows: green = target met, red = missed")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
 
 
-def build(results: Path) -> str:
+def build(results: Path, out: Path) -> str:
+    figure = results / "summary.png"
     data = {}
     for name, _, _ in SECTIONS:
         f = results / f"{name}.json"
@@ -204,6 +241,11 @@ def build(results: Path) -> str:
         "## Summary\n",
         *summary_table(summary),
         "",
+        *(
+            [f"![summary]({figure.relative_to(out.parent).as_posix()})\n"]
+            if summary_figure(summary, figure)
+            else []
+        ),
         "Verdicts stated by the other sections (their tables are below):\n",
         *target_lines(results),
         "",
@@ -252,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.commands:
         print("\n".join(published_commands()))
         return
-    text = build(args.results_dir)
+    text = build(args.results_dir, args.out)
     from nncompress.engine import atomic_write
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
