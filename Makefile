@@ -53,8 +53,9 @@ bench: $(STAMP) data nncodec-venv
 	cd benchmarks && $(BENCH_PY) deep_compression.py
 	cd benchmarks && $(BENCH_PY) coding_throughput.py
 	cd benchmarks && $(BENCH_PY) fuzz_decoder.py
-	cd benchmarks && $(BENCH_PY) coding_vs_nncodec.py
-	cd benchmarks && $(BENCH_PY) rate_aware.py
+	cd benchmarks && $(BENCH_PY) coding_vs_nncodec.py --seeds 0 1 2
+	cd benchmarks && $(BENCH_PY) rate_aware.py --models lenet-300-100 --seeds 0 1 2
+	cd benchmarks && $(BENCH_PY) rate_aware.py --models lenet-5 --seeds 0 1 2
 	cd benchmarks && $(BENCH_PY) linear_quant.py --model lenet-5
 	cd benchmarks && $(BENCH_PY) linear_quant.py --model resnet-20 --seeds 0
 	cd benchmarks && $(BENCH_PY) ort_int8_kernels.py

@@ -43,12 +43,15 @@ SECTIONS = [
     (
         "coding_vs_nncodec",
         "Coding the same pruned + shared weights: ours vs NNCodec vs xz / zstd",
-        "python coding_vs_nncodec.py",
+        "python coding_vs_nncodec.py --seeds 0 1 2",
     ),
-    (
-        "rate_aware",
-        "Rate-aware pipelines (ECSQ + RD pruning + context coding)",
-        "python rate_aware.py",
+    *(
+        (
+            f"rate_aware_{m}",
+            f"Rate-aware pipeline (ECSQ + RD pruning + context coding) — {m}",
+            f"python rate_aware.py --models {m} --seeds 0 1 2",
+        )
+        for m in ("lenet-300-100", "lenet-5")
     ),
     (
         "linear_quant-lenet-5",

@@ -27,6 +27,9 @@ OUT = ROOT / "out" / "rate_aware"
 MAX_DROP = 0.5
 TARGETS = {"lenet-300-100": 64.0, "lenet-5": 100.0}
 LAMS = [3e-10, 1e-9, 3e-9, 1e-8, 3e-8, 1e-7, 3e-7]
+# the sensitivity analysis' grid: the default (0.1 ... 0.9, 0.95) reaches at most 95% overall,
+# so the 96% variants need larger points (the allocation moves layers along this grid)
+GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 ENCODE = {"stage": "encode", "codec": "context", "auto_index_bits": True,
           "codebook_dtype": "fp16", "dense_dtype": "fp16"}  # fmt: skip
 
@@ -44,6 +47,7 @@ VARIANTS: dict[str, dict[str, list[dict]]] = {
                 "method": "magnitude",
                 "sparsity": s,
                 "allocate": "sensitivity",
+                "sensitivity_sparsities": GRID,
                 "iterations": 3,
                 "epochs": 10,
                 "lr_scale": 0.5,
@@ -62,6 +66,7 @@ VARIANTS: dict[str, dict[str, list[dict]]] = {
                 "method": "magnitude",
                 "sparsity": 0.96,
                 "allocate": "sensitivity",
+                "sensitivity_sparsities": GRID,
                 "iterations": 3,
                 "epochs": 4,
                 "lr_scale": 0.5,
@@ -80,7 +85,7 @@ def _recipe(model: str, stages: list[dict], seed: int, smoke: bool) -> dict:
         for s in stages:
             s = dict(s)
             if s["stage"] == "prune":
-                s.update(iterations=1, epochs=1, allocate="none")
+                s.update(iterations=1, epochs=1, sensitivity_batches=1)  # keeps the grid
                 s.pop("distill", None)
             if s["stage"] == "finetune":
                 s["epochs"] = 1
@@ -120,6 +125,9 @@ def bench_model(model: str, seeds: list[int], smoke: bool) -> tuple[dict, list[s
         base_val = evaluate(base, splits.loader("val", 512))["accuracy"]
         base_test = evaluate(base, splits.loader("test", 512))["accuracy"]
     res: dict = {"baseline_val": base_val, "baseline_test": base_test, "seeds": {}}
+    for seed in seeds:  # every recipe is validated before the first long run starts
+        for stages in VARIANTS[model].values():
+            load_recipe(_recipe(model, stages, seed, smoke))
     for seed in seeds:
         runs = {}
         for vname, stages in VARIANTS[model].items():
@@ -148,7 +156,7 @@ def bench_model(model: str, seeds: list[int], smoke: bool) -> tuple[dict, list[s
             if ok
             else max(runs, key=lambda v: runs[v]["val_accuracy"])
         )
-        res["seeds"][seed] = {"runs": runs, "chosen": chosen}
+        res["seeds"][seed] = {"runs": runs, "chosen": chosen, "within_floor": bool(ok)}
     chosen = [s["runs"][s["chosen"]] for s in res["seeds"].values()]
     ratio = [c["ratio"] for c in chosen]
     drop = [(base_test - c["test_accuracy"]) if base_test is not None else 0.0 for c in chosen]
@@ -166,14 +174,16 @@ def bench_model(model: str, seeds: list[int], smoke: bool) -> tuple[dict, list[s
     md = [
         "", f"## {model}", "",
         f"Baseline: val {base_val}, test {base_test} (%). Per seed, the smallest decoded file "
-        f"with val accuracy >= baseline val - {MAX_DROP}.", "",
+        f"with val accuracy >= baseline val - {MAX_DROP}; where no variant reaches that, the most "
+        "accurate on val (marked *below floor*).", "",
         "| seed | variant chosen | bytes | ratio | val acc. % | test acc. % (decoded) | "
         "drop (test) | pipeline wall s |", "|---|---|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for seed, s in res["seeds"].items():
         c = s["runs"][s["chosen"]]
         d = (base_test - c["test_accuracy"]) if base_test is not None else 0.0
-        md.append(f"| {seed} | {s['chosen']} | {c['bytes']:,} | {c['ratio']:.1f}x | "
+        mark = "" if s["within_floor"] else " (*below floor*)"
+        md.append(f"| {seed} | {s['chosen']}{mark} | {c['bytes']:,} | {c['ratio']:.1f}x | "
                   f"{c['val_accuracy']:.2f} | {c['test_accuracy']:.2f} | {d:.2f} | "
                   f"{c['pipeline_wall_s']:.0f} |")  # fmt: skip
     md += [

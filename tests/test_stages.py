@@ -85,3 +85,16 @@ def test_resume_hooks_rebuild_masks_and_codebooks_from_folded_weights():
         cfg.resume_(plain)
     assert set(pruning_masks(plain)) == {"0", "2"} and set(shared_layers(plain)) == {"0", "2"}
     assert torch.equal(plain(x), net(x))
+
+
+def test_prune_sensitivity_target_beyond_the_grid_fails_at_config_time():
+    from nncompress.prune.sensitivity import DEFAULT_SPARSITIES
+    from nncompress.stages.prune import PruneStageConfig
+
+    with pytest.raises(ConfigError, match=r"sparsity=0.96.*sensitivity_sparsities"):
+        PruneStageConfig(sparsity=0.96, allocate="sensitivity")
+    assert max(DEFAULT_SPARSITIES) < 0.96
+    grid = (*DEFAULT_SPARSITIES, 0.97, 0.98, 0.99)
+    cfg = PruneStageConfig(sparsity=0.96, allocate="sensitivity", sensitivity_sparsities=grid)
+    assert cfg.sensitivity_sparsities == grid
+    PruneStageConfig(sparsity=0.95, allocate="sensitivity")  # on the grid's last point: fine

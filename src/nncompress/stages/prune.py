@@ -171,6 +171,17 @@ class PruneStageConfig(StageConfig):
         )
         b = self.sensitivity_batches
         check(b is None or b >= 1, "sensitivity_batches", b, "must be >= 1")
+        grid = self.sensitivity_sparsities
+        if self.allocate == "sensitivity" and self.sparsity is not None and grid:
+            # the allocation moves layers along the grid, so the overall sparsity it reaches
+            # is at most the grid's largest point: fail here, not after the analysis ran
+            top = max(float(g) for g in grid)
+            if self.sparsity > top:
+                raise ConfigError(
+                    f"sparsity={self.sparsity}: allocate='sensitivity' reaches at most the "
+                    f"largest sensitivity_sparsities point ({top}); add larger points to "
+                    f"sensitivity_sparsities (e.g. {[*grid, 0.97, 0.98, 0.99]})"
+                )
         check_policy_file(self.allocate, self.policy_file)
 
     def _build_algorithm(self, values: dict[str, Any]) -> MagnitudeConfig | None:
