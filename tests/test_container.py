@@ -607,3 +607,23 @@ def test_context_layout_refused_in_a_1_0_file_and_for_1_d():
     entry["nnz"] += 1
     with pytest.raises(FormatError, match="nonzeros"):
         decode_bytes(_rebuild(header, {"m": 1}, payloads, minor=4))
+
+
+def test_context_layout_working_memory_is_bounded_by_max_bytes():
+    import tracemalloc
+
+    w = _shared(torch.randn(512, 512, generator=torch.Generator().manual_seed(0)), 0.9, 8, 0)
+    data, rep = encode_state_dict({"w": w}, EncodeConfig(layout="context"))
+    assert rep.tensor("w").layout == "context"
+    out_bytes = w.numel() * 4
+    with pytest.raises(FormatError, match="working memory"):  # the output alone would fit
+        decode_bytes(data, max_bytes=4 * out_bytes)
+    limit = 8 * out_bytes  # 32 bytes per element: the decoder's declared working bound
+    tracemalloc.start()
+    try:
+        got = decode_bytes(data, max_bytes=limit)[0]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(got["w"], w)
+    assert peak <= limit, (peak, limit)

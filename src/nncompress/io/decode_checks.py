@@ -156,6 +156,11 @@ _ENTRY_CHECKS = {
 }
 
 
+#: working memory of the context-layout decoder per tensor element, an upper bound of the
+#: 6.25 x float32 (25 bytes) measured on a dense tensor (docs/format.md)
+CONTEXT_WORK_BYTES = 32
+
+
 def _check_header(
     header: Any, n_sections: int, max_elements: int, file_bytes: int, max_bytes: int | None = None
 ) -> list[dict]:
@@ -203,6 +208,17 @@ def _check_header(
                 f"{where}: the file declares more than max_bytes={max_bytes} bytes of tensors "
                 "(refused before allocating; raise max_bytes for a larger model)"
             )
+        if e.get("layout") == "context":
+            # the context decoder holds whole-tensor intermediates (significance map, row /
+            # column indices, context groups: 25 bytes per element measured for a dense
+            # float32 tensor); count them against max_bytes before anything is allocated
+            work = total_bytes - numel * _ITEMSIZE[dtype] + numel * CONTEXT_WORK_BYTES
+            if work > max_bytes:
+                raise _fail(
+                    f"{where}: decoding its context layout needs up to {work} bytes "
+                    f"(output so far + {CONTEXT_WORK_BYTES} bytes per element of working "
+                    f"memory), more than max_bytes={max_bytes} (refused before allocating)"
+                )
         scheme = _req(e, "scheme", str, where)
         if scheme not in _ENTRY_CHECKS:
             raise _fail(f"{where}: scheme={scheme!r} must be one of {sorted(_ENTRY_CHECKS)}")
