@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from ncz_damage import FILES_PER_EXAMPLE, damage_section, decode_or_format_error, mutate, sections
 from nncompress.engine import ConfigError
 from nncompress.io import (
     EncodeConfig,
@@ -28,7 +29,7 @@ from nncompress.io import (
     save_compressed,
 )
 from nncompress.io.container import MAGIC
-from nncompress.io.format import section_crc
+from nncompress.io.fuzz import NczParts
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -351,67 +352,13 @@ BASES["context"] = encode_state_dict(
 )[0]
 
 
-def _sections(data: bytes) -> list[tuple[int, int]]:
-    """(start, length) of each section payload."""
-    count = struct.unpack_from("<I", data, 12)[0]
-    pos, out = 16, []
-    for _ in range(count):
-        length = struct.unpack_from("<I", data, pos)[0]
-        out.append((pos + 8, length))
-        pos += 8 + length
-    return out
-
-
 def _rebuild(header, metadata, sections: list[bytes], minor: int = 0) -> bytes:
     """A file with valid CRCs around arbitrary (possibly absurd) contents."""
-
-    from nncompress.io.format import section_crc
-
-    def frame(i: int, p: bytes) -> bytes:
-        return struct.pack("<II", len(p), section_crc(i, p, minor)) + p
 
     def js(o) -> bytes:
         return zlib.compress(json.dumps(o).encode())
 
-    body = [js(header), js(metadata), *sections]
-    return (
-        MAGIC
-        + struct.pack("<HHI", 1, minor, len(body))
-        + b"".join(frame(i, p) for i, p in enumerate(body))
-    )
-
-
-def _decode_or_format_error(data: bytes) -> None:
-    try:
-        state, _ = decode_bytes(data)
-    except FormatError as exc:
-        assert str(exc)
-    else:
-        assert all(isinstance(v, torch.Tensor) for v in state.values())
-
-
-FILES_PER_EXAMPLE = 8  # each hypothesis example checks this many mutated files
-
-
-def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
-    """1-3 random damages: truncation, bit flip, byte insertion, deletion, or random bytes."""
-    out = bytearray(data)
-    for _ in range(int(rng.integers(1, 4))):
-        kind = rng.integers(0, 5)
-        i = int(rng.integers(0, len(out) + 1))
-        if kind == 0:
-            out = out[:i]
-        elif kind == 1 and out:
-            out[min(i, len(out) - 1)] ^= 1 << int(rng.integers(0, 8))
-        elif kind == 2:
-            out[i:i] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
-        elif kind == 3:
-            del out[i : i + int(rng.integers(1, 17))]
-        else:
-            out = bytearray(rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8))
-            if rng.random() < 0.5:
-                out[:8] = MAGIC[: len(out[:8])]  # get past the magic sometimes
-    return bytes(out)
+    return NczParts(1, minor, [js(header), js(metadata), *sections]).assemble()
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -420,7 +367,7 @@ def test_fuzz_mutated_files_raise_format_error(codec, seed):
     """400 examples x 8 files = 3200 damaged files: each must raise FormatError."""
     rng = np.random.default_rng(seed)
     for _ in range(FILES_PER_EXAMPLE):
-        data = _mutate(BASES[codec], rng)
+        data = mutate(BASES[codec], rng)
         if data == BASES[codec]:
             continue
         with pytest.raises(FormatError):
@@ -433,19 +380,10 @@ def test_fuzz_mutations_behind_valid_crcs(codec, seed):
     """Damage inside a section with its CRC recomputed, so the parsers past the CRC check
     see it (100 x 8 = 800 files): each must decode or raise FormatError, nothing else."""
     rng = np.random.default_rng(seed)
-    base = BASES[codec]
-    secs = _sections(base)
     for _ in range(FILES_PER_EXAMPLE):
-        data = bytearray(base)
-        i = int(rng.integers(0, len(secs)))
-        start, length = secs[i]
-        if length == 0:
-            continue
-        for _ in range(int(rng.integers(1, 5))):
-            data[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
-        crc = section_crc(i, bytes(data[start : start + length]))
-        struct.pack_into("<I", data, start - 4, crc)
-        _decode_or_format_error(bytes(data))
+        data = damage_section(BASES[codec], rng)
+        if data is not None:
+            decode_or_format_error(data)
 
 
 def test_wrong_magic_version_and_trailing_bytes():
@@ -465,7 +403,7 @@ def test_wrong_magic_version_and_trailing_bytes():
 
 
 def _header_of(data: bytes):
-    secs = _sections(data)
+    secs = sections(data)
     h = json.loads(zlib.decompress(data[secs[0][0] : secs[0][0] + secs[0][1]]))
     payloads = [data[s : s + n] for s, n in secs[2:]]
     return h, payloads

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from ncz_damage import FILES_PER_EXAMPLE, damage_section, decode_or_format_error, mutate, sections
 from nncompress.engine import ConfigError, strip_parametrizations
 from nncompress.io import (
     EncodeConfig,
@@ -23,8 +24,6 @@ from nncompress.io import (
     inspect_file,
     save_compressed,
 )
-from nncompress.io.container import MAGIC
-from nncompress.io.format import section_crc
 from nncompress.io.fuzz import NczParts
 from nncompress.quant import PQConfig, pq_quantize_
 
@@ -188,38 +187,12 @@ BASE = {
 }
 
 
-def _sections(data: bytes) -> list[tuple[int, int]]:
-    count = struct.unpack_from("<I", data, 12)[0]
-    pos, out = 16, []
-    for _ in range(count):
-        length = struct.unpack_from("<I", data, pos)[0]
-        out.append((pos + 8, length))
-        pos += 8 + length
-    return out
-
-
-def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
-    out = bytearray(data)
-    for _ in range(int(rng.integers(1, 4))):
-        kind = rng.integers(0, 4)
-        i = int(rng.integers(0, len(out) + 1))
-        if kind == 0:
-            out = out[:i]
-        elif kind == 1 and out:
-            out[min(i, len(out) - 1)] ^= 1 << int(rng.integers(0, 8))
-        elif kind == 2:
-            out[i:i] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
-        else:
-            del out[i : i + int(rng.integers(1, 17))]
-    return bytes(out)
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(sorted(BASE)), st.integers(0, 2**63 - 1))
 def test_fuzz_mutated_pq_files_raise_format_error(codec, seed):
     rng = np.random.default_rng(seed)
-    for _ in range(8):
-        data = _mutate(BASE[codec], rng)
+    for _ in range(FILES_PER_EXAMPLE):
+        data = mutate(BASE[codec], rng)
         if data != BASE[codec]:
             with pytest.raises(FormatError):
                 decode_bytes(data)
@@ -229,32 +202,15 @@ def test_fuzz_mutated_pq_files_raise_format_error(codec, seed):
 @given(st.sampled_from(sorted(BASE)), st.integers(0, 2**63 - 1))
 def test_fuzz_pq_sections_behind_valid_crcs(codec, seed):
     rng = np.random.default_rng(seed)
-    base = BASE[codec]
-    secs = _sections(base)
-    for _ in range(8):
-        data = bytearray(base)
-        i = int(rng.integers(0, len(secs)))
-        start, length = secs[i]
-        if length == 0:
-            continue
-        for _ in range(int(rng.integers(1, 5))):
-            data[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
-        crc = section_crc(i, bytes(data[start : start + length]))
-        struct.pack_into("<I", data, start - 4, crc)
-        try:
-            state, _ = decode_bytes(bytes(data))
-        except FormatError as exc:
-            assert str(exc)
-        else:
-            assert all(isinstance(v, torch.Tensor) for v in state.values())
+    for _ in range(FILES_PER_EXAMPLE):
+        data = damage_section(BASE[codec], rng)
+        if data is not None:
+            decode_or_format_error(data)
 
 
 def _rebuild(header, sections: list[bytes]) -> bytes:
-    def frame(p: bytes) -> bytes:
-        return struct.pack("<II", len(p), zlib.crc32(p)) + p
-
     body = [zlib.compress(json.dumps(header).encode()), zlib.compress(b"null"), *sections]
-    return MAGIC + struct.pack("<HHI", 1, 1, len(body)) + b"".join(frame(p) for p in body)
+    return NczParts(1, 1, body).assemble()  # format 1.1: valid CRCs
 
 
 @pytest.mark.parametrize(
@@ -277,7 +233,7 @@ def _rebuild(header, sections: list[bytes]) -> bytes:
 )
 def test_crafted_pq_headers_raise_format_error(edit, message):
     data = BASE["huffman"]
-    secs = _sections(data)
+    secs = sections(data)
     header = json.loads(zlib.decompress(data[secs[0][0] : secs[0][0] + secs[0][1]]))
     payloads = [data[s : s + n] for s, n in secs[2:]]
     entry = next(e for e in header["tensors"] if e["name"] == "conv.weight")

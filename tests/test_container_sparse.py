@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nncompress as nc
+from ncz_damage import FILES_PER_EXAMPLE, damage_section, decode_or_format_error, mutate
 from nncompress.core.errors import ConfigError
 from nncompress.io import (
     EncodeConfig,
@@ -24,7 +25,7 @@ from nncompress.io import (
     inspect_bytes,
     round_for_storage_,
 )
-from nncompress.io.format import SCHEME_MINOR, section_crc
+from nncompress.io.format import SCHEME_MINOR
 from nncompress.io.fuzz import NczParts
 
 
@@ -141,39 +142,13 @@ BASE = {
 }
 
 
-def _sections(data: bytes) -> list[tuple[int, int]]:
-    count = struct.unpack_from("<I", data, 12)[0]
-    pos, out = 16, []
-    for _ in range(count):
-        length = struct.unpack_from("<I", data, pos)[0]
-        out.append((pos + 8, length))
-        pos += 8 + length
-    return out
-
-
-def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
-    out = bytearray(data)
-    for _ in range(int(rng.integers(1, 4))):
-        kind = rng.integers(0, 4)
-        i = int(rng.integers(0, len(out) + 1))
-        if kind == 0:
-            out = out[:i]
-        elif kind == 1 and out:
-            out[min(i, len(out) - 1)] ^= 1 << int(rng.integers(0, 8))
-        elif kind == 2:
-            out[i:i] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
-        else:
-            del out[i : i + int(rng.integers(1, 17))]
-    return bytes(out)
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(sorted(BASE)), st.integers(0, 2**63 - 1))
 def test_fuzz_mutated_sparse_files_raise_format_error(codec, seed):
     """100 examples x 8 = 800 damaged files: each must raise FormatError."""
     rng = np.random.default_rng(seed)
-    for _ in range(8):
-        data = _mutate(BASE[codec], rng)
+    for _ in range(FILES_PER_EXAMPLE):
+        data = mutate(BASE[codec], rng)
         if data != BASE[codec]:
             with pytest.raises(FormatError):
                 decode_bytes(data)
@@ -184,23 +159,10 @@ def test_fuzz_mutated_sparse_files_raise_format_error(codec, seed):
 def test_fuzz_sparse_sections_behind_valid_crcs(codec, seed):
     """Damage inside a section with its CRC recomputed (800 files): decode or FormatError."""
     rng = np.random.default_rng(seed)
-    base = BASE[codec]
-    secs = _sections(base)
-    for _ in range(8):
-        data = bytearray(base)
-        i = int(rng.integers(0, len(secs)))
-        start, length = secs[i]
-        if length == 0:
-            continue
-        for _ in range(int(rng.integers(1, 5))):
-            data[start + int(rng.integers(0, length))] = int(rng.integers(0, 256))
-        struct.pack_into("<I", data, start - 4, section_crc(i, bytes(data[start : start + length])))
-        try:
-            state, _ = decode_bytes(bytes(data))
-        except FormatError as exc:
-            assert str(exc)
-        else:
-            assert all(isinstance(v, torch.Tensor) for v in state.values())
+    for _ in range(FILES_PER_EXAMPLE):
+        data = damage_section(BASE[codec], rng)
+        if data is not None:
+            decode_or_format_error(data)
 
 
 def _rebuild(header, sections: list[bytes], minor: int = 5) -> bytes:
