@@ -64,7 +64,8 @@ bench: $(STAMP) data nncodec-venv
 	cd benchmarks && $(BENCH_PY) lowrank_latency.py
 	cd benchmarks && $(BENCH_PY) distill.py
 	cd benchmarks && $(BENCH_PY) pq.py --explore
-	cd benchmarks && $(BENCH_PY) pq.py
+	cd benchmarks && $(BENCH_PY) pq.py --parts lenet300,lenet5 --seeds 0,1,2
+	cd benchmarks && $(BENCH_PY) pq.py --parts resnet20 --seeds 0
 	cd benchmarks && $(BENCH_PY) early_exit_joint.py
 	cd benchmarks && $(BENCH_PY) early_exit.py
 	cd benchmarks && $(BENCH_PY) transformers.py --parts vit,gpt --seeds 0,1,2

@@ -340,9 +340,11 @@ class _LoadMonitor:
     def __init__(self) -> None:
         self.samples: list[float] = []
         self._thread: threading.Thread | None = None
+        self.t0: float | None = None  # perf_counter at setup(): the run's wall time starts
 
     def start(self) -> None:
         if self._thread is None:
+            self.t0 = time.perf_counter()
             self.samples.append(os.getloadavg()[0])
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -455,6 +457,8 @@ def write_result(name: str, data: dict, markdown: str, argv: list[str] | None = 
         "smoke": PATHS.smoke,
         "git": git_rev(),
         "machine": machine(),
+        # wall time of this run (setup() to now); rows a resumed run reused are not in it
+        "run_wall_s": None if LOAD.t0 is None else time.perf_counter() - LOAD.t0,
         **data,
     }
     atomic_write(

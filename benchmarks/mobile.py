@@ -126,6 +126,16 @@ def train_baseline(name: str, splits, smoke: bool) -> dict:
     return row
 
 
+def baseline_row(name: str, splits, smoke: bool) -> dict:
+    """The row of a baseline trained by an earlier run (its checkpoint and row file exist),
+    else train it: a run resumes after the nets it finished."""
+    path = baseline_path(name, smoke).with_suffix(".row.json")
+    if path.is_file() and baseline_path(name, smoke).is_file():
+        print(f"{name}: baseline exists ({path}), not retrained", flush=True)
+        return json.loads(path.read_text())
+    return train_baseline(name, splits, smoke)
+
+
 def get_baseline(name: str, splits, smoke: bool):
     path = baseline_path(name, smoke)
     if not path.is_file():
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"--parts: unknown {unknown}; allowed baselines,int8,filter,deep")
     if "baselines" in parts:
-        rows = [train_baseline(n, splits, args.smoke) for n in args.nets.split(",") if n]
+        rows = [baseline_row(n, splits, args.smoke) for n in args.nets.split(",") if n]
         write_result("mobile_baselines", {"rows": rows}, _baseline_md(rows), _argv(argv))
     from mobile_parts import run_deep, run_filter, run_int8
 

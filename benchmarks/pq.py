@@ -474,6 +474,9 @@ def run_row(
     if explore:
         test = None  # held-out exploration: the test split is not touched
     steps = 8 if smoke else row.global_steps
+    # smoke: at most 32 codewords per layer (the E-step over 1024 codewords took most of the
+    # smoke's time; the code path is the same)
+    max_k = min(row.max_k, 32) if smoke else row.max_k
     out: dict = {"row": asdict(row), "seed": seed, "timings": {}}
     if row.prune:
         out["prune"] = _prune(model, teacher, splits, base, row.prune, smoke)
@@ -487,12 +490,12 @@ def run_row(
             2.0 if smoke else row.target,
             fp32,
             row.exclude,
-            row.max_k,
+            max_k,
             7 if smoke else 12,
         )
         cfg = PQConfig(
             **{**row.blocks, "per_layer_k": {**row.blocks.get("per_layer_k", {}), **small}},
-            k=row.max_k,
+            k=max_k,
             bits_per_weight=bpw,
             objective=row.objective,
             layer_steps=2 if smoke else row.layer_steps,

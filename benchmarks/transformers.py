@@ -273,7 +273,10 @@ def part_vit(seeds, args, log):
     out = []
     model, splits, train_metrics = vit_model(args.model_seed, args.vit_epochs, args.smoke, log)
     for seed in seeds:  # compression seeds: the calibration draw
-        calib = [x for x, _ in list(splits.loader("train", 64, seed=100 + seed, shuffle=True))[:8]]
+        n_calib = 2 if args.smoke else 8  # smoke: the mixed-precision scan dominated its time
+        calib = [
+            x for x, _ in list(splits.loader("train", 64, seed=100 + seed, shuffle=True))[:n_calib]
+        ]
         n_test = 2 if args.smoke else None
 
         def score(m, splits=splits, n_test=n_test):
@@ -322,7 +325,9 @@ def part_gpt(seeds, args, log):
     for seed in seeds:  # compression seeds: the calibration draw
         calib = [
             {"input_ids": b["input_ids"][:, :-1]}
-            for b in lm_batches(corpus.train, 128, 16, n_batches=8, seed=200 + seed)
+            for b in lm_batches(
+                corpus.train, 128, 16, n_batches=2 if args.smoke else 8, seed=200 + seed
+            )
         ]
         n_eval = 2 if args.smoke else None
 

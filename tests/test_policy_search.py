@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -135,6 +136,27 @@ def test_ray_executor_equals_local_executor(trained, digits_data):
         ray.shutdown()
     assert _same(local.episodes, remote.episodes)
     assert local.policy == remote.policy
+
+
+def test_a_local_ray_runs_its_workers_in_the_foreground(monkeypatch):
+    # Ray's default is nice 15, which starved the search's workers on a busy machine
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+
+    def _niceness(shared, item):  # local: Ray ships it by value (tests/ is not on its path)
+        import os
+
+        return {"nice": os.nice(0), "item": item}
+
+    ex = RayExecutor(workers=1)
+    ex.start(_niceness, None)
+    try:
+        out = ex.map([0, 1])
+    finally:
+        ex.close()
+    assert [o["item"] for o in out] == [0, 1]
+    assert {o["nice"] for o in out} == {os.nice(0)}
+    assert "RAY_worker_niceness" not in os.environ  # restored after the raylet started
 
 
 def test_bad_executor_settings_are_clear_errors():
