@@ -232,7 +232,11 @@ def build(results: Path, out: Path) -> str:
         if isinstance(r, dict) and "lost_vs_baseline" in r
     ]
     # a script's own compute total, else the wall time of the run that wrote the section
-    compute = {name: d.get("compute_s") or d.get("run_wall_s") for name, d in data.items()}
+    # (a script that states compute_s as None could not measure it: a resumed run)
+    compute = {
+        name: d["compute_s"] if "compute_s" in d else d.get("run_wall_s")
+        for name, d in data.items()
+    }
     known = sum(v for v in compute.values() if v)
     missing = [n for n, _, _ in SECTIONS if not compute.get(n)]
     parts = [

@@ -177,14 +177,24 @@ def torch_latency(model, shape, smoke: bool) -> dict[str, float]:
     }
 
 
+#: compute seconds of every row the current part used (None: a row cached without its time)
+ROW_TIMES: list[float | None] = []
+
+
 def cached(name: str, smoke: bool, fn):
-    """Run ``fn()`` once per ``name`` (a finished row is reused when a run resumes)."""
+    """Run ``fn()`` once per ``name`` (a finished row is reused when a run resumes); its wall
+    time is kept beside it (NAME.time.json) so that a resumed part still knows its compute."""
     path = (OUT / ("smoke" if smoke else "rows")) / f"{name}.json"
+    timing = path.with_suffix(".time.json")
     if path.is_file():
+        ROW_TIMES.append(json.loads(timing.read_text())["wall_s"] if timing.is_file() else None)
         return json.loads(path.read_text())
+    t0 = time.perf_counter()
     row = fn()
+    ROW_TIMES.append(time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2, default=str))
+    timing.write_text(json.dumps({"wall_s": ROW_TIMES[-1]}))
     return row
 
 
@@ -214,12 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     if "baselines" in parts:
         rows = [baseline_row(n, splits, args.smoke) for n in args.nets.split(",") if n]
         write_result("mobile_baselines", {"rows": rows}, _baseline_md(rows), _argv(argv))
+    import mobile as parts_view  # the module mobile_parts uses (a second copy when run as a script)
     from mobile_parts import run_deep, run_filter, run_int8
+
+    times = parts_view.ROW_TIMES
 
     for part, fn in (("int8", run_int8), ("filter", run_filter), ("deep", run_deep)):
         if part in parts:
             model, sidecar = get_baseline("mobilenet-v2", splits, args.smoke)
+            times.clear()
             data, md = fn(model, sidecar, splits, seeds, args.smoke)
+            # the part's compute: its rows' wall times (None if a row's time was not kept)
+            data["compute_s"] = None if None in times else sum(times)
             print(md, flush=True)
             write_result(f"mobile_{part}", data, md, _argv(argv))
 
