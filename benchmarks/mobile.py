@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--parts: unknown {unknown}; allowed baselines,int8,filter,deep")
     if "baselines" in parts:
         rows = [baseline_row(n, splits, args.smoke) for n in args.nets.split(",") if n]
-        write_result("mobile_baselines", {"rows": rows}, _baseline_md(rows), _argv(argv))
+        compute = sum(r["train_wall_time_s"] for r in rows)  # resumed nets included
+        data = {"rows": rows, "compute_s": compute}
+        write_result("mobile_baselines", data, _baseline_md(rows), _argv(argv))
     import mobile as parts_view  # the module mobile_parts uses (a second copy when run as a script)
     from mobile_parts import run_deep, run_filter, run_int8
 
