@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -52,6 +53,7 @@ OUT = Path(__file__).resolve().parent / "out" / "transformers"
 RATIOS = (8, 10, 12)
 GRID_BITS = (2, 3, 4, 5, 6, 8)
 GRID_GROUPS = (32, 64, 128, None)
+KMEANS_BITS = tuple(range(1, 9))
 
 
 def wcfg(**kw) -> WeightOnlyConfig:
@@ -195,7 +197,7 @@ def uniform(model, calib, budget, method, sizes):
 def kmeans_models(model, calib) -> list[tuple[int, int, object]]:
     """``(fixed-width bytes, bits, model)`` of activation-weighted k-means at 1..8 bits."""
     out = []
-    for bits in range(1, 9):
+    for bits in KMEANS_BITS:
         m = copy.deepcopy(model)
         share_weights_aware_(m, AwareKMeansConfig(bits=bits, calibration_batches=None), calib)
         out.append((file_bytes(m, codec="raw"), bits, m))
@@ -500,6 +502,11 @@ def main(argv=None) -> int:
         OUT = PATHS.out / "transformers"
     if args.smoke:
         args.vit_epochs, args.gpt_steps = 1, 4
+        # fewer grid points and bit choices: the same code paths, a third of the encodes and
+        # of the sensitivity scan (which dominated the smoke's time)
+        global GRID_BITS, GRID_GROUPS, KMEANS_BITS, MIXED
+        GRID_BITS, GRID_GROUPS, KMEANS_BITS = (2, 4, 8), (64, None), (2, 4)
+        MIXED = dataclasses.replace(MIXED, bit_choices=(2, 4, 8, 16))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.smoke:
         seeds = seeds[:1]
