@@ -732,6 +732,10 @@ def merge(splits) -> None:
                 f"{r.get('bits_per_weight_budget', '')} | {r['global']['chosen_steps']} |"
             )
         data["explore"] = explored
+    # every merged row's measured stages (a merging run itself computes nothing)
+    data["compute_s"] = sum(
+        r["timings"].get("total_s", 0.0) for r in runs + data.get("explore", [])
+    )
     write_result("pq", data, "\n".join(md))
 
 
