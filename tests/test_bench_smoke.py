@@ -128,3 +128,34 @@ def test_makefile_runs_the_published_commands():
     bench = make.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     ran = re.findall(r"\$\(BENCH_PY\) (\S+\.py[^;&\n\\]*)", bench)
     assert [f"python {c.strip()}" for c in ran] == published_commands()
+
+
+def test_baselines_report_rebuild_keeps_the_training_command(tmp_path):
+    """`baselines.py --report-only` publishes the rows under the command that trained them
+    (recorded in each row) and says that it only rebuilt the report."""
+    rows = tmp_path / "results" / "baselines"
+    rows.mkdir(parents=True)
+    recipe = {"epochs": 1, "lr": 0.1, "augment": False}
+    for model in ("lenet-5", "lenet-300-100"):
+        row = {"model": model, "val_accuracy": 90.0, "test_accuracy": 89.0, "target": 89.5,
+               "wall_time_s": 1.0, "recipe": recipe, "command": "python baselines.py"}  # fmt: skip
+        (rows / f"{model}.json").write_text(json.dumps(row))
+
+    def rebuild() -> dict:
+        sys.path.insert(0, str(BENCH))
+        try:
+            argv = ["--smoke", "--results-dir", str(tmp_path), "--report-only"]
+            importlib.import_module("baselines").main(argv)
+        finally:
+            sys.path.remove(str(BENCH))
+        return json.loads((tmp_path / "results" / "baselines.json").read_text())
+
+    data = rebuild()
+    assert data["command"] == "python baselines.py"
+    assert data["report_rebuilt_by"].endswith("--report-only")
+    assert "rebuilt by `python baselines.py --smoke" in (rows.parent / "baselines.md").read_text()
+    # rows trained by different commands: the section is the rebuilding run's
+    row = json.loads((rows / "lenet-5.json").read_text())
+    (rows / "lenet-5.json").write_text(json.dumps({**row, "command": "python baselines.py -x"}))
+    data = rebuild()
+    assert data["command"].endswith("--report-only")
