@@ -21,13 +21,17 @@ from nncompress.stats import measure_latency
 
 
 def checkpoints() -> list[tuple[str, str, object]]:
-    """(model, row label, path) of the first seed's checkpoint of every headline row."""
+    """(model, row label, path) of the first seed's checkpoint of every headline row of
+    lowrank.py (checkpoints of rows it no longer has, left in out/lowrank/, are not timed)."""
+    from lowrank import EXPERIMENTS
+
+    headline = {(e.model, e.label) for rows in EXPERIMENTS.values() for e in rows if e.headline}
     found = []
     for ckpt in sorted(out_dir("lowrank").glob("*.safetensors")):
         side = json.loads(ckpt.with_suffix(".json").read_text())
         extra = side.get("extra") or {}
         label = extra.get("bench_label")
-        if label is None or "ablation" in label:
+        if (side["architecture"]["model"], label) not in headline:
             continue
         found.append((side["architecture"]["model"], label, extra.get("seed"), ckpt))
     first = {}
