@@ -58,7 +58,6 @@ def report(argv: list[str] | None, rebuilt: bool = False) -> None:
     ]
     md += [f"- {r['model']}: trained by {r['trained_by']}" for r in rows if r.get("trained_by")]
     data = {"rows": rows, "compute_s": sum(r["wall_time_s"] for r in rows)}
-    trained = {r.get("command") for r in rows}
     if rebuilt:
         # the section is the rows' (trained by one command, recorded in each row); this run
         # only rebuilt the report, and says so
@@ -67,6 +66,7 @@ def report(argv: list[str] | None, rebuilt: bool = False) -> None:
             f"This report was rebuilt by `{command(argv)}` from the rows above; the machine "
             "record in the header is of that run."
         )
+        trained = {r.get("command") for r in rows}
         if len(trained) == 1 and None not in trained:
             argv = ["baselines.py", *trained.pop().split()[2:]]
     write_result("baselines", data, "\n".join(md), argv)
