@@ -217,6 +217,21 @@ def _hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
 
 
+def section_compute(d: dict) -> float | None:
+    """Seconds of compute a section's JSON records: the script's own total (compute_s; None when
+    it could not measure it, e.g. a resumed run), else the wall time of the run that wrote it,
+    else the sum of its parts' run times (scripts that merge parts written by several runs and
+    predate compute_s record a wall_s in each part)."""
+    if "compute_s" in d:
+        return d["compute_s"]
+    if d.get("run_wall_s"):
+        return d["run_wall_s"]
+    parts = d.get("parts")
+    if isinstance(parts, dict) and parts and all("wall_s" in p for p in parts.values()):
+        return sum(p["wall_s"] for p in parts.values())
+    return None
+
+
 def build(results: Path, out: Path) -> str:
     figure = results / "summary.png"
     data = {}
@@ -231,12 +246,7 @@ def build(results: Path, out: Path) -> str:
         for r in d.get("summary", [])
         if isinstance(r, dict) and "lost_vs_baseline" in r
     ]
-    # a script's own compute total, else the wall time of the run that wrote the section
-    # (a script that states compute_s as None could not measure it: a resumed run)
-    compute = {
-        name: d["compute_s"] if "compute_s" in d else d.get("run_wall_s")
-        for name, d in data.items()
-    }
+    compute = {name: section_compute(d) for name, d in data.items()}
     known = sum(v for v in compute.values() if v)
     missing = [n for n, _, _ in SECTIONS if not compute.get(n)]
     parts = [
@@ -261,7 +271,8 @@ def build(results: Path, out: Path) -> str:
         "",
         f"`make bench` (every command below, in order, then this page): about {_hours(known)} "
         "of compute on this machine, the sum of the measured compute times of the sections "
-        "(a script's own total, else the wall time of the run that wrote the section)"
+        "(a script's own total, else the wall time of the run that wrote the section, else the "
+        "sum of its parts' recorded run times)"
         + (f" (not measured: {', '.join(missing)})" if missing else "")
         + ": "
         + ", ".join(f"{n} {_hours(v)}" for n, v in compute.items() if v)

@@ -95,6 +95,12 @@ def test_script_smoke(script, smoke_dir):
         m = data["machine"]
         assert m["cpu_flags"] is not None and m["cores"] >= 1 and m["torch"]
         assert m["load_average"]["samples"] >= 1
+        if isinstance(data.get("parts"), dict):  # merged parts: the section costs all of them
+            assert data["compute_s"] == pytest.approx(
+                sum(p["wall_s"] for p in data["parts"].values())
+            )
+        if script == "transformers":
+            assert data["compute_s"] > 0
         md = (smoke_dir / "results" / f"{name}.md").read_text()
         assert md.startswith("_Command (from benchmarks/): `python ")
         for row in data.get("summary", []):
@@ -116,6 +122,21 @@ def test_collect_results_smoke(smoke_dir):
     text = (smoke_dir / "RESULTS.md").read_text()
     assert text.startswith("# Benchmark results") and "## Summary" in text
     assert "a --smoke run" in text  # smoke results are marked as such
+
+
+def test_section_compute_prefers_the_scripts_own_total():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from collect_results import section_compute
+    finally:
+        sys.path.remove(str(BENCH))
+    parts = {"a": {"wall_s": 10.0}, "b": {"wall_s": 5.0}}
+    assert section_compute({"compute_s": 7.0, "run_wall_s": 3.0, "parts": parts}) == 7.0
+    assert section_compute({"compute_s": None, "run_wall_s": 3.0}) is None  # resumed: unknown
+    assert section_compute({"run_wall_s": 3.0, "parts": parts}) == 3.0
+    assert section_compute({"parts": parts}) == 15.0
+    assert section_compute({"parts": {**parts, "c": {}}}) is None  # a part without its time
+    assert section_compute({"rows": []}) is None
 
 
 def test_makefile_runs_the_published_commands():
