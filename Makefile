@@ -57,7 +57,7 @@ bench: $(STAMP) data nncodec-venv
 	cd benchmarks && $(BENCH_PY) rate_aware.py --models lenet-300-100 --seeds 0 1 2
 	cd benchmarks && $(BENCH_PY) rate_aware.py --models lenet-5 --seeds 0 1 2
 	cd benchmarks && $(BENCH_PY) linear_quant.py --model lenet-5
-	cd benchmarks && $(BENCH_PY) linear_quant.py --model resnet-20 --seeds 0
+	cd benchmarks && $(BENCH_PY) linear_quant.py --model resnet-20
 	cd benchmarks && $(BENCH_PY) ort_int8_kernels.py
 	cd benchmarks && $(BENCH_PY) lowrank.py
 	cd benchmarks && $(BENCH_PY) lowrank.py --parts resnet20 --seeds 0

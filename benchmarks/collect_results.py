@@ -61,7 +61,7 @@ SECTIONS = [
     (
         "linear_quant-resnet-20",
         "Linear INT8 / INT4 quantization with ONNX Runtime — ResNet-20",
-        "python linear_quant.py --model resnet-20 --seeds 0",
+        "python linear_quant.py --model resnet-20",
     ),
     (
         "ort_int8_kernels",
