@@ -48,7 +48,7 @@ bench: $(STAMP) data nncodec-venv
 	$(PY) -m pip install --quiet -e '.[compare]'
 	cd benchmarks && $(BENCH_PY) baselines.py
 	cd benchmarks && $(BENCH_PY) pruning_han.py
-	cd benchmarks && $(BENCH_PY) pruning_li.py --model resnet-20 --seeds 0
+	cd benchmarks && $(BENCH_PY) pruning_li.py --model resnet-20
 	cd benchmarks && $(BENCH_PY) pruning_li.py --model lenet-5
 	cd benchmarks && $(BENCH_PY) deep_compression.py
 	cd benchmarks && $(BENCH_PY) coding_throughput.py

@@ -26,7 +26,7 @@ SECTIONS = [
     (
         "pruning_li-resnet-20",
         "Filter pruning — Li et al. 2017, ResNet-20",
-        "python pruning_li.py --model resnet-20 --seeds 0",
+        "python pruning_li.py --model resnet-20",
     ),
     (
         "pruning_li-lenet-5",

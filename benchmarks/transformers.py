@@ -535,6 +535,7 @@ def main(argv=None) -> int:
                 gpt_model(seed, args.gpt_steps, corpus, args.smoke, log)
         return 0
     t_start = time.perf_counter()
+    CACHED_TRAIN_S.clear()  # of this run only (main may be called more than once in a process)
     results = {"smoke": args.smoke, "seeds": seeds}
     if "vit" in parts:
         results["vit"] = part_vit(seeds, args, log)
