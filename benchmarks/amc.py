@@ -591,12 +591,8 @@ def main(argv: list[str] | None = None) -> None:
         path = PATHS.results / f"{tag}_{p}.json"
         if path.is_file():
             merged[p] = json.loads(path.read_text())
-    compute = sum(p["wall_s"] for p in merged.values())  # every part's run, not only this one's
     write_result(
-        tag,
-        {"parts": merged, "compute_s": compute},
-        markdown(merged),
-        None if argv is None else ["amc.py", *argv],
+        tag, {"parts": merged}, markdown(merged), None if argv is None else ["amc.py", *argv]
     )
 
 

@@ -219,17 +219,15 @@ def _hours(s: float) -> str:
 
 def section_compute(d: dict) -> float | None:
     """Seconds of compute a section's JSON records: the script's own total (compute_s; None when
-    it could not measure it, e.g. a resumed run), else the wall time of the run that wrote it,
-    else the sum of its parts' run times (scripts that merge parts written by several runs and
-    predate compute_s record a wall_s in each part)."""
+    it could not measure it, e.g. a resumed run), else, for a section merged from parts written
+    by several runs (amc.py, early_exit.py with early_exit_joint.py), the sum of the parts' run
+    times, else the wall time of the run that wrote it."""
     if "compute_s" in d:
         return d["compute_s"]
-    if d.get("run_wall_s"):
-        return d["run_wall_s"]
     parts = d.get("parts")
     if isinstance(parts, dict) and parts and all("wall_s" in p for p in parts.values()):
         return sum(p["wall_s"] for p in parts.values())
-    return None
+    return d.get("run_wall_s") or None
 
 
 def build(results: Path, out: Path) -> str:
@@ -271,8 +269,8 @@ def build(results: Path, out: Path) -> str:
         "",
         f"`make bench` (every command below, in order, then this page): about {_hours(known)} "
         "of compute on this machine, the sum of the measured compute times of the sections "
-        "(a script's own total, else the wall time of the run that wrote the section, else the "
-        "sum of its parts' recorded run times)"
+        "(a script's own total, else the sum of its parts' recorded run times, else the wall "
+        "time of the run that wrote the section)"
         + (f" (not measured: {', '.join(missing)})" if missing else "")
         + ": "
         + ", ".join(f"{n} {_hours(v)}" for n, v in compute.items() if v)

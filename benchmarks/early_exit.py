@@ -574,8 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     write_result(
         f"early_exit{suffix}",
-        # the parts' own run times (the joint part's too): what a fresh run of the section costs
-        {"parts": merged, "compute_s": sum(p["wall_s"] for p in merged.values())},
+        {"parts": merged},
         md,
         None if argv is None else ["early_exit.py", *argv],
     )

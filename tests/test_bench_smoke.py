@@ -95,10 +95,8 @@ def test_script_smoke(script, smoke_dir):
         m = data["machine"]
         assert m["cpu_flags"] is not None and m["cores"] >= 1 and m["torch"]
         assert m["load_average"]["samples"] >= 1
-        if isinstance(data.get("parts"), dict):  # merged parts: the section costs all of them
-            assert data["compute_s"] == pytest.approx(
-                sum(p["wall_s"] for p in data["parts"].values())
-            )
+        if isinstance(data.get("parts"), dict):  # merged: timed by its parts (collect_results)
+            assert all(p["wall_s"] > 0 for p in data["parts"].values())
         if script == "transformers":
             assert data["compute_s"] > 0
         md = (smoke_dir / "results" / f"{name}.md").read_text()
@@ -133,8 +131,9 @@ def test_section_compute_prefers_the_scripts_own_total():
     parts = {"a": {"wall_s": 10.0}, "b": {"wall_s": 5.0}}
     assert section_compute({"compute_s": 7.0, "run_wall_s": 3.0, "parts": parts}) == 7.0
     assert section_compute({"compute_s": None, "run_wall_s": 3.0}) is None  # resumed: unknown
-    assert section_compute({"run_wall_s": 3.0, "parts": parts}) == 3.0
-    assert section_compute({"parts": parts}) == 15.0
+    # a merged section costs all its parts, not only those the last run wrote
+    assert section_compute({"run_wall_s": 3.0, "parts": parts}) == 15.0
+    assert section_compute({"run_wall_s": 3.0, "parts": {**parts, "c": {}}}) == 3.0
     assert section_compute({"parts": {**parts, "c": {}}}) is None  # a part without its time
     assert section_compute({"rows": []}) is None
 
